@@ -1,0 +1,1 @@
+"""Shared data helpers and the embedded datasets used by more than one method."""

@@ -1,0 +1,28 @@
+"""The shared training engine: task contract, accelerate-based loop, checkpoints."""
+
+from vkd.engine.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint_weights,
+    load_training_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from vkd.engine.ema import EMA
+from vkd.engine.task import DistillationTask
+from vkd.engine.trainer import GlobalBatchSampler, Trainer, build_optimizer, train_task
+
+__all__ = [
+    "DistillationTask",
+    "EMA",
+    "GlobalBatchSampler",
+    "Trainer",
+    "build_optimizer",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint_weights",
+    "load_training_state",
+    "save_checkpoint",
+    "train_task",
+    "verify_checkpoint",
+]

@@ -1,0 +1,223 @@
+"""Checkpoints: safetensors weights + a weights-only training state, written atomically.
+
+Layout of ``checkpoints/checkpoint-{step}/``::
+
+    model.safetensors      # task.checkpoint_state_dict() (the student and other trained tensors)
+    ema.safetensors        # EMA of the student (only when train.ema_decay > 0)
+    training_state.pt      # optimizers, schedulers, RNG states, task extra state: loaded weights_only=True
+    meta.json              # step, sha256 of every file above; written last, so its presence marks completeness
+
+A checkpoint is assembled in a hidden temporary directory and renamed into place, so a crash or a full
+disk never leaves a half-written ``checkpoint-{step}`` and never touches the previous one. Nothing is
+ever unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from vkd.errors import DataError
+
+__all__ = [
+    "CHECKPOINT_RE",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "save_checkpoint",
+    "load_checkpoint_weights",
+    "load_training_state",
+    "verify_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "CheckpointWriteError",
+]
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed (disk full, read-only target); the previous one is intact."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage; copies are cheap next to the write.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as tensors and plain containers (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (with ``meta.json``) under ``checkpoint_dir``, sorted by step."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for child in checkpoint_dir.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and (child / "meta.json").is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (or of a ``checkpoints/`` directory)."""
+    run_dir = Path(run_dir)
+    base = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    found = list_checkpoints(base)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
+                    training_state: dict[str, Any], ema_state: dict[str, torch.Tensor] | None = None,
+                    keep_last: int = 0, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoint-{step}`` atomically and prune old checkpoints.
+
+    Args:
+        checkpoint_dir: the run's ``checkpoints/`` directory.
+        step: number of completed optimizer steps.
+        model_state: tensors for ``model.safetensors``.
+        training_state: optimizer/scheduler/RNG/extra state for ``training_state.pt``.
+        ema_state: tensors for ``ema.safetensors`` or ``None``.
+        keep_last: keep only the newest ``keep_last`` checkpoints (0 keeps all).
+        extra_meta: JSON-serialisable fields added to ``meta.json``.
+
+    Returns:
+        The final checkpoint path.
+
+    Raises:
+        CheckpointWriteError: if anything could not be written; the previous checkpoints are intact.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    final = checkpoint_dir / f"checkpoint-{step}"
+    tmp = checkpoint_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        files = {"model.safetensors": None, "training_state.pt": None}
+        save_file(_plain_tensors(model_state), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        if ema_state is not None:
+            save_file(_plain_tensors(ema_state), str(tmp / "ema.safetensors"), metadata={"step": str(step)})
+            files["ema.safetensors"] = None
+        torch.save(training_state, tmp / "training_state.pt")
+        for name in files:
+            _fsync(tmp / name)
+            files[name] = _sha256(tmp / name)
+        meta = {"step": step, "time": time.time(), "files": files, **(extra_meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        _fsync(tmp / "meta.json")
+        if final.exists():  # same step written again (e.g. an interrupt right after a periodic save)
+            old = checkpoint_dir / f".old-checkpoint-{step}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync(checkpoint_dir)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write checkpoint-{step} in {checkpoint_dir}: {err}") from err
+    if keep_last > 0:
+        for _, path in list_checkpoints(checkpoint_dir)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that every file listed in ``meta.json`` exists with its recorded sha256.
+
+    Returns:
+        The parsed ``meta.json``.
+
+    Raises:
+        DataError: if the checkpoint is incomplete or corrupt.
+    """
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{path} is not a complete checkpoint (no meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        files = meta["files"]
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{meta_path} is corrupt") from None
+    for name, digest in files.items():
+        if not (path / name).is_file():
+            raise DataError(f"checkpoint {path} is missing {name}")
+        if _sha256(path / name) != digest:
+            raise DataError(f"checkpoint file {path / name} is corrupt (sha256 mismatch)")
+    return meta
+
+
+def load_checkpoint_weights(path: str | Path, filename: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """Load the weights of a checkpoint directory (or a ``.safetensors`` file) on CPU."""
+    path = Path(path)
+    file = path / filename if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(f"no weights at {file}")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise DataError(f"cannot read {file}: {err}") from None
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """Load ``training_state.pt`` with ``weights_only=True`` (no arbitrary unpickling)."""
+    file = Path(path) / "training_state.pt"
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"checkpoint {path} has no training_state.pt") from None
+    except Exception as err:  # UnpicklingError for anything beyond tensors and containers
+        raise DataError(f"refusing to load {file}: {str(err).splitlines()[0]}") from None

@@ -1,0 +1,44 @@
+"""Exceptions that the CLI turns into one-line messages and exit codes.
+
+``UserError`` marks a mistake the user can fix (bad path, bad key, bad data): the CLI prints
+``vkd: error: <message>`` and exits with code 2, never a traceback. ``NonFiniteError`` marks a
+numerical fault during training: the run stops at that step, keeps its last good checkpoint, and the
+CLI exits with code 3.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """An invalid configuration key, value or file."""
+
+
+class DataError(UserError):
+    """Missing, malformed or unreadable input data."""
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient stopped training: exit code 3."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped training after a checkpoint was saved: exit code 130."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, step: int | None = None, checkpoint: str | None = None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
