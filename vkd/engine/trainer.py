@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -238,6 +239,9 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "samples").mkdir(exist_ok=True)
+            if ckpt_dir.is_dir():  # leftovers of a process killed while writing a checkpoint
+                for stale in ckpt_dir.glob(".tmp-checkpoint-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
 
         task = self.task.to(acc.device)
         optimizers, schedulers = self._optimizers(task)
