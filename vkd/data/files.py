@@ -1,0 +1,141 @@
+"""Safe reading of user files: images, paths from manifests, numeric arrays.
+
+Every reader turns a broken input into a one-line :class:`~vkd.errors.DataError` (or a counted skip)
+instead of a traceback or a hang: truncated or zero-byte images, files whose content is not what the
+extension says, decompression bombs, paths in a manifest that point outside the dataset root, and
+arrays with NaN or infinite values.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vkd.errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "read_image",
+    "list_images",
+    "read_images",
+    "resolve_inside",
+    "check_finite_array",
+    "SkipLog",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# 8k × 8k: larger images are refused before they are decoded (decompression-bomb guard).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+@dataclass
+class SkipLog:
+    """Files skipped while reading a collection, with the reason for each."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str | Path, reason: str) -> None:
+        self.skipped.append((str(path), reason))
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "no files skipped"
+        first = "; ".join(f"{Path(p).name}: {r}" for p, r in self.skipped[:3])
+        more = f" (and {len(self.skipped) - 3} more)" if len(self.skipped) > 3 else ""
+        return f"skipped {len(self.skipped)} unreadable file(s): {first}{more}"
+
+
+def read_image(path: str | Path, mode: str = "RGB", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file fully and convert it to ``mode``.
+
+    Args:
+        path: the file.
+        mode: a PIL mode; ``"RGB"`` converts greyscale, palette and RGBA (alpha dropped).
+        max_pixels: refuse images with more pixels than this, before decoding them.
+
+    Returns:
+        ``uint8`` array ``[H, W, 3]`` for RGB (``[H, W]`` for ``"L"``).
+
+    Raises:
+        DataError: missing, empty, truncated, not an image, or too large.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"image file is empty: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise DataError(f"image {path} is {width}×{height} pixels, more than the limit of "
+                                    f"{max_pixels} (possible decompression bomb)")
+                img.load()  # decode now: truncated files fail here, not later in a worker
+                return np.asarray(img.convert(mode))
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"image {path} is too large to decode safely (decompression bomb guard)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path} is not a readable image") from None
+    except (OSError, ValueError, SyntaxError) as err:  # truncated data, broken headers
+        raise DataError(f"cannot decode image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``root`` (by extension), sorted; a file path is returned as a one-item list."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"image directory not found: {root}")
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in root.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_images(paths: Iterable[str | Path], mode: str = "RGB", skips: SkipLog | None = None
+                ) -> list[tuple[Path, np.ndarray]]:
+    """Read many images; unreadable ones are skipped and recorded in ``skips`` (never silently)."""
+    out = []
+    for path in paths:
+        try:
+            out.append((Path(path), read_image(path, mode)))
+        except DataError as err:
+            if skips is None:
+                raise
+            skips.add(path, str(err))
+    return out
+
+
+def resolve_inside(root: str | Path, relative: str | Path) -> Path:
+    """Join a path read from a manifest to its dataset root, refusing anything that escapes the root.
+
+    Raises:
+        DataError: for absolute paths outside the root, ``..`` escapes and symlinks that lead outside.
+    """
+    root_resolved = Path(root).resolve()
+    candidate = (root_resolved / relative).resolve()
+    if candidate != root_resolved and root_resolved not in candidate.parents:
+        raise DataError(f"path {str(relative)!r} in a manifest points outside the dataset root {root}")
+    return candidate
+
+
+def check_finite_array(array: np.ndarray, what: str) -> np.ndarray:
+    """Raise a DataError naming ``what`` if ``array`` holds NaN or infinite values."""
+    array = np.asarray(array)
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise DataError(f"{what} contains {bad} non-finite value(s) (NaN or inf)")
+    return array
