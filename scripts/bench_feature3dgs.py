@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Benchmark of Feature 3DGS on the embedded default (synthetic scene + offline tiny-CLIP teacher).
+
+Measures, in one process:
+
+* wall time of scene generation + teacher (tiny CLIP pretraining + feature cache) and of the distillation;
+* held-out RGB PSNR / SSIM, feature cosine / L1 vs the teacher, teacher-label pixel accuracy / mIoU (Feature 3DGS
+  protocol), student / teacher accuracy against the true label maps;
+* render FPS at ``--fps-size`` (default 256x256) of the trained geometry with rendered feature width N in
+  {16, 64, 128}, without a decoder and with a 1x1 decoder to the teacher width (64) and to 512 (ViT-B/16 width).
+  For N != the trained width the per-Gaussian features (and decoders) are random: FPS does not depend on values.
+
+Writes a JSON file and prints a table. Targets (issue 5): PSNR >= 28 dB, feature cosine >= 0.9, teacher-label
+accuracy >= 0.9, training <= 5 min, >= 5 FPS at 256x256 with render_dim 16 on CPU.
+
+Usage::
+
+    .venv/bin/python scripts/bench_feature3dgs.py [--output-dir runs/bench] [--json bench_feature3dgs.json]
+        [--set train.steps=1000 ...] [--skip-train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from vkd.config import find_preset, load_config  # noqa: E402
+from vkd.feature3dgs.commands import run  # noqa: E402
+from vkd.feature3dgs.config import Feature3DGSConfig  # noqa: E402
+from vkd.feature3dgs.evaluate import render_fps  # noqa: E402
+from vkd.feature3dgs.model import GaussianField  # noqa: E402
+from vkd.feature3dgs.runs import load_run  # noqa: E402
+
+TARGETS = {"psnr": 28.0, "feature_cosine": 0.9, "teacher_label_acc": 0.9, "training_s": 300.0, "fps_256_n16": 5.0}
+
+
+def _with_width(field: GaussianField, render_dim: int, decoder_dim: int | None) -> GaussianField:
+    """The trained geometry and colours with random features of width ``render_dim`` (+ a random decoder)."""
+    g = GaussianField(field.num_gaussians, render_dim, decoder_dim or render_dim, field.sh_degree,
+                      decoder=decoder_dim is not None)
+    with torch.no_grad():
+        for k, v in field.params.items():
+            if k != "features":
+                g.params[k] = torch.nn.Parameter(v.detach().clone(), requires_grad=False)
+        g.params["features"] = torch.nn.Parameter(torch.randn(field.num_gaussians, render_dim) * 0.1,
+                                                  requires_grad=False)
+    g.active_sh_degree = field.active_sh_degree
+    return g.eval()
+
+
+def fps_table(field: GaussianField, scene, size: int, repeats: int, teacher_dim: int, device: str) -> list[dict]:
+    cams = [scene.cameras[i] for i in scene.test_ids[:3]]
+    vm = torch.stack([c.viewmat for c in cams]).to(device)
+    Ks = torch.stack([c.K * torch.tensor([[size / c.width], [size / c.height], [1.0]]) for c in cams]).to(device)
+    rows = []
+    for n in (16, 64, 128):
+        row = {"render_dim": n}
+        for label, dec in (("no_decoder", None), (f"decoder_{teacher_dim}", teacher_dim), ("decoder_512", 512)):
+            f = _with_width(field, n, dec).to(device)
+            row[label] = render_fps(f, vm, Ks, size, size, repeats=repeats, decode=dec is not None)
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output-dir", default="runs/bench", help="run.output_dir of the benchmark run")
+    ap.add_argument("--name", default="bench", help="run.name")
+    ap.add_argument("--json", default="bench_feature3dgs.json", help="result file")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=value")
+    ap.add_argument("--skip-train", action="store_true", help="reuse an existing run with the same name")
+    ap.add_argument("--fps-size", type=int, default=256)
+    ap.add_argument("--fps-repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    overrides = [f"run.output_dir={args.output_dir}", f"run.name={args.name}", *args.overrides]
+    cfg = load_config(Feature3DGSConfig, find_preset("feature3dgs", "synthetic"), overrides, task="feature3dgs")
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    if not args.skip_train:
+        shutil.rmtree(cfg.run_dir(), ignore_errors=True)
+        summary = run(cfg, None)
+    else:
+        summary = json.loads((cfg.run_dir() / "summary.json").read_text())
+    total = time.perf_counter() - t0
+    loaded = load_run(cfg.run_dir())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher_dim = loaded.field.teacher_dim
+    fps_rows = fps_table(loaded.field, loaded.scene, args.fps_size, args.fps_repeats, teacher_dim, "cpu")
+    gpu_rows = fps_table(loaded.field, loaded.scene, args.fps_size, 5, teacher_dim, "cuda") if device == "cuda" \
+        else None
+    # The trained default field itself (render_dim 16 + its decoder) at 256x256.
+    cams = [loaded.scene.cameras[i] for i in loaded.scene.test_ids]
+    s = args.fps_size
+    Ks = torch.stack([c.K * torch.tensor([[s / c.width], [s / c.height], [1.0]]) for c in cams])
+    trained_fps = render_fps(loaded.field, torch.stack([c.viewmat for c in cams]), Ks, s, s, args.fps_repeats)
+    ev = summary.get("eval", {})
+    result = {
+        "command": "python scripts/bench_feature3dgs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
+                    "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "config": {"steps": cfg.train.steps, "render_dim": cfg.model.render_dim, "teacher_dim": teacher_dim,
+                   "resolution": cfg.data.synthetic.resolution, "views": cfg.data.synthetic.num_views},
+        "timings_s": {**summary.get("timings_s", {}), "total": total},
+        "num_gaussians": summary.get("num_gaussians"),
+        "teacher": summary.get("teacher"),
+        "metrics": {k: ev.get(k) for k in ("psnr", "ssim", "feature_cosine", "feature_l1", "teacher_label_acc",
+                                           "teacher_label_miou", "true_label_acc", "true_label_miou",
+                                           "teacher_true_label_acc", "teacher_true_label_miou", "fps")},
+        "fps_trained_default_at_size": trained_fps,
+        "fps_size": args.fps_size,
+        "fps_cpu": fps_rows,
+        "fps_gpu": gpu_rows,
+    }
+    m = result["metrics"]
+    checks = {
+        "psnr": (m["psnr"], m["psnr"] is not None and m["psnr"] >= TARGETS["psnr"]),
+        "feature_cosine": (m["feature_cosine"], (m["feature_cosine"] or 0) >= TARGETS["feature_cosine"]),
+        "teacher_label_acc": (m["teacher_label_acc"], (m["teacher_label_acc"] or 0) >= TARGETS["teacher_label_acc"]),
+        "training_s": (result["timings_s"].get("training"),
+                       (result["timings_s"].get("training") or 1e9) <= TARGETS["training_s"]),
+        "fps_256_n16": (trained_fps, trained_fps >= TARGETS["fps_256_n16"]),
+    }
+    result["targets"] = {k: {"target": TARGETS[k], "value": v, "met": ok} for k, (v, ok) in checks.items()}
+    Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+    print(f"\nFeature 3DGS benchmark (embedded default, {cfg.train.steps} steps, torch threads {args.threads}, "
+          f"load avg {load_start[0]:.1f} -> {result['machine']['loadavg_end'][0]:.1f})")
+    print(f"{'metric':<28}{'value':>12}{'target':>10}  met")
+    for k, c in result["targets"].items():
+        v = c["value"]
+        print(f"{k:<28}{(f'{v:.4g}' if isinstance(v, (int, float)) else str(v)):>12}{c['target']:>10}  "
+              f"{'yes' if c['met'] else 'NO'}")
+    for k in ("ssim", "teacher_label_miou", "true_label_acc", "true_label_miou", "teacher_true_label_acc",
+              "teacher_true_label_miou"):
+        if m.get(k) is not None:
+            print(f"{k:<28}{m[k]:>12.4g}")
+    print(f"{'scene+teacher s':<28}{result['timings_s'].get('scene_and_teacher', float('nan')):>12.1f}")
+    print(f"\nrender FPS at {args.fps_size}x{args.fps_size} (CPU, {args.threads} threads, "
+          f"{summary.get('num_gaussians')} Gaussians)")
+    print(f"{'render_dim':>10}{'no decoder':>12}{f'-> {teacher_dim}':>10}{'-> 512':>10}")
+    for r in fps_rows:
+        print(f"{r['render_dim']:>10}{r['no_decoder']:>12.2f}{r[f'decoder_{teacher_dim}']:>10.2f}"
+              f"{r['decoder_512']:>10.2f}")
+    print(f"\nwrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

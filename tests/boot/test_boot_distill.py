@@ -1,0 +1,140 @@
+"""BOOT through the engine: data-free inputs, smoke run, checkpoint/resume, export, sampling, FID on a run,
+and the embedded teacher's training task (tiny models, a few steps)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from boot_helpers import save_tiny_teacher
+from PIL import Image
+
+from vkd.boot.commands import BOOT, BOOT_TEACHER, run_boot, run_teacher, sample
+from vkd.boot.config import BootConfig, BootTeacherConfig
+from vkd.boot.distiller import draw_boot_inputs
+from vkd.boot.student import load_student
+from vkd.boot.teacher import load_diffusers_teacher
+from vkd.config import load_config
+from vkd.engine import latest_checkpoint, load_checkpoint_weights
+from vkd.errors import ConfigError, UserError
+
+
+def test_inputs_depend_only_on_seed_and_index():
+    """Two processes holding halves of a global batch draw exactly the single-process inputs."""
+    full = draw_boot_inputs(torch.arange(8), 3, (1, 4, 4), 1000, 20, num_classes=10)
+    halves = [draw_boot_inputs(torch.arange(a, a + 4), 3, (1, 4, 4), 1000, 20, num_classes=10) for a in (0, 4)]
+    for k in range(4):
+        torch.testing.assert_close(full[k], torch.cat([h[k] for h in halves]))
+    eps, t, s, c = full
+    assert t.dtype == torch.float64 and bool(((t >= 19) & (t <= 999)).all()) and torch.equal(s, t - 20)
+    assert not torch.equal(eps, draw_boot_inputs(torch.arange(8), 4, (1, 4, 4), 1000, 20)[0])  # seed matters
+    # continuous time: s < 0 maps to the clean endpoint
+    _, t2, s2, _ = draw_boot_inputs(torch.arange(200), 0, (1, 2, 2), 1000, 20, time_sampling="continuous")
+    assert bool((s2 >= -1).all()) and bool(((s2 == -1) == (t2 < 20)).all())
+    # without the clean endpoint t starts at δ and s at 0
+    _, t3, s3, _ = draw_boot_inputs(torch.arange(200), 0, (1, 2, 2), 1000, 20, clean_endpoint=False)
+    assert float(t3.min()) >= 20 and float(s3.min()) >= 0
+
+
+def _boot_cfg(tmp_path, teacher_dir, name="run", steps=4, **overrides) -> BootConfig:
+    sets = [f"teacher.path={teacher_dir}", f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}",
+            f"train.steps={steps}", "train.batch_size=4", "train.checkpoint_every=2", "train.log_every=1",
+            "train.device=cpu", "train.lr=1e-3", "sample.num=4", "sample.teacher_steps=2", "eval.num_samples=0"]
+    sets += [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(BootConfig, None, sets, task="boot")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "t", "epsilon", num_classes=3)
+
+
+def test_boot_smoke_resume_export_and_sample(tmp_path, teacher_dir):
+    summary = run_boot(_boot_cfg(tmp_path, teacher_dir, "full", steps=4))
+    run_dir = tmp_path / "runs" / "boot" / "full"
+    assert summary["status"] == "finished" and summary["steps"] == 4
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    assert {"bootstrap", "boundary", "out_rms_s"} <= set(records[0])
+    assert (run_dir / "samples" / "student_step000004.png").is_file()
+    assert (run_dir / "samples" / "teacher_ddim2.png").is_file()
+    # the teacher is frozen and not checkpointed; the student is
+    weights = load_checkpoint_weights(latest_checkpoint(run_dir))
+    assert weights and all(k.startswith("student.") for k in weights)
+
+    # resume: 2 steps, then continue to 4 → the same weights as the uninterrupted run
+    run_boot(_boot_cfg(tmp_path, teacher_dir, "split", steps=2))
+    run_boot(_boot_cfg(tmp_path, teacher_dir, "split", steps=4), resume="latest")
+    resumed = load_checkpoint_weights(latest_checkpoint(tmp_path / "runs" / "boot" / "split"))
+    for k, v in weights.items():
+        torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+    # the exported student reproduces the task's one-step samples
+    student, meta = load_student(run_dir / "student")
+    assert meta["num_classes"] == 3 and student.t_sample == -1.0
+    ckpt_student = {k[len("student."):]: v for k, v in weights.items()}
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in ckpt_student.items())
+
+    # vkd sample boot: student, then teacher DDIM-K on the same seeded noise
+    res = sample(run_dir, 5, tmp_path / "s", None, 0, 2)
+    assert len(list((tmp_path / "s").glob("*.png"))) == 5 and (tmp_path / "s" / "grid" / "grid.png").is_file()
+    assert res["images_per_s"] > 0 and res["image_size"] == "1x8x8"
+    res_t = sample(run_dir, 3, tmp_path / "t", 2, 0, 2)
+    assert res_t["generator"].startswith("teacher (DDIM 2") and len(list((tmp_path / "t").glob("*.png"))) == 3
+    with Image.open(tmp_path / "s" / "000000.png") as im:
+        assert im.size == (8, 8)
+
+
+def test_fid_of_a_run_directory(tmp_path, teacher_dir):
+    """``vkd fid --fake RUN`` samples the run's student with per-index seeds."""
+    from vkd.metrics.fid import fid_command
+
+    run_boot(_boot_cfg(tmp_path, teacher_dir, "fid", steps=1))
+    run_dir = tmp_path / "runs" / "boot" / "fid"
+    real = tmp_path / "real"
+    real.mkdir()
+    for i in range(6):
+        Image.fromarray((torch.rand(8, 8) * 255).to(torch.uint8).numpy(), mode="L").save(real / f"{i}.png")
+
+    class Feat(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x.mean(dim=(1, 2, 3))[:, None], x[:, 0, :2, :2].flatten(1)], 1)
+
+    torch.jit.script(Feat()).save(str(tmp_path / "f.ts"))
+    out = fid_command(str(real), str(run_dir), str(tmp_path / "f.ts"), None, 4, 7, None, "cpu")
+    assert out["fake_source"] == "run" and out["num_samples"] == 7 and out["fid"] >= 0
+    again = fid_command(str(real), str(run_dir), str(tmp_path / "f.ts"), None, 3, 7, None, "cpu")
+    assert again["fid"] == pytest.approx(out["fid"], rel=1e-6)  # batch size does not change the sample set
+
+
+def test_boot_config_validation_and_missing_teacher(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(BootConfig, None, ["loss.delta=0"], task="boot")
+    with pytest.raises(ConfigError):
+        load_config(BootConfig, None, ["loss.weighting=l1"], task="boot")
+    cfg = load_config(BootConfig, None, [f"run.output_dir={tmp_path}"], task="boot")
+    with pytest.raises(UserError, match="boot-teacher"):
+        run_boot(cfg)  # the default teacher path does not exist yet
+    assert BOOT.name == "boot" and BOOT_TEACHER.name == "boot-teacher"
+    for preset in ("digits", "digits-teacher", "cifar10-ddpm"):
+        entry = BOOT if preset != "digits-teacher" else BOOT_TEACHER
+        cfg = load_config(entry.config_cls, f"configs/boot/{preset}.yaml", [], task=entry.name)
+        assert cfg.task == entry.name
+
+
+def test_teacher_training_task_exports_a_loadable_teacher(tmp_path):
+    sets = [f"run.output_dir={tmp_path}", "run.name=tiny", "train.steps=2", "train.batch_size=8",
+            "train.checkpoint_every=2", "train.log_every=1", "train.device=cpu", "train.ema_decay=0.9",
+            "model.block_out_channels=[8,16]", "model.norm_num_groups=4", "data.size=8", "sample.num=4",
+            "sample.teacher_steps=2", "scheduler.prediction_type=v_prediction"]
+    cfg = load_config(BootTeacherConfig, "configs/boot/digits-teacher.yaml", sets, task="boot-teacher")
+    summary = run_teacher(cfg)
+    teacher = load_diffusers_teacher(summary["teacher"])
+    assert teacher.prediction_type == "v_prediction" and teacher.num_classes == 10 and teacher.null_class == 10
+    assert teacher.sample_shape == (1, 8, 8)
+    meta = json.loads((tmp_path / "boot-teacher" / "tiny" / "teacher" / "vkd_teacher.json").read_text())
+    assert meta["dataset"] == "digits" and meta["ema"] is True
+    assert (tmp_path / "boot-teacher" / "tiny" / "samples" / "teacher_ddim2_step000002.png").is_file()
+    x = teacher(torch.randn(2, 1, 8, 8), torch.tensor([900.0, 10.0]), torch.tensor([3, 7]))
+    assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()

@@ -1,0 +1,135 @@
+"""End to end on a tiny synthetic scene: distil (engine), evaluate, export, render, query."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+
+import pytest
+import torch
+
+from vkd.config import load_config
+from vkd.errors import UserError
+from vkd.feature3dgs.commands import FEATURE3DGS, evaluate, render, run
+from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.distiller import build_task
+
+# A text-aligned stand-in teacher: per-patch colour features, and "text" embeddings of the colour words. It is
+# imported through teacher.target exactly like a user's plug-in.
+STUB = textwrap.dedent('''
+    import torch
+    import torch.nn.functional as F
+
+    COLOURS = {"red": (0.86, 0.16, 0.12), "blue": (0.14, 0.3, 0.88), "green": (0.16, 0.72, 0.22),
+               "yellow": (0.93, 0.8, 0.1), "floor": (0.62, 0.58, 0.52)}
+
+    def _embed(rgb):
+        return F.normalize(torch.cat([rgb, 1 - rgb], 1), dim=1)
+
+    class Teacher:
+        def __call__(self, images):
+            return _embed(F.avg_pool2d(images, 4))  # [B, 6, H/4, W/4]
+
+        def encode_text(self, prompts):
+            out = []
+            for p in prompts:
+                rgb = next((c for k, c in COLOURS.items() if k in p), (0.5, 0.5, 0.5))
+                out.append(_embed(torch.tensor(rgb).view(1, 3, 1, 1)).flatten())
+            return torch.stack(out)
+
+    teacher = Teacher()
+    no_text = lambda images: F.avg_pool2d(images, 4)
+''')
+
+
+def _cfg(tmp_path, name="tiny", extra=()):
+    over = [
+        f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}",
+        f"data.synthetic.out_dir={tmp_path / 'scene'}", "data.synthetic.num_views=8", "data.synthetic.resolution=24",
+        "data.synthetic.supersample=1", "data.synthetic.num_points=250", "data.test_every=4",
+        "teacher.kind=callable", "teacher.target=f3d_stub_teacher:teacher",
+        "model.render_dim=4", "model.sh_degree=0",
+        "optim.features_lr=0.03", "optim.decoder_lr=0.01",
+        "train.steps=40", "train.log_every=20", "train.checkpoint_every=40",
+        "densify.refine_start=10", "densify.refine_every=10", "densify.refine_stop=30",
+        "eval.fps_repeats=1", *extra,
+    ]
+    return load_config(Feature3DGSConfig, None, over, task="feature3dgs")
+
+
+@pytest.fixture
+def stub_teacher(tmp_path, monkeypatch):
+    (tmp_path / "f3d_stub_teacher.py").write_text(STUB)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_train_eval_render(tmp_path, stub_teacher):
+    torch.set_num_threads(2)
+    cfg = _cfg(tmp_path)
+    task, dataset, prep = build_task(cfg, progress=False)
+    before = task.evaluator.evaluate(task.student, fps=False)
+    assert len(dataset) == 6 and before["num_views"] == 2
+    summary = run(cfg)
+    after = summary["eval"]
+    # Training improves held-out feature similarity substantially over the zero-initialised features.
+    assert after["feature_cosine"] > 0.9
+    assert after["feature_cosine"] - before["feature_cosine"] > 0.3
+    assert after["feature_l1"] < before["feature_l1"]
+    assert after["psnr"] > before["psnr"] and after["teacher_label_acc"] > 0.7
+    assert {"ssim", "teacher_label_miou", "true_label_acc", "teacher_true_label_acc", "fps"} <= set(after)
+    run_dir = cfg.run_dir()
+    assert (run_dir / "export" / "point_cloud.ply").is_file() and (run_dir / "export" / "field.safetensors").is_file()
+    assert summary["teacher"]["kind"] == "callable" and summary["checkpoint"]
+    assert json.loads((run_dir / "summary.json").read_text())["timings_s"]["training"] > 0
+
+    metrics = evaluate(run_dir, [], tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["feature_cosine"] == pytest.approx(
+        metrics["feature_cosine"])
+    assert metrics["feature_cosine"] == pytest.approx(after["feature_cosine"], abs=1e-4)
+
+    # Test views as PNG frames.
+    out = render(run_dir, "test", 0, None, None, None, tmp_path / "r_test", "png")
+    assert out["frames"] == 2
+    for stream in ("rgb", "depth", "features"):
+        assert sorted(p.name for p in (tmp_path / "r_test" / stream).iterdir()) == ["frame_00000.png",
+                                                                                   "frame_00001.png"]
+    assert not (tmp_path / "r_test" / "relevancy").exists()
+    # An orbit with a text query and extraction, as GIFs.
+    out = render(run_dir, "orbit", 3, "red sphere", "extract", None, tmp_path / "r_orbit", "gif")
+    assert out["frames"] == 3 and out["label_set"][0] == "red sphere"
+    assert 0 < out["selected_gaussians"] < out["num_gaussians"] and out["kept_gaussians"] == out[
+        "selected_gaussians"]
+    for stream in ("rgb", "depth", "features", "relevancy"):
+        assert (tmp_path / "r_orbit" / f"{stream}.gif").stat().st_size > 0
+        assert len(list((tmp_path / "r_orbit" / stream).glob("frame_*.png"))) == 3
+    assert json.loads((tmp_path / "r_orbit" / "render.json").read_text())["edit"] == "extract"
+    with pytest.raises(UserError, match="needs --query"):
+        render(run_dir, "test", 0, None, "delete", None, None, "png")
+    with pytest.raises(UserError, match="unknown views"):
+        render(run_dir, "sideways", 0, None, None, None, None, "png")
+
+    # A run whose teacher has no text tower cannot be queried.
+    other = tmp_path / "runs" / "feature3dgs" / "notext"
+    shutil.copytree(run_dir, other)
+    info = json.loads((other / "teacher" / "teacher.json").read_text())
+    info.update(target="f3d_stub_teacher:no_text", text_aligned=False)
+    (other / "teacher" / "teacher.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match="text-aligned"):
+        render(other, "test", 1, "red sphere", None, None, None, "png")
+    assert FEATURE3DGS.name == "feature3dgs" and FEATURE3DGS.preset_dir == "feature3dgs"
+
+
+@pytest.mark.slow
+def test_tiny_clip_pipeline(tmp_path):
+    """The embedded default path: tiny CLIP pretrained on the scene's crops, distilled, queried."""
+    torch.set_num_threads(2)
+    cfg = _cfg(tmp_path, "tinyclip", ["teacher.kind=tiny_clip", "teacher.tiny.steps=60",
+                                      "teacher.tiny.crops_per_view=16", "teacher.input_size=48",
+                                      "data.synthetic.resolution=32", "train.steps=150",
+                                      "train.checkpoint_every=150", "densify.refine_stop=120"])
+    summary = run(cfg)
+    assert summary["teacher"]["kind"] == "tiny_clip" and summary["eval"]["feature_cosine"] > 0.8
+    out = render(cfg.run_dir(), "test", 1, "red sphere", "delete", None, tmp_path / "r", "png")
+    assert (tmp_path / "r" / "relevancy" / "frame_00000.png").is_file()
+    assert out["selected_gaussians"] > 0

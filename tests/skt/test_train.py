@@ -1,0 +1,113 @@
+"""End to end on tiny synthetic crowds: teacher training, SKT distillation, eval and count commands."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from vkd.config import load_config
+from vkd.errors import UserError
+from vkd.skt.commands import SKT, SKT_TEACHER, count, evaluate, run_skt
+from vkd.skt.config import SKTConfig, SKTTeacherConfig
+from vkd.skt.datasets import build_eval_dataset, build_train_dataset
+from vkd.skt.distiller import SKTTask
+from vkd.skt.evaluate import RUN_EXPORT
+from vkd.skt.models import count_parameters
+
+
+def _tiny(tmp_path, steps):
+    return [f"run.output_dir={tmp_path / 'runs'}", "run.name=tiny", f"data.root={tmp_path / 'syn'}",
+            "data.synthetic.num_train=16", "data.synthetic.num_test=6", "data.synthetic.height=32",
+            "data.synthetic.width=32", "data.synthetic.count_min=2", "data.synthetic.count_max=40",
+            "data.synthetic.min_person=8",
+            "data.crop=none", "data.flip_prob=0.5", f"train.steps={steps}", "train.batch_size=4", "train.lr=3e-4",
+            "train.log_every=2", "train.checkpoint_every=1000", "eval.tile_size=0"]
+
+
+def test_teacher_then_skt_lowers_student_mae(tmp_path):
+    torch.manual_seed(0)
+    # A 1/2-width teacher keeps the test fast; the SKT code is the same for any teacher width.
+    t_cfg = load_config(SKTTeacherConfig, None, _tiny(tmp_path, 12) + ["model.width_div=2"], task="skt-teacher")
+    t_summary = SKT_TEACHER.run(t_cfg, None)
+    t_dir = t_cfg.run_dir()
+    assert (t_dir / RUN_EXPORT).is_file() and "mae" in t_summary["eval"]
+
+    s_cfg = load_config(SKTConfig, None, _tiny(tmp_path, 30) + ["train.lr=1e-3"], task="skt")
+    assert s_cfg.teacher.run == ""  # found at <output_dir>/skt-teacher/<run.name>
+    from vkd.skt.commands import _eval_sets, load_teacher
+
+    task = SKTTask(s_cfg, load_teacher(s_cfg), _eval_sets(s_cfg))
+    before = task.evaluate(0)
+    from vkd.engine import train_task
+
+    summary = train_task(s_cfg, task, build_train_dataset(s_cfg.data),
+                         collate_fn=__import__("vkd.skt.datasets", fromlist=["pad_collate"]).pad_collate)
+    after = summary["eval"]
+    assert after["mae"] < before["mae"]
+    assert after["teacher_mae"] == pytest.approx(before["teacher_mae"])  # the teacher stays frozen
+    records = [json.loads(line) for line in (s_cfg.run_dir() / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss_cos" in r]
+    assert train[-1]["loss_cos"] < train[0]["loss_cos"] and train[-1]["loss_fsp"] < train[0]["loss_fsp"]
+
+    # The exported student has no adapters: exactly the 1/4 CSRNet's parameters.
+    from safetensors.torch import load_file
+
+    exported = load_file(str(s_cfg.run_dir() / RUN_EXPORT))
+    assert sum(v.numel() for v in exported.values()) == 1_017_681 == count_parameters(task.student)
+    assert not any("adapter" in k for k in exported)
+
+    metrics = evaluate(s_cfg.run_dir(), [], tmp_path / "eval_out")
+    assert metrics["mae"] == pytest.approx(after["mae"], rel=1e-4)
+    assert (tmp_path / "eval_out" / "eval.json").is_file()
+
+    images = [str(p) for p in sorted((tmp_path / "syn" / "test").glob("*.png"))[:2]]
+    result = count(s_cfg.run_dir(), images + [str(tmp_path / "syn" / "test")], tmp_path / "counted")
+    assert result["images"] == 2 + 6
+    rows = list(csv.DictReader(open(tmp_path / "counted" / "counts.csv")))
+    assert len(rows) == 8 and all(float(r["count"]) == pytest.approx(result["counts"][r["image"]]) for r in rows)
+    assert len(list((tmp_path / "counted").glob("*_density.png"))) == 8
+
+
+def test_no_transfer_baseline_needs_no_teacher(tmp_path):
+    cfg = load_config(SKTConfig, None, _tiny(tmp_path, 2) + ["loss.teacher_weight=0", "loss.cos_weight=0",
+                                                             "loss.fsp_weight=0"], task="skt")
+    summary = run_skt(cfg)
+    assert summary["steps"] == 2 and "teacher_mae" not in summary["eval"]
+
+
+def test_missing_teacher_is_a_user_error(tmp_path):
+    cfg = load_config(SKTConfig, None, _tiny(tmp_path, 2), task="skt")
+    with pytest.raises(UserError, match="skt-teacher"):
+        run_skt(cfg)
+
+
+def test_count_on_large_image_tiles(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    t_cfg = load_config(SKTTeacherConfig, None, _tiny(tmp_path, 1) + ["model.width_div=4", "eval.tile_size=64"],
+                        task="skt-teacher")
+    SKT_TEACHER.run(t_cfg, None)
+    img = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (150, 200), dtype=np.uint8), "L").save(img)
+    result = count(t_cfg.run_dir(), [str(img)], None)
+    row = next(csv.DictReader(open(t_cfg.run_dir() / "count" / "counts.csv")))
+    assert int(row["tiles"]) == (150 // 64 + 1) * (200 // 64 + 1) and result["images"] == 1
+    with pytest.raises(UserError, match="not found"):
+        count(t_cfg.run_dir(), [str(tmp_path / "nope.png")], None)
+
+
+def test_task_entries_and_presets():
+    from vkd.config import find_preset
+
+    assert SKT.preset_dir == SKT_TEACHER.preset_dir == "skt"
+    for name, cls, task in (("synthetic-teacher", SKTTeacherConfig, "skt-teacher"), ("synthetic", SKTConfig, "skt"),
+                            ("shanghaitech-a-teacher", SKTTeacherConfig, "skt-teacher"),
+                            ("shanghaitech-a", SKTConfig, "skt"), ("ucf-qnrf", SKTConfig, "skt")):
+        cfg = load_config(cls, find_preset("skt", name), [], task=task)
+        assert cfg.task == task
+    sha = load_config(SKTConfig, find_preset("skt", "shanghaitech-a"), [], task="skt")
+    assert sha.train.batch_size == 1 and sha.train.lr == 1e-4 and sha.loss.cos_weight == 0.5

@@ -1,0 +1,200 @@
+"""Configs of the two BOOT tasks: ``boot-teacher`` (embedded DDPM on digits) and ``boot`` (distillation).
+
+Every option of the BOOT spec (boot.md §12) is a field of :class:`BootLossConfig` /
+:class:`BootTeacherRef` with the spec's default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vkd.config import TaskConfig, TrainConfig
+from vkd.errors import ConfigError
+
+__all__ = [
+    "UNetConfig",
+    "SchedulerConfig",
+    "DigitsDataConfig",
+    "TeacherTrainLossConfig",
+    "SampleConfig",
+    "EvalConfig",
+    "BootTeacherConfig",
+    "BootTeacherRef",
+    "BootStudentConfig",
+    "BootLossConfig",
+    "BootConfig",
+]
+
+
+@dataclass
+class UNetConfig:
+    """A diffusers ``UNet2DModel`` (only the fields the embedded teacher needs)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention: bool = False  # AttnDownBlock2D / AttnUpBlock2D at the lowest resolution
+    norm_num_groups: int = 8
+    class_conditional: bool = True  # num_class_embeds = num_classes + 1 (last = null class for CFG)
+
+    def __post_init__(self) -> None:
+        if not self.block_out_channels or any(c <= 0 for c in self.block_out_channels):
+            raise ConfigError(f"model.block_out_channels must be positive, got {self.block_out_channels}")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ConfigError(f"model.norm_num_groups={self.norm_num_groups} must divide every block_out_channels "
+                              f"{self.block_out_channels}")
+        if self.layers_per_block < 1:
+            raise ConfigError(f"model.layers_per_block must be >= 1, got {self.layers_per_block}")
+
+
+@dataclass
+class SchedulerConfig:
+    """A diffusers ``DDPMScheduler`` (saved with the teacher, read back by ``from_pretrained``)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    clip_sample: bool = True
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_train_timesteps < 2:
+            raise ConfigError(f"scheduler.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not 0 < self.beta_start < self.beta_end < 1:
+            raise ConfigError(f"scheduler needs 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+
+
+@dataclass
+class DigitsDataConfig:
+    """scikit-learn digits, upsampled (vkd.data.digits)."""
+
+    size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.size < 8 or self.size % 4:
+            raise ConfigError(f"data.size must be a multiple of 4 and >= 8, got {self.size}")
+
+
+@dataclass
+class TeacherTrainLossConfig:
+    """Denoising loss of the teacher: MSE on the scheduler's prediction type."""
+
+    cond_drop_prob: float = 0.1  # label dropout to the null class: enables classifier-free guidance
+    snr_gamma: float = 0.0  # min-SNR-γ weighting (0 = off)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ConfigError(f"loss.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.snr_gamma < 0:
+            raise ConfigError(f"loss.snr_gamma must be >= 0, got {self.snr_gamma}")
+
+
+@dataclass
+class SampleConfig:
+    """Sample grids written at every checkpoint (fixed seed)."""
+
+    num: int = 64
+    seed: int = 1234
+    teacher_steps: int = 20  # DDIM steps for teacher grids
+
+    def __post_init__(self) -> None:
+        if self.num < 1 or self.teacher_steps < 1:
+            raise ConfigError("sample.num and sample.teacher_steps must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """FID with the embedded digits extractor (not Inception) against held-out digits."""
+
+    num_samples: int = 1000  # 0 disables the FID evaluation
+    seed: int = 2024
+    teacher_steps: tuple[int, ...] = ()  # also score the teacher with DDIM-K (boot task only)
+    batch_size: int = 250
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 0 or self.num_samples == 1:
+            raise ConfigError(f"eval.num_samples must be 0 or >= 2, got {self.num_samples}")
+        if any(k < 1 for k in self.teacher_steps):
+            raise ConfigError(f"eval.teacher_steps must be >= 1, got {self.teacher_steps}")
+
+
+@dataclass
+class BootTeacherConfig(TaskConfig):
+    """``vkd distill boot-teacher``: train the embedded class-conditional DDPM on digits."""
+
+    task: str = "boot-teacher"
+    model: UNetConfig = field(default_factory=UNetConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DigitsDataConfig = field(default_factory=DigitsDataConfig)
+    loss: TeacherTrainLossConfig = field(default_factory=TeacherTrainLossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(num_samples=0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=3000, batch_size=64, lr=2e-3, scheduler="cosine", warmup_steps=100, grad_clip=1.0,
+        ema_decay=0.995, log_every=50, checkpoint_every=1000))
+
+
+@dataclass
+class BootTeacherRef:
+    """Which teacher to distil, and how its x0 predictor is formed (boot.md §7, §9)."""
+
+    path: str = "runs/boot-teacher/digits/teacher"  # local save_pretrained dir or a hub id
+    guidance_scale: float = 1.0  # CFG scale w folded into the teacher
+    clip_x0: Literal["scheduler", "true", "false"] = "scheduler"
+    null_class: int | None = None  # ∅ class for CFG (default: from vkd_teacher.json)
+    interp: Literal["lambda", "index"] = "lambda"  # fractional timesteps (continuous time sampling)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # teacher forward precision (GPU)
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("teacher.path must name a teacher directory or hub id")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"teacher.guidance_scale must be >= 0, got {self.guidance_scale}")
+
+
+@dataclass
+class BootStudentConfig:
+    parameterization: Literal["teacher_to_x0", "sample"] = "teacher_to_x0"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclass
+class BootLossConfig:
+    """The BOOT objective (boot.md §3-§8, §12), with the spec's defaults."""
+
+    delta: int = 20  # δ in index steps (recommended 10-50)
+    delta_lambda: Literal["exact", "first_order"] = "exact"
+    weighting: Literal["inv_delta_lambda_sq", "inv_delta_sq", "none"] = "inv_delta_lambda_sq"
+    time_weight: Literal["uniform"] = "uniform"  # the library API also takes a callable w(t)
+    boundary_target: Literal["teacher", "exact"] = "teacher"
+    boundary_weight: float = 0.1
+    clean_endpoint: bool = True
+    time_sampling: Literal["discrete", "continuous"] = "discrete"
+    max_weight: float = 0.0  # cap of the per-sample L_BS weight (0 = no cap)
+
+    def __post_init__(self) -> None:
+        if self.delta < 1:
+            raise ConfigError(f"loss.delta must be >= 1, got {self.delta}")
+        if self.boundary_weight < 0:
+            raise ConfigError(f"loss.boundary_weight must be >= 0, got {self.boundary_weight}")
+        if self.max_weight < 0:
+            raise ConfigError(f"loss.max_weight must be >= 0, got {self.max_weight}")
+
+
+@dataclass
+class BootConfig(TaskConfig):
+    """``vkd distill boot``: data-free one-step distillation of a diffusers teacher."""
+
+    task: str = "boot"
+    teacher: BootTeacherRef = field(default_factory=BootTeacherRef)
+    student: BootStudentConfig = field(default_factory=BootStudentConfig)
+    loss: BootLossConfig = field(default_factory=BootLossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=2000, batch_size=64, lr=1e-4, grad_clip=1.0, log_every=50, checkpoint_every=500))

@@ -1,0 +1,360 @@
+"""The two BOOT tasks the engine trains: the embedded digits DDPM teacher and the BOOT distillation.
+
+- :class:`TeacherTrainingTask` trains a class-conditional ``UNet2DModel`` DDPM on scikit-learn digits
+  (label dropout to a null class, so classifier-free guidance works) and exports it with
+  ``save_pretrained`` so it loads exactly like a hub checkpoint.
+- :class:`BootTask` is data-free: the engine passes global sample indices; each sample's ε, t and
+  class are drawn from a generator seeded by ``(run seed, index)``, so several processes reproduce
+  the single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vkd.boot.config import BootConfig, BootTeacherConfig, EvalConfig
+from vkd.boot.losses import BootLoss
+from vkd.boot.sample import (
+    ddim_sample,
+    noise_for_indices,
+    sample_generator,
+    save_grid,
+    student_sample,
+    to_uint8,
+)
+from vkd.boot.schedule import NoiseSchedule
+from vkd.boot.student import BootStudent, save_student
+from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, load_diffusers_teacher, save_teacher
+from vkd.engine import DistillationTask
+from vkd.errors import ConfigError
+
+__all__ = ["build_unet", "build_scheduler", "build_teacher", "draw_boot_inputs", "TeacherTrainingTask", "BootTask",
+           "DigitsFID"]
+
+
+def build_unet(cfg: BootTeacherConfig, num_classes: int = 10) -> nn.Module:
+    """The embedded teacher's ``UNet2DModel`` (seeded by ``run.seed``)."""
+    from diffusers import UNet2DModel
+
+    m = cfg.model
+    n = len(m.block_out_channels)
+    down = tuple("AttnDownBlock2D" if (m.attention and i == n - 1) else "DownBlock2D" for i in range(n))
+    up = tuple("AttnUpBlock2D" if (m.attention and i == 0) else "UpBlock2D" for i in range(n))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return UNet2DModel(sample_size=cfg.data.size, in_channels=1, out_channels=1,
+                           block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                           down_block_types=down, up_block_types=up, norm_num_groups=m.norm_num_groups,
+                           attention_head_dim=min(8, m.block_out_channels[-1]),
+                           num_class_embeds=(num_classes + 1) if m.class_conditional else None)
+
+
+def build_scheduler(cfg: BootTeacherConfig):
+    from diffusers import DDPMScheduler
+
+    s = cfg.scheduler
+    return DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
+                         beta_start=s.beta_start, beta_end=s.beta_end, prediction_type=s.prediction_type,
+                         clip_sample=s.clip_sample, rescale_betas_zero_snr=s.rescale_betas_zero_snr,
+                         timestep_spacing="trailing")
+
+
+def build_teacher(cfg: BootConfig) -> DiffusionTeacher:
+    """The frozen teacher named by ``cfg.teacher`` (local directory or hub id)."""
+    t = cfg.teacher
+    clip: Any = "scheduler" if t.clip_x0 == "scheduler" else (t.clip_x0 == "true")
+    teacher = load_diffusers_teacher(t.path, guidance_scale=t.guidance_scale, clip_x0=clip, interp=t.interp,
+                                     null_class=t.null_class)
+    if t.dtype != "float32":
+        teacher.net.to(getattr(torch, t.dtype))
+    return teacher
+
+
+def draw_boot_inputs(indices: torch.Tensor, seed: int, shape: tuple[int, ...], num_train_timesteps: int,
+                     delta: int, clean_endpoint: bool = True, time_sampling: str = "discrete",
+                     num_classes: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-sample ε ``[B, *shape]``, t ``[B]``, s = t − δ ``[B]`` (float64) and classes ``[B]`` from ``(seed, index)``.
+
+    ``discrete``: t ~ U{t_lo, …, N−1}; ``continuous``: t ~ U[t_lo, N−1] and s < 0 maps to the clean
+    endpoint ``-1``. ``t_lo = δ − 1`` with the clean endpoint (so s reaches −1), else δ.
+    """
+    N = num_train_timesteps
+    t_lo = delta - 1 if clean_endpoint else delta
+    if t_lo > N - 1:
+        raise ConfigError(f"loss.delta={delta} is too large for {N} timesteps")
+    eps, ts, cls = [], [], []
+    for i in indices.tolist():
+        g = sample_generator(seed, int(i))
+        eps.append(torch.randn(shape, generator=g))
+        if time_sampling == "discrete":
+            ts.append(float(torch.randint(t_lo, N, (1,), generator=g)))
+        else:
+            ts.append(t_lo + float(torch.rand((1,), generator=g, dtype=torch.float64)) * (N - 1 - t_lo))
+        if num_classes is not None:
+            cls.append(int(torch.randint(0, num_classes, (1,), generator=g)))
+    t = torch.tensor(ts, dtype=torch.float64)
+    s = t - delta
+    if clean_endpoint:
+        s = torch.where(s < 0, torch.full_like(s, -1.0), s)
+    labels = torch.tensor(cls, dtype=torch.long) if num_classes is not None else None
+    return torch.stack(eps), t, s, labels
+
+
+class DigitsFID:
+    """FID against held-out digits (test split) with an extractor (default: digits CNN, not Inception)."""
+
+    def __init__(self, size: int, extractor: str = "digits", inception_weights: str | None = None):
+        from vkd.data.digits import load_digits
+        from vkd.metrics.extractors import build_extractor, extractor_info
+        from vkd.metrics.fid import stats_from_images
+
+        self.extractor = build_extractor(extractor, inception_weights)
+        self.info = extractor_info(self.extractor)
+        real = load_digits("test", size=size, channels=1, value_range="symmetric")
+        self.real = stats_from_images(to_uint8(real.images), self.extractor)
+        self.num_reference = self.real.n
+
+    def __call__(self, batches) -> tuple[float, int]:
+        from vkd.metrics.fid import frechet_distance, stats_from_batches
+
+        fake = stats_from_batches(batches, self.extractor)
+        return frechet_distance(fake.mu, fake.sigma, self.real.mu, self.real.sigma), fake.n
+
+
+def _generate_uint8(fn, num: int, seed: int, shape: tuple[int, int, int], num_classes: int | None,
+                    batch_size: int, device: torch.device):
+    for start in range(0, num, batch_size):
+        eps, labels = noise_for_indices(range(start, min(num, start + batch_size)), seed, shape, num_classes)
+        yield to_uint8(fn(eps.to(device), None if labels is None else labels.to(device))).cpu()
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher training
+# ----------------------------------------------------------------------------------------------
+
+
+class TeacherTrainingTask(DistillationTask):
+    """DDPM training of the embedded class-conditional ``UNet2DModel`` on digits (batch = (images, labels))."""
+
+    frozen_modules: tuple[str, ...] = ()
+
+    def __init__(self, cfg: BootTeacherConfig, num_classes: int = 10):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes if cfg.model.class_conditional else None
+        self.null_class = num_classes if cfg.model.class_conditional else None
+        self.model = build_unet(cfg, num_classes)
+        self.noise_scheduler = build_scheduler(cfg)
+        acp = self.noise_scheduler.alphas_cumprod.to(torch.float32)
+        self.register_buffer("alphas_cumprod", acp, persistent=False)
+        self._fid: DigitsFID | None = None
+
+    def student_module(self) -> nn.Module:
+        return self.model
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        x0, labels = batch  # [B, 1, S, S] in [-1, 1], [B]
+        B = x0.shape[0]
+        N = self.alphas_cumprod.numel()
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, N, (B,), device=x0.device)
+        acp = self.alphas_cumprod[t].view(B, 1, 1, 1)
+        a, s = acp.sqrt(), (1 - acp).sqrt()
+        x_t = a * x0 + s * noise
+        if self.null_class is not None:
+            drop = torch.rand(B, device=x0.device) < self.cfg.loss.cond_drop_prob
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
+        else:
+            labels = None
+        out = self.model(x_t, t, class_labels=labels).sample
+        ptype = self.cfg.scheduler.prediction_type
+        target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[ptype]
+        per = (out - target).pow(2).flatten(1).mean(1)  # [B]
+        if self.cfg.loss.snr_gamma > 0:
+            snr = (acp / (1 - acp)).flatten()
+            gamma = self.cfg.loss.snr_gamma
+            # min-SNR-γ weights expressed for each prediction target
+            w = {"epsilon": torch.clamp(gamma / snr, max=1.0), "sample": torch.clamp(snr, max=gamma),
+                 "v_prediction": torch.clamp(snr, max=gamma) / (snr + 1)}[ptype]
+            per = per * w
+        loss = per.mean()
+        return {"loss": loss}
+
+    def as_teacher(self, model: nn.Module | None = None) -> DiffusionTeacher:
+        """The model being trained as a :class:`DiffusionTeacher` (shares weights)."""
+        model = model if model is not None else self.model
+        sched = NoiseSchedule(self.alphas_cumprod)
+        return DiffusionTeacher(UNetDenoiser(model), sched.to(self.alphas_cumprod.device),
+                                self.cfg.scheduler.prediction_type, clip_x0=self.cfg.scheduler.clip_sample,
+                                num_classes=self.num_classes, null_class=self.null_class,
+                                sample_shape=(1, self.cfg.data.size, self.cfg.data.size))
+
+    @torch.no_grad()
+    def save_samples(self, step: int, out_dir: Path) -> None:
+        sc = self.cfg.sample
+        teacher = self.as_teacher()
+        dev = self.alphas_cumprod.device
+        eps, labels = noise_for_indices(range(sc.num), sc.seed, teacher.sample_shape, self.num_classes)
+        x = ddim_sample(teacher, eps.to(dev), None if labels is None else labels.to(dev), sc.teacher_steps)
+        save_grid(x, Path(out_dir) / f"teacher_ddim{sc.teacher_steps}_step{step:06d}.png")
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        ev: EvalConfig = self.cfg.eval
+        if ev.num_samples == 0:
+            return {}
+        if self._fid is None:
+            self._fid = DigitsFID(self.cfg.data.size)
+        teacher = self.as_teacher()
+        dev = self.alphas_cumprod.device
+        out = {}
+        for k in ev.teacher_steps or (50,):
+            fid, _ = self._fid(_generate_uint8(lambda e, c, k=k: ddim_sample(teacher, e, c, k), ev.num_samples, ev.seed,
+                                               teacher.sample_shape, self.num_classes, ev.batch_size, dev))
+            out[f"teacher_ddim{k}_fid_digitscnn"] = fid
+        return out
+
+    def export(self, run_dir: Path) -> None:
+        """``run_dir/teacher``: ``save_pretrained`` UNet (EMA weights when kept) + scheduler + vkd metadata."""
+        from vkd.engine import latest_checkpoint, load_checkpoint_weights
+
+        model = self.model
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None and (ckpt / "ema.safetensors").is_file():
+            import copy
+
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"))
+        meta = {"dataset": "digits", "image_size": self.cfg.data.size, "value_range": [-1, 1],
+                "num_classes": self.num_classes, "null_class": self.null_class,
+                "class_names": [str(i) for i in range(self.num_classes or 0)],
+                "ema": model is not self.model, "trained_steps": self.cfg.train.steps}
+        save_teacher(model, self.noise_scheduler, Path(run_dir) / "teacher", meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# BOOT
+# ----------------------------------------------------------------------------------------------
+
+
+class BootTask(DistillationTask):
+    """BOOT distillation: student (a copy of the teacher) + frozen teacher + :class:`BootLoss`.
+
+    Args:
+        cfg: the BOOT config.
+        teacher: a teacher to use instead of loading ``cfg.teacher`` (tests).
+        student: a student to use instead of copying the teacher (tests, e.g. an MLP).
+    """
+
+    frozen_modules: tuple[str, ...] = ("teacher", "objective")
+
+    def __init__(self, cfg: BootConfig, teacher: DiffusionTeacher | None = None, student: BootStudent | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.teacher = teacher if teacher is not None else build_teacher(cfg)
+        self.teacher.eval().requires_grad_(False)
+        L = cfg.loss
+        t_sample = -1.0 if L.clean_endpoint else 0.0
+        self.student = student if student is not None else BootStudent.from_teacher(
+            self.teacher, cfg.student.parameterization, t_sample)
+        if cfg.student.gradient_checkpointing and hasattr(getattr(self.student.net, "unet", None),
+                                                          "enable_gradient_checkpointing"):
+            self.student.net.unet.enable_gradient_checkpointing()
+        self.objective = BootLoss(self.teacher, L.delta_lambda, L.weighting, L.time_weight, L.boundary_target,
+                                  L.boundary_weight)
+        if L.delta > self.teacher.schedule.num_train_timesteps - 1:
+            raise ConfigError(f"loss.delta={L.delta} must be < num_train_timesteps="
+                              f"{self.teacher.schedule.num_train_timesteps}")
+        self._fid: DigitsFID | None = None
+        self._teacher_fids: dict[int, float] = {}
+
+    def train(self, mode: bool = True) -> BootTask:
+        super().train(mode)
+        self.teacher.eval()  # frozen teacher stays in eval mode
+        return self
+
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``batch``: LongTensor ``[B]`` of global sample indices (data-free)."""
+        L = self.cfg.loss
+        dev = next(self.student.parameters()).device
+        eps, t, s, labels = draw_boot_inputs(batch.cpu(), self.cfg.run.seed, self.teacher.sample_shape,
+                                             self.teacher.schedule.num_train_timesteps, L.delta, L.clean_endpoint,
+                                             L.time_sampling, self.teacher.num_classes)
+        eps, t, s = eps.to(dev), t.to(dev), s.to(dev)
+        labels = None if labels is None else labels.to(dev)
+        return self.objective(self.student, eps, t, s, labels)
+
+    # ---- samples / eval -----------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    @torch.no_grad()
+    def save_samples(self, step: int, out_dir: Path) -> None:
+        sc = self.cfg.sample
+        dev = self._device()
+        eps, labels = noise_for_indices(range(sc.num), sc.seed, self.teacher.sample_shape, self.teacher.num_classes)
+        eps = eps.to(dev)
+        labels = None if labels is None else labels.to(dev)
+        save_grid(student_sample(self.student, eps, labels), Path(out_dir) / f"student_step{step:06d}.png")
+        ref = Path(out_dir) / f"teacher_ddim{sc.teacher_steps}.png"
+        if not ref.exists():  # same ε: the teacher reference grid, written once
+            save_grid(ddim_sample(self.teacher, eps, labels, sc.teacher_steps), ref)
+
+    def _reference_available(self) -> bool:
+        meta_path = Path(self.cfg.teacher.path) / "vkd_teacher.json"
+        if not meta_path.is_file():
+            return False
+        return json.loads(meta_path.read_text()).get("dataset") == "digits"
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """FID (digits CNN, not Inception) of the one-step student and of teacher DDIM-K vs held-out digits."""
+        ev = self.cfg.eval
+        if ev.num_samples == 0 or not self._reference_available():
+            return {}
+        if self._fid is None:
+            self._fid = DigitsFID(self.teacher.sample_shape[-1])
+        dev = self._device()
+        shape, ncls = self.teacher.sample_shape, self.teacher.num_classes
+        out = {}
+        fid, _ = self._fid(_generate_uint8(lambda e, c: student_sample(self.student, e, c), ev.num_samples,
+                                           ev.seed, shape, ncls, ev.batch_size, dev))
+        out["student_fid_digitscnn"] = fid
+        for k in ev.teacher_steps:
+            if k not in self._teacher_fids:  # the teacher does not change: score it once
+                self._teacher_fids[k], _ = self._fid(_generate_uint8(
+                    lambda e, c, k=k: ddim_sample(self.teacher, e, c, k), ev.num_samples, ev.seed, shape, ncls,
+                    ev.batch_size, dev))
+            out[f"teacher_ddim{k}_fid_digitscnn"] = self._teacher_fids[k]
+        return out
+
+    def export(self, run_dir: Path) -> None:
+        """``run_dir/student``: the one-step student in ``save_pretrained`` form (EMA weights when kept)."""
+        import copy
+
+        from vkd.engine import latest_checkpoint, load_checkpoint_weights
+
+        if not isinstance(self.student.net, UNetDenoiser):
+            return
+        student = self.student
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None and (ckpt / "ema.safetensors").is_file():
+            student = copy.deepcopy(self.student)
+            student.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"), strict=False)
+        src = getattr(self.teacher, "source", self.cfg.teacher.path)
+        sched_cfg = _scheduler_config_of(self.cfg.teacher.path)
+        save_student(student, Path(run_dir) / "student", sched_cfg,
+                     {"teacher": str(src), "num_classes": self.teacher.num_classes, "delta": self.cfg.loss.delta,
+                      "guidance_scale": self.teacher.guidance_scale})
+
+
+def _scheduler_config_of(path: str) -> dict[str, Any]:
+    from vkd.boot.teacher import _is_local, _load_scheduler_config
+
+    return _load_scheduler_config(path, _is_local(path))

@@ -1,0 +1,450 @@
+"""Teachers for BOOT: a diffusers ``UNet2DModel`` (any VP scheduler) or the closed-form Gaussian.
+
+A teacher here is an x0 ("signal") predictor on per-sample float timesteps,
+``f̃(x_t, t, c) = clip(to_x0(f_uncond + w·(f_cond − f_uncond), x_t, t))``, where the network output
+is an ε, v or x0 prediction and ``to_x0`` is the same algebra as ``DDIMScheduler.step``. Classifier-
+free guidance is applied to the raw output: ``to_x0`` is affine in it with weights summing to 1, so
+guiding ε, v or x0 gives the same x0.
+
+Loading goes through ``UNet2DModel.from_pretrained`` and the scheduler's own ``from_config`` for
+local directories and hub ids alike, so the embedded digits teacher (written with
+``save_pretrained``) and ``google/ddpm-cifar10-32`` take exactly the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vkd.boot.schedule import NoiseSchedule
+from vkd.errors import UserError
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "TEACHER_META_FILE",
+    "to_x0",
+    "UNetDenoiser",
+    "DiffusionTeacher",
+    "GaussianTeacher",
+    "TeacherSource",
+    "load_teacher_source",
+    "load_diffusers_teacher",
+    "save_teacher",
+]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TEACHER_META_FILE = "vkd_teacher.json"  # vkd metadata next to model_index.json (classes, null class)
+
+
+def _bcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[B]`` coefficient → ``[B, 1, ..., 1]`` in ``like``'s dtype and device."""
+    return coef.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def to_x0(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+          prediction_type: str) -> torch.Tensor:
+    """Convert a network output into an x0 prediction (the algebra of ``DDIMScheduler.step``).
+
+    Args:
+        out: ``[B, C, H, W]`` network output (ε, v or x0).
+        x: ``[B, C, H, W]`` the network input x_t.
+        alpha: ``[B]`` α_t.
+        sigma: ``[B]`` σ_t.
+        prediction_type: ``epsilon`` | ``v_prediction`` | ``sample``.
+
+    Returns:
+        ``[B, C, H, W]`` x0 in ``out``'s dtype.
+    """
+    if out.shape != x.shape:
+        raise ValueError(f"out {tuple(out.shape)} and x {tuple(x.shape)} must have the same shape")
+    if prediction_type == "sample":
+        return out
+    a, s = _bcast(alpha, out), _bcast(sigma, out)
+    if prediction_type == "epsilon":
+        return (x - s * out) / a
+    if prediction_type == "v_prediction":
+        return a * x - s * out
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def _as_timesteps(t: torch.Tensor | float | int, batch: int, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-sample float timesteps ``[B]``: UNet2DModel truncates Python scalars to ``long``."""
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return t.to(dtype)
+
+
+class UNetDenoiser(nn.Module):
+    """A diffusers ``UNet2DModel`` as a plain ``net(x [B,C,H,W], t [B] float, class_labels [B] | None)``.
+
+    Timesteps are passed as a float tensor (fractional and ``-1`` timesteps reach the sinusoidal
+    embedding unchanged). Outputs with twice the input channels (a learned variance, as in
+    DeepFloyd IF or improved DDPM) are cut to their first half.
+    """
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def class_conditional(self) -> bool:
+        return getattr(self.unet, "class_embedding", None) is not None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        t = _as_timesteps(t, x.shape[0], x.device)
+        if not self.class_conditional:
+            class_labels = None
+        elif class_labels is None:
+            raise ValueError("class_labels [B] are required: the UNet is class-conditional")
+        dtype = self.unet.dtype  # a half-precision teacher still reads/returns the caller's dtype
+        out = self.unet(x.to(dtype), t, class_labels=class_labels).sample
+        if out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]
+        return out.to(x.dtype)
+
+
+class DiffusionTeacher(nn.Module):
+    """x0 predictor ``f̃(x_t, t, c)`` of a VP diffusion model with CFG and optional clipping folded in.
+
+    Args:
+        net: ``net(x, t, class_labels) -> [B, C, H, W]`` raw prediction (ε, v or x0).
+        schedule: the teacher's :class:`NoiseSchedule`.
+        prediction_type: ``epsilon`` | ``v_prediction`` | ``sample``.
+        clip_x0: clip the (guided) x0 to ``[-clip_range, clip_range]``.
+        clip_range: clipping bound.
+        guidance_scale: CFG scale w (1 = no guidance, one forward).
+        num_classes: number of real classes (``None``: unconditional).
+        null_class: class index used as ∅ for guidance (``None``: guidance unavailable).
+        sample_shape: ``(C, H, W)`` of the images.
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction_type: str, clip_x0: bool = False,
+                 clip_range: float = 1.0, guidance_scale: float = 1.0, num_classes: int | None = None,
+                 null_class: int | None = None, sample_shape: tuple[int, int, int] = (1, 16, 16)):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise UserError(f"unknown teacher prediction_type '{prediction_type}'; supported: "
+                            + ", ".join(PREDICTION_TYPES))
+        if schedule.zero_terminal_snr and prediction_type == "epsilon":
+            raise UserError("teacher has a zero-terminal-SNR schedule (alpha_T = 0): x0 from an epsilon "
+                            "prediction is undefined at T; use a v_prediction or sample teacher")
+        if guidance_scale != 1.0 and (num_classes is None or null_class is None):
+            raise UserError(f"guidance_scale={guidance_scale} needs a class-conditional teacher with a null "
+                            "class (set teacher.null_class)")
+        self.net = net
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.clip_x0 = bool(clip_x0)
+        self.clip_range = float(clip_range)
+        self.guidance_scale = float(guidance_scale)
+        self.num_classes = num_classes
+        self.null_class = null_class
+        self.sample_shape = tuple(int(v) for v in sample_shape)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    def to_x0(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``to_x0`` at float timesteps ``t [B]``; ``t < 0`` uses the coefficients of index 0 (never σ = 0)."""
+        alpha, sigma = self.schedule.alpha_sigma(t.clamp(min=0.0))
+        return to_x0(out, x, alpha, sigma, self.prediction_type)
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Guided raw output ``out_∅ + w·(out_c − out_∅)`` ``[B, C, H, W]`` (one batched forward under CFG)."""
+        if self.guidance_scale == 1.0 or class_labels is None:
+            return self.net(x, t, class_labels)
+        null = torch.full_like(class_labels, int(self.null_class))
+        both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]))
+        cond, uncond = both.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 prediction ``[B, C, H, W]`` from ``x [B, C, H, W]`` at float timesteps ``t [B]``."""
+        t = _as_timesteps(t, x.shape[0], x.device, torch.float64)  # float64 for the coefficients
+        x0 = self.to_x0(self.raw(x, t, class_labels), x, t)
+        if self.clip_x0:
+            x0 = x0.clamp(-self.clip_range, self.clip_range)
+        return x0
+
+
+class _GaussianX0(nn.Module):
+    """Exact x0 predictor of data ~ N(μ, c²I): ``μ + α_t c²/(α_t²c² + σ_t²)·(x_t − α_t μ)``."""
+
+    def __init__(self, schedule: NoiseSchedule, mu: float, c: float):
+        super().__init__()
+        self.schedule, self.mu, self.c = schedule, float(mu), float(c)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        a, s = self.schedule.alpha_sigma(t)
+        gain = a * self.c ** 2 / (a ** 2 * self.c ** 2 + s ** 2)
+        return self.mu + _bcast(gain, x) * (x - _bcast(a, x) * self.mu)
+
+
+class GaussianTeacher(DiffusionTeacher):
+    """Closed-form teacher for data ~ N(μ, c²I): parameter-free, ``prediction_type="sample"``, no clipping.
+
+    Args:
+        schedule: the VP schedule.
+        mu: data mean μ.
+        c: data standard deviation c.
+        sample_shape: ``(C, H, W)`` (any shape works, pixels are independent).
+    """
+
+    def __init__(self, schedule: NoiseSchedule, mu: float = 0.3, c: float = 0.5,
+                 sample_shape: tuple[int, int, int] = (1, 4, 4)):
+        super().__init__(_GaussianX0(schedule, mu, c), schedule, "sample", sample_shape=sample_shape)
+        self.mu, self.c = float(mu), float(c)
+
+    def _z(self, eps: torch.Tensor) -> torch.Tensor:
+        T = torch.full((eps.shape[0],), float(self.schedule.T), dtype=torch.float64)
+        a_T, s_T = self.schedule.alpha_sigma(T)
+        sT = torch.sqrt(a_T ** 2 * self.c ** 2 + s_T ** 2)
+        return (eps - _bcast(a_T, eps) * self.mu) / _bcast(sT, eps)
+
+    def exact_map(self, eps: torch.Tensor) -> torch.Tensor:
+        """The exact PF-ODE map ε = x_T ↦ x0*: ``μ + c·(ε − α_T μ)/√(α_T²c² + σ_T²)``. ``[B, ...]``."""
+        return self.mu + self.c * self._z(eps)
+
+    def exact_signal(self, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The exact signal ``y_t*(ε) = (α_t μ + s_t z − σ_t ε)/α_t`` on the PF-ODE path from ε. ``[B, ...]``."""
+        a, s = self.schedule.alpha_sigma(t)
+        st = torch.sqrt(a ** 2 * self.c ** 2 + s ** 2)
+        z = self._z(eps)
+        return (_bcast(a, eps) * self.mu + _bcast(st, eps) * z - _bcast(s, eps) * eps) / _bcast(a, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers loading
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherSource:
+    """What :func:`load_teacher_source` read: the UNet, the scheduler and their configs."""
+
+    unet: nn.Module
+    scheduler: Any
+    scheduler_config: dict[str, Any]
+    prediction_type: str
+    alphas_cumprod: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def _first_error_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _load_unet(source: str, local: bool) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    if local:
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise UserError(f"teacher directory not found: {source}")
+        for sub in ("unet", ""):
+            cfg_path = root / sub / "config.json" if sub else root / "config.json"
+            if cfg_path.is_file():
+                break
+        else:
+            raise UserError(f"{source} is not a diffusers UNet2DModel directory (no unet/config.json or config.json)")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {cfg_path}: {_first_error_line(err)}") from None
+        cls_name = cfg.get("_class_name", "UNet2DModel")
+        if cls_name not in ("UNet2DModel", "UNetModel"):
+            raise UserError(f"{cfg_path}: only UNet2DModel teachers are supported, got {cls_name}")
+        try:
+            return UNet2DModel.from_pretrained(str(root), subfolder=sub or None)
+        except (OSError, ValueError, RuntimeError, KeyError) as err:
+            raise UserError(f"cannot load the UNet from {cfg_path.parent}: {_first_error_line(err)}") from None
+    last: BaseException | None = None
+    for sub in ("unet", None):
+        try:
+            return UNet2DModel.from_pretrained(source, subfolder=sub)
+        except (OSError, ValueError) as err:  # hub: not found, offline and not cached, ...
+            last = err
+    raise UserError(f"cannot load teacher '{source}': not a local directory, and the hub/cache lookup failed "
+                    f"({_first_error_line(last)}); with HF_HUB_OFFLINE=1 it must already be in the HF cache")
+
+
+def _load_scheduler_config(source: str, local: bool) -> dict[str, Any]:
+    if local:
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise UserError(f"teacher directory not found: {source}")
+        for cand in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json"):
+            if cand.is_file():
+                try:
+                    data = json.loads(cand.read_text())
+                except (OSError, ValueError) as err:
+                    raise UserError(f"cannot read {cand}: {_first_error_line(err)}") from None
+                if not isinstance(data, dict):
+                    raise UserError(f"{cand}: expected a JSON object")
+                return data
+        raise UserError(f"{source} has no scheduler config (scheduler/scheduler_config.json or scheduler_config.json)")
+    from diffusers import DDPMScheduler
+
+    last: BaseException | None = None
+    for sub in ("scheduler", None):
+        try:
+            return dict(DDPMScheduler.load_config(source, subfolder=sub))
+        except (OSError, ValueError) as err:
+            last = err
+    raise UserError(f"cannot load the scheduler config of '{source}' ({_first_error_line(last)})")
+
+
+def _build_scheduler(config: dict[str, Any], where: str) -> tuple[Any, torch.Tensor]:
+    """Instantiate the scheduler class named in ``config``; refuse schedulers without ``alphas_cumprod``."""
+    import diffusers
+
+    config = dict(config)
+    if "timesteps" in config and "num_train_timesteps" not in config:  # legacy GaussianDDPMScheduler key
+        config["num_train_timesteps"] = config.pop("timesteps")
+    name = config.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None and name == "GaussianDDPMScheduler":  # google/ddpm-* legacy configs
+        cls = diffusers.DDPMScheduler
+    if cls is None or not hasattr(cls, "from_config"):
+        raise UserError(f"{where}: unknown scheduler class '{name}'")
+    try:
+        scheduler = cls.from_config(config)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        raise UserError(f"{where}: cannot build {name}: {_first_error_line(err)}") from None
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    if not isinstance(acp, torch.Tensor):
+        raise UserError(f"{where}: scheduler {name} has no alphas_cumprod; BOOT needs a variance-preserving "
+                        "(DDPM/DDIM-type) teacher")
+    acp = acp.detach().to(torch.float64)
+    if acp.ndim != 1 or acp.numel() < 2 or not torch.isfinite(acp).all() or (acp > 1).any() or (acp < 0).any() \
+            or (acp[1:] > acp[:-1]).any():
+        raise UserError(f"{where}: scheduler {name} alphas_cumprod is not a decreasing table in [0, 1] "
+                        "(not a variance-preserving schedule)")
+    return scheduler, acp
+
+
+def load_teacher_source(source: str) -> TeacherSource:
+    """Read a diffusers UNet2DModel + scheduler from a local directory or a hub id.
+
+    Accepts the ``DDPMPipeline.save_pretrained`` layout (``unet/``, ``scheduler/``) and the legacy
+    flat layout (``config.json`` + ``scheduler_config.json`` at the root, e.g. google/ddpm-cifar10-32).
+
+    Raises:
+        UserError: missing/malformed directory, non-UNet2DModel, scheduler without ``alphas_cumprod``,
+            non-VP schedule, unknown prediction type, time embedding that expects VE sigmas.
+    """
+    source = str(source)
+    local = _is_local(source)
+    sched_cfg = _load_scheduler_config(source, local)
+    scheduler, acp = _build_scheduler(sched_cfg, source)
+    prediction_type = sched_cfg.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"{source}: unknown prediction_type '{prediction_type}'; supported: "
+                        + ", ".join(PREDICTION_TYPES))
+    unet = _load_unet(source, local)
+    if getattr(unet.config, "time_embedding_type", "positional") == "fourier":
+        raise UserError(f"{source}: Fourier time embedding expects VE noise levels (score-SDE VE); "
+                        "BOOT needs a variance-preserving teacher")
+    meta: dict[str, Any] = {}
+    if local:
+        meta_path = Path(source).expanduser() / TEACHER_META_FILE
+        if meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError) as err:
+                raise UserError(f"cannot read {meta_path}: {_first_error_line(err)}") from None
+    return TeacherSource(unet=unet, scheduler=scheduler, scheduler_config=dict(sched_cfg),
+                         prediction_type=prediction_type, alphas_cumprod=acp, meta=meta, source=source)
+
+
+def _class_info(unet: nn.Module, meta: dict[str, Any], null_class: int | None) -> tuple[int | None, int | None]:
+    """(num_classes, null_class) from the vkd metadata, else from ``num_class_embeds``."""
+    if getattr(unet, "class_embedding", None) is None:
+        return None, None
+    n_embeds = getattr(unet.config, "num_class_embeds", None)
+    num_classes = meta.get("num_classes", n_embeds)
+    if null_class is None:
+        null_class = meta.get("null_class")
+    if num_classes is None:
+        raise UserError("class-conditional teacher without num_class_embeds: set the number of classes in "
+                        f"{TEACHER_META_FILE}")
+    return int(num_classes), (None if null_class is None else int(null_class))
+
+
+def load_diffusers_teacher(source: str | TeacherSource, guidance_scale: float = 1.0,
+                           clip_x0: Literal["scheduler"] | bool = "scheduler", interp: str = "lambda",
+                           null_class: int | None = None) -> DiffusionTeacher:
+    """Build a frozen :class:`DiffusionTeacher` from a diffusers directory or hub id.
+
+    Args:
+        source: path / hub id, or an already loaded :class:`TeacherSource`.
+        guidance_scale: CFG scale w folded into the teacher (needs a null class).
+        clip_x0: ``"scheduler"`` follows the scheduler's ``clip_sample`` / ``clip_sample_range``.
+        interp: fractional-timestep interpolation of the schedule (``lambda`` | ``index``).
+        null_class: class index used as ∅ (default: from ``vkd_teacher.json``).
+    """
+    src = source if isinstance(source, TeacherSource) else load_teacher_source(source)
+    cfg = src.scheduler_config
+    if clip_x0 == "scheduler":
+        clip = bool(cfg.get("clip_sample", True))
+    else:
+        clip = bool(clip_x0)
+    clip_range = float(cfg.get("clip_sample_range", 1.0))
+    num_classes, null = _class_info(src.unet, src.meta, null_class)
+    unet_cfg = src.unet.config
+    size = unet_cfg.sample_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    teacher = DiffusionTeacher(UNetDenoiser(src.unet), NoiseSchedule(src.alphas_cumprod, interp=interp),
+                               src.prediction_type, clip_x0=clip, clip_range=clip_range,
+                               guidance_scale=guidance_scale, num_classes=num_classes, null_class=null,
+                               sample_shape=(int(unet_cfg.in_channels), *size))
+    teacher.eval().requires_grad_(False)
+    teacher.source = src.source  # type: ignore[attr-defined]
+    return teacher
+
+
+def save_teacher(unet: nn.Module, scheduler: Any, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write a UNet + scheduler in the ``DDPMPipeline.save_pretrained`` layout, plus ``vkd_teacher.json``
+    (``DDPMPipeline.from_pretrained(path)`` loads it too).
+
+    The result loads with :func:`load_diffusers_teacher` exactly like a hub checkpoint.
+    """
+    import diffusers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(str(path / "unet"))
+    scheduler.save_pretrained(str(path / "scheduler"))
+    # the model_index.json DDPMPipeline.save_pretrained writes (importing the pipeline costs seconds)
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", type(unet).__name__]}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if meta:
+        (path / TEACHER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def schedule_summary(schedule: NoiseSchedule) -> dict[str, float]:
+    """α_T, λ_0, λ_T of a schedule (for logs and reports)."""
+    t = torch.tensor([0.0, float(schedule.T)], dtype=torch.float64)
+    a, _ = schedule.alpha_sigma(t)
+    lam = schedule.lam(t)
+    return {"alpha_T": float(a[1]), "lambda_0": float(lam[0]),
+            "lambda_T": float(lam[1]) if math.isfinite(float(lam[1])) else float("inf")}

@@ -1,0 +1,1 @@
+"""vkd.feature3dgs."""

@@ -1,0 +1,250 @@
+"""Typed configuration of the Feature 3DGS task (``vkd distill feature3dgs``).
+
+Defaults follow the Feature 3DGS reference schedule (spec §4–§5) where it makes sense on any machine; the embedded
+synthetic preset (``configs/feature3dgs/synthetic.yaml``) shortens it for CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vkd.config import TaskConfig, TrainConfig
+from vkd.errors import ConfigError
+
+__all__ = [
+    "SyntheticConfig",
+    "DataConfig",
+    "TinyTeacherConfig",
+    "TeacherConfig",
+    "ModelConfig",
+    "LossConfig",
+    "OptimConfig",
+    "DensifyConfig",
+    "EvalConfig",
+    "QueryConfig",
+    "Feature3DGSConfig",
+]
+
+
+def _positive(obj, names: list[str]) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {getattr(obj, name)}")
+
+
+def _nonnegative(obj, names: list[str]) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {getattr(obj, name)}")
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded scene generator (:mod:`vkd.feature3dgs.synthetic`)."""
+
+    num_views: int = 48  # posed views on an orbit; every ``data.test_every``-th is held out
+    resolution: int = 64  # square image side in pixels
+    supersample: int = 3  # rays per pixel side (anti-aliasing of the analytic renders)
+    num_points: int = 4000  # sparse "SfM" point cloud: hits of rays through random training pixels
+    seed: int = 0
+    out_dir: str | None = None  # None: <run.output_dir>/feature3dgs/_scenes/synthetic-<hash>
+
+    def __post_init__(self) -> None:
+        _positive(self, ["num_views", "resolution", "supersample", "num_points"])
+        if self.num_views < 4:
+            raise ConfigError(f"data.synthetic.num_views must be >= 4, got {self.num_views}")
+
+
+@dataclass
+class DataConfig:
+    """Where the scene comes from and how it is split and scaled."""
+
+    path: str = "synthetic"  # "synthetic" (embedded generator) or a COLMAP / transforms.json scene directory
+    format: Literal["auto", "colmap", "transforms"] = "auto"
+    downscale: int = 1  # integer factor; uses images_<k>/ when present, else resizes on load
+    test_every: int = 8  # hold out every N-th image (sorted by name) unless the scene lists its splits
+    test_offset: int = 0  # first held-out index (the Replica protocol uses 2)
+    white_background: bool = False  # composite RGBA images (NeRF-synthetic) on white instead of black
+    max_points: int = 0  # subsample the initial point cloud; 0 keeps all
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, ["downscale", "test_every"])
+        _nonnegative(self, ["test_offset", "max_points"])
+
+
+@dataclass
+class TinyTeacherConfig:
+    """The offline teacher of the synthetic scene: the shared tiny CLIP (:mod:`vkd.models.tiny_clip`) pretrained
+    contrastively on captioned crops of the training views, then used through MaskCLIP."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 64
+    layers: int = 3
+    heads: int = 2
+    embed_dim: int = 64  # teacher feature width (and text width)
+    pool_type: Literal["tok", "avg"] = "avg"  # avg: patch tokens share the text-aligned space (dense="tokens")
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 2e-3
+    crop_scale_min: float = 0.5
+    crops_per_view: int = 24
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, ["image_size", "patch_size", "width", "layers", "heads", "embed_dim", "steps",
+                         "batch_size", "lr", "crops_per_view"])
+
+
+@dataclass
+class TeacherConfig:
+    """Dense 2D teacher features (:mod:`vkd.feature3dgs.teacher`)."""
+
+    # auto: tiny_clip for the synthetic scene, maskclip otherwise; callable: ``target`` = "module:function"
+    kind: Literal["auto", "maskclip", "tiny_clip", "callable"] = "auto"
+    # maskclip: value path of the last block (MaskCLIP, for CLS-pooled CLIPs); tokens: full final patch tokens
+    # (avg-pooled CLIPs); auto: tokens for the avg-pooled tiny CLIP, maskclip otherwise
+    dense: Literal["auto", "maskclip", "tokens"] = "auto"
+    model: str = "ViT-B-16"  # open_clip model name
+    pretrained: str | None = "laion2b_s34b_b88k"  # open_clip pretrained tag or a local checkpoint file
+    allow_random_init: bool = False  # offline: fall back to a randomly initialised CLIP (loud warning)
+    target: str = ""  # kind=callable: "pkg.module:function", images [B,3,H,W] in [0,1] -> features [B,D,h,w]
+    input_size: int = 224  # short image side fed to the teacher (rounded to a multiple of the patch size)
+    batch_size: int = 4
+    cache_dir: str | None = None  # None: <run.output_dir>/feature3dgs/_cache/<scene+teacher hash>
+    tiny: TinyTeacherConfig = field(default_factory=TinyTeacherConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, ["input_size", "batch_size"])
+        if self.kind == "callable" and ":" not in self.target:
+            raise ConfigError("teacher.target must be 'module:function' when teacher.kind is 'callable'")
+
+
+@dataclass
+class ModelConfig:
+    """The Gaussian feature field (:mod:`vkd.feature3dgs.model`)."""
+
+    render_dim: int = 13  # rendered feature channels N (3 + N = 16 keeps gsplat at one unpadded pass)
+    decoder: bool = True  # 1x1 conv render_dim -> teacher_dim; without it render_dim must equal teacher_dim
+    sh_degree: int = 3
+    sh_degree_interval: int = 1000  # raise the active SH degree every N steps
+    init: Literal["auto", "points", "random"] = "auto"  # auto: scene points when present
+    num_random_points: int = 20000
+    init_opacity: float = 0.1
+    init_scale: float = 1.0  # multiplier on the nearest-neighbour initial scale
+    background: tuple[float, float, float] | None = None  # RGB background; None: the scene's (features get none)
+    backend: Literal["auto", "torch", "gsplat"] = "auto"
+    rasterize_mode: Literal["classic", "antialiased"] = "classic"
+
+    def __post_init__(self) -> None:
+        _positive(self, ["render_dim", "sh_degree_interval", "num_random_points", "init_scale"])
+        if not 0 <= self.sh_degree <= 3:
+            raise ConfigError(f"model.sh_degree must be in 0..3, got {self.sh_degree}")
+        if not 0.0 < self.init_opacity < 1.0:
+            raise ConfigError(f"model.init_opacity must be in (0, 1), got {self.init_opacity}")
+        if self.background is not None and any(not 0.0 <= c <= 1.0 for c in self.background):
+            raise ConfigError(f"model.background must be RGB in [0, 1], got {self.background}")
+
+
+@dataclass
+class LossConfig:
+    """L = (1-λ)·L1(I, Î) + λ·(1-SSIM(I, Î)) + γ·L_feat(F_t, F_s) (spec §4)."""
+
+    ssim_lambda: float = 0.2
+    feature_weight: float = 1.0
+    feature_loss: Literal["l1", "cosine"] = "l1"
+    ssim_window: int = 11
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ssim_lambda <= 1.0:
+            raise ConfigError(f"loss.ssim_lambda must be in [0, 1], got {self.ssim_lambda}")
+        _nonnegative(self, ["feature_weight"])
+        if self.ssim_window < 3 or self.ssim_window % 2 == 0:
+            raise ConfigError(f"loss.ssim_window must be an odd number >= 3, got {self.ssim_window}")
+
+
+@dataclass
+class OptimConfig:
+    """3DGS / Feature 3DGS learning rates (one Adam per attribute, eps 1e-15)."""
+
+    means_lr: float = 1.6e-4  # times the scene extent, decayed exponentially to means_lr_final over train.steps
+    means_lr_final: float = 1.6e-6
+    sh0_lr: float = 2.5e-3
+    shN_lr: float = 2.5e-3 / 20
+    opacities_lr: float = 5e-2
+    scales_lr: float = 5e-3
+    quats_lr: float = 1e-3
+    features_lr: float = 1e-3
+    decoder_lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _nonnegative(self, ["means_lr", "means_lr_final", "sh0_lr", "shN_lr", "opacities_lr", "scales_lr",
+                            "quats_lr", "features_lr", "decoder_lr"])
+
+
+@dataclass
+class DensifyConfig:
+    """gsplat ``DefaultStrategy`` (3DGS adaptive density control); defaults equal gsplat's."""
+
+    enabled: bool = True
+    refine_start: int = 500
+    refine_stop: int = 15000
+    refine_every: int = 100
+    grow_grad2d: float = 2e-4
+    grow_scale3d: float = 0.01
+    prune_opa: float = 0.005
+    prune_scale3d: float = 0.1
+    reset_every: int = 3000
+    max_gaussians: int = 0  # stop growing above this count (pruning continues); 0: no cap
+
+    def __post_init__(self) -> None:
+        _positive(self, ["refine_every", "reset_every"])
+        _nonnegative(self, ["refine_start", "refine_stop", "grow_grad2d", "max_gaussians"])
+
+
+@dataclass
+class EvalConfig:
+    """``vkd eval feature3dgs`` and the end-of-training evaluation."""
+
+    labels: list[str] = field(default_factory=list)  # text label set; empty: the scene's names, else ADE-like set
+    top_k: int = 7  # mIoU over the k most frequent labels (Feature 3DGS protocol)
+    max_width: int = 480  # the protocol resizes wider maps to 360x480
+    fps_repeats: int = 3
+    max_views: int = 0  # 0: all held-out views
+
+    def __post_init__(self) -> None:
+        _positive(self, ["top_k", "max_width", "fps_repeats"])
+        _nonnegative(self, ["max_views"])
+
+
+@dataclass
+class QueryConfig:
+    """Text queries (relevancy maps and editing)."""
+
+    temperature: float = 10.0  # softmax temperature of the relevancy heat maps
+    negatives: list[str] = field(default_factory=lambda: ["object", "things", "stuff", "texture"])
+
+    def __post_init__(self) -> None:
+        _positive(self, ["temperature"])
+
+
+def _default_train() -> TrainConfig:
+    return TrainConfig(steps=7000, batch_size=1, lr=1e-3, optimizer="adam", log_every=50, checkpoint_every=1000)
+
+
+@dataclass
+class Feature3DGSConfig(TaskConfig):
+    """Feature 3DGS: distil dense CLIP features into a 3D Gaussian feature field."""
+
+    task: str = "feature3dgs"
+    train: TrainConfig = field(default_factory=_default_train)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    densify: DensifyConfig = field(default_factory=DensifyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)

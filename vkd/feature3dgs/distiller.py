@@ -1,0 +1,295 @@
+"""The Feature 3DGS distillation task: a Gaussian feature field trained against cached dense teacher features.
+
+``forward`` renders RGB and features in one rasterizer call, resizes the feature map to the teacher's grid
+(bilinear, ``align_corners=True``), decodes it (1x1 conv) and returns ``(1-λ)·L1 + λ·(1-SSIM) + γ·L_feat``.
+Optimisation follows 3DGS: one Adam per Gaussian attribute (eps 1e-15; the means' lr scaled by the scene extent and
+decayed exponentially), a separate Adam for the decoder, SH degree raised every ``sh_degree_interval`` steps, and
+densification by ``gsplat.strategy.DefaultStrategy`` fed with :func:`vkd.render.rasterization`'s ``meta``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from vkd.engine.task import DistillationTask
+from vkd.errors import ConfigError, DataError
+from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.losses import Feature3DGSLoss, resize_features
+from vkd.feature3dgs.model import GaussianField
+from vkd.feature3dgs.scene import Scene, load_scene
+from vkd.feature3dgs.teacher import FeatureCache, build_teacher, scene_fingerprint
+
+__all__ = ["SceneDataset", "Feature3DGSTask", "Prepared", "prepare_scene", "prepare_teacher", "build_field",
+           "build_task"]
+
+log = logging.getLogger(__name__)
+
+
+class SceneDataset(Dataset):
+    """Training views: image, cached teacher features and camera.
+
+    Items: ``{"index": int, "image": [3, H, W], "features": [M, h, w], "viewmat": [4, 4], "K": [3, 3]}``.
+    Teacher maps are read from the fp16 memory-mapped cache on access.
+    """
+
+    def __init__(self, scene: Scene, cache: FeatureCache, indices: list[int]):
+        self.scene, self.cache, self.indices = scene, cache, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = self.indices[k]
+        cam = self.scene.cameras[i]
+        return {"index": i, "image": self.scene.load_image(i), "features": self.cache.get(i),
+                "viewmat": cam.viewmat, "K": cam.K}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks shared by training, evaluation and rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cache_root(cfg: Feature3DGSConfig) -> Path:
+    """``<run.output_dir>/feature3dgs/_cache`` (scenes, tiny CLIPs, teacher features)."""
+    return Path(cfg.run.output_dir) / cfg.task / "_cache"
+
+
+def prepare_scene(cfg: Feature3DGSConfig) -> Scene:
+    """Load ``data.path`` (generating the embedded synthetic scene first when it is ``"synthetic"``)."""
+    d = cfg.data
+    path: str | Path = d.path
+    if d.path == "synthetic":
+        from vkd.feature3dgs.synthetic import ensure_synthetic_scene
+
+        s = d.synthetic
+        root = Path(s.out_dir) if s.out_dir else cache_root(cfg) / "scenes"
+        path = ensure_synthetic_scene(root, s.num_views, s.resolution, s.supersample, s.num_points, s.seed,
+                                      d.test_every, d.test_offset, exact_dir=s.out_dir is not None)
+    require_points = cfg.model.init != "random"
+    scene = load_scene(path, d.format, d.downscale, d.test_every, d.test_offset, d.white_background,
+                       require_points=require_points)
+    if cfg.model.init == "points" and scene.points is None:
+        raise DataError(f"model.init=points but the scene {scene.root} has no point cloud; use model.init=random")
+    return scene
+
+
+def teacher_cache_dir(cfg: Feature3DGSConfig, scene: Scene, teacher_key: str) -> Path:
+    import hashlib
+
+    if cfg.teacher.cache_dir:
+        return Path(cfg.teacher.cache_dir)
+    h = hashlib.sha1(f"{scene_fingerprint(scene)}|{teacher_key}".encode()).hexdigest()[:12]
+    return cache_root(cfg) / "teacher" / h
+
+
+def prepare_teacher(cfg: Feature3DGSConfig, scene: Scene, progress: bool = True) -> tuple[Any, dict, FeatureCache]:
+    """Build the teacher and fill the fp16 feature cache for every view.
+
+    Returns:
+        (teacher module, teacher info, cache).
+    """
+    teacher, info = build_teacher(cfg.teacher, scene, cache_root(cfg), progress=progress)
+    key = teacher.key
+    if info.get("tiny_clip_dir"):
+        key += ":" + Path(info["tiny_clip_dir"]).name
+    cache = FeatureCache(teacher_cache_dir(cfg, scene, key))
+    expected = {"teacher": key, "scene": str(scene.root.resolve()), "fingerprint": scene_fingerprint(scene),
+                "num_images": len(scene.cameras), "random_init": bool(info.get("random_init"))}
+    cache.build(teacher, scene.load_image, [c.name for c in scene.cameras], expected,
+                batch_size=cfg.teacher.batch_size, progress=progress)
+    info["cache_dir"] = str(cache.root)
+    info["feature_shape"] = list(cache.shape)
+    return teacher, info, cache
+
+
+def build_field(cfg: Feature3DGSConfig, scene: Scene, teacher_dim: int) -> GaussianField:
+    """Initialise the Gaussians from the scene's points (3DGS) or at random."""
+    m = cfg.model
+    if not m.decoder and m.render_dim != teacher_dim:
+        raise ConfigError(f"model.render_dim={m.render_dim} must equal the teacher width {teacher_dim} when "
+                          "model.decoder=false")
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    use_points = m.init == "points" or (m.init == "auto" and scene.points is not None)
+    if use_points:
+        pts, cols = scene.points, scene.point_colors
+        if cfg.data.max_points and pts.shape[0] > cfg.data.max_points:
+            keep = torch.randperm(pts.shape[0], generator=gen)[:cfg.data.max_points]
+            pts, cols = pts[keep], (cols[keep] if cols is not None else None)
+        return GaussianField.from_points(pts, cols, m.render_dim, teacher_dim, m.sh_degree, m.decoder,
+                                         m.init_opacity, m.init_scale, generator=gen)
+    center = scene.points.mean(0) if scene.points is not None else scene.center()
+    half = scene.extent() / 2.2
+    return GaussianField.random(m.num_random_points, center, half, m.render_dim, teacher_dim, m.sh_degree,
+                                m.decoder, m.init_opacity, m.init_scale, generator=gen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """Everything a run builds before training (also reused by eval and render)."""
+
+    scene: Scene
+    teacher: Any
+    teacher_info: dict
+    cache: FeatureCache
+
+
+class Feature3DGSTask(DistillationTask):
+    """Gaussian feature field (student) distilled from cached teacher maps.
+
+    Args:
+        cfg: the task config.
+        field: the initialised :class:`GaussianField`.
+        scene_extent: 3DGS ``cameras_extent`` (scales the means' lr and the densification thresholds).
+        evaluator: optional :class:`vkd.feature3dgs.evaluate.Evaluator` used by :meth:`evaluate`.
+    """
+
+    frozen_modules = ("teacher",)
+
+    def __init__(self, cfg: Feature3DGSConfig, field: GaussianField, scene_extent: float, evaluator: Any = None,
+                 background: tuple[float, float, float] = (0.0, 0.0, 0.0)):
+        super().__init__()
+        self.cfg = cfg
+        self.student = field
+        self.scene_extent = float(scene_extent)
+        lc = cfg.loss
+        self.loss_fn = Feature3DGSLoss(lc.ssim_lambda, lc.feature_weight, lc.feature_loss, lc.ssim_window)
+        bg = cfg.model.background if cfg.model.background is not None else background
+        self.register_buffer("background", torch.tensor(bg, dtype=torch.float32), persistent=False)
+        self.strategy = None
+        self.strategy_state: dict[str, Any] = {}
+        if cfg.densify.enabled:
+            from gsplat.strategy import DefaultStrategy
+
+            d = cfg.densify
+            self.strategy = DefaultStrategy(prune_opa=d.prune_opa, grow_grad2d=d.grow_grad2d,
+                                            grow_scale3d=d.grow_scale3d, prune_scale3d=d.prune_scale3d,
+                                            refine_start_iter=d.refine_start, refine_stop_iter=d.refine_stop,
+                                            reset_every=d.reset_every, refine_every=d.refine_every)
+            self.strategy_state = self.strategy.initialize_state(scene_scale=self.scene_extent)
+        self._meta: dict | None = None
+        self.evaluator = evaluator  # plain attributes: not modules, not checkpointed
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        images = batch["image"]  # [B, 3, H, W]
+        target = batch["features"]  # [B, M, h, w]
+        H, W = images.shape[-2:]
+        out = self.student.render(batch["viewmat"], batch["K"], W, H, background=self.background, features=True,
+                                  backend=self.cfg.model.backend, rasterize_mode=self.cfg.model.rasterize_mode)
+        rgb = out["rgb"].permute(0, 3, 1, 2)
+        feats = resize_features(out["features"].permute(0, 3, 1, 2), target.shape[-2:])
+        feats = self.student.decode(feats)
+        losses = self.loss_fn(rgb, images, feats, target)
+        if self.training and self.strategy is not None and torch.is_grad_enabled():
+            out["meta"]["means2d"].retain_grad()  # DefaultStrategy.step_pre_backward
+            self._meta = out["meta"]
+        losses["num_gaussians"] = torch.tensor(float(self.student.num_gaussians))
+        return losses
+
+    def configure_optimizers(self, train_cfg: Any) -> tuple[dict, dict]:
+        o, bs = self.cfg.optim, train_cfg.batch_size
+        scale = math.sqrt(bs)  # gsplat's batch-size lr scaling
+        lrs = {"means": o.means_lr * self.scene_extent, "scales": o.scales_lr, "quats": o.quats_lr,
+               "opacities": o.opacities_lr, "sh0": o.sh0_lr, "shN": o.shN_lr, "features": o.features_lr}
+        optimizers: dict[str, torch.optim.Optimizer] = {}
+        for name, param in self.student.params.items():
+            optimizers[name] = torch.optim.Adam([{"params": [param], "lr": lrs[name] * scale, "name": name}],
+                                                eps=1e-15 / scale, betas=(1 - bs * (1 - 0.9), 1 - bs * (1 - 0.999)))
+        schedulers: dict[str, Any] = {}
+        if self.student.decoder is not None:
+            optimizers["decoder"] = torch.optim.Adam(self.student.decoder.parameters(), lr=o.decoder_lr)
+        steps = max(1, train_cfg.steps)
+        if o.means_lr > 0 and o.means_lr_final > 0:
+            gamma = (o.means_lr_final / o.means_lr) ** (1.0 / steps)
+            schedulers["means"] = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=gamma)
+        return optimizers, schedulers
+
+    def on_step_end(self, step: int, outputs: dict[str, Tensor], optimizers: dict[str, Any]) -> None:
+        field = self.student
+        if field.active_sh_degree < field.sh_degree and step % self.cfg.model.sh_degree_interval == 0:
+            field.active_sh_degree += 1
+        if self.strategy is None or self._meta is None or self._meta["means2d"].grad is None:
+            self._meta = None
+            return
+        gaussian_opts = {k: optimizers[k] for k in field.params.keys()}
+        cap = self.cfg.densify.max_gaussians
+        saved = self.strategy.grow_grad2d
+        if cap and field.num_gaussians >= cap:
+            self.strategy.grow_grad2d = float("inf")  # at the cap: prune only, never grow
+        try:
+            self.strategy.step_post_backward(field.params, gaussian_opts, self.strategy_state, step - 1, self._meta,
+                                             packed=False)
+        finally:
+            self.strategy.grow_grad2d = saved
+            self._meta = None
+
+    # ---- evaluation / samples / export -----------------------------------------------------------------------
+    def evaluate(self, step: int) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        was = self.training
+        self.eval()
+        try:
+            return self.evaluator.evaluate(self.student)
+        finally:
+            self.train(was)
+
+    def save_samples(self, step: int, out_dir: Path) -> None:
+        if self.evaluator is not None:
+            self.evaluator.save_samples(self.student, Path(out_dir) / f"step_{step:06d}.png")
+
+    def export(self, run_dir: Path) -> None:
+        from vkd.feature3dgs.export import export_field
+
+        export_field(self.student, Path(run_dir) / "export", self.cfg)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def load_checkpoint_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.student.resize_to(state, prefix="student.params.")
+        super().load_checkpoint_state_dict(state)
+
+    def extra_state_dict(self) -> dict[str, Any]:
+        st = {k: v for k, v in self.strategy_state.items()}
+        return {"active_sh_degree": self.student.active_sh_degree, "strategy_state": st}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.active_sh_degree = int(state.get("active_sh_degree", 0))
+        if self.strategy is not None and state.get("strategy_state"):
+            self.strategy_state.update(state["strategy_state"])
+
+
+def build_task(cfg: Feature3DGSConfig, progress: bool = True, with_evaluator: bool = True
+               ) -> tuple[Feature3DGSTask, SceneDataset, Prepared]:
+    """Scene + teacher cache + field + task + dataset for ``cfg``."""
+    scene = prepare_scene(cfg)
+    teacher, info, cache = prepare_teacher(cfg, scene, progress=progress)
+    teacher_dim = cache.shape[0]
+    field = build_field(cfg, scene, teacher_dim)
+    evaluator = None
+    if with_evaluator:
+        from vkd.feature3dgs.evaluate import Evaluator
+
+        evaluator = Evaluator.build(cfg, scene, cache, teacher, info)
+    task = Feature3DGSTask(cfg, field, scene.extent(), evaluator, scene.background)
+    dataset = SceneDataset(scene, cache, scene.train_ids)
+    if len({(scene.cameras[i].width, scene.cameras[i].height) for i in scene.train_ids}) > 1 and \
+            cfg.train.batch_size > 1:
+        raise ConfigError("train.batch_size > 1 needs training images of one size; set train.batch_size=1")
+    log.info("feature3dgs: %d train / %d test views, %d Gaussians, teacher %s %s", len(scene.train_ids),
+             len(scene.test_ids), field.num_gaussians, info.get("kind"), json.dumps(info.get("feature_shape")))
+    return task, dataset, Prepared(scene, teacher, info, cache)

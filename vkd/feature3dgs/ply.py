@@ -1,0 +1,116 @@
+"""Minimal PLY vertex I/O (binary little-endian write; binary or ASCII read) with numpy.
+
+Only the ``vertex`` element is used: point clouds (x, y, z, red, green, blue) and 3DGS exports (x, y, z, f_dc_*,
+f_rest_*, opacity, scale_*, rot_*, plus vkd's per-Gaussian features ``f_sem_*``). No dependency on ``plyfile``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vkd.errors import DataError
+
+__all__ = ["write_ply", "read_ply"]
+
+_PLY_TO_NP = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+}
+_NP_TO_PLY = {"i1": "char", "u1": "uchar", "i2": "short", "u2": "ushort", "i4": "int", "u4": "uint",
+              "f4": "float", "f8": "double"}
+
+
+def write_ply(path: str | Path, columns: dict[str, np.ndarray]) -> Path:
+    """Write a binary little-endian PLY with one ``vertex`` element.
+
+    Args:
+        path: output file.
+        columns: property name -> ``[N]`` array (dtype kept: float32, uint8, ...); all of the same length.
+    """
+    path = Path(path)
+    if not columns:
+        raise ValueError("columns must not be empty")
+    n = len(next(iter(columns.values())))
+    dtype = []
+    for name, arr in columns.items():
+        arr = np.asarray(arr)
+        if arr.ndim != 1 or len(arr) != n:
+            raise ValueError(f"column {name!r} must have shape [{n}], got {arr.shape}")
+        code = arr.dtype.str.lstrip("<>|=")
+        if code not in _NP_TO_PLY:
+            raise ValueError(f"column {name!r} has unsupported dtype {arr.dtype}")
+        dtype.append((name, "<" + code))
+    data = np.empty(n, dtype=dtype)
+    for name, arr in columns.items():
+        data[name] = arr
+    header = ["ply", "format binary_little_endian 1.0", f"element vertex {n}"]
+    header += [f"property {_NP_TO_PLY[d[1][1:]]} {d[0]}" for d in dtype]
+    header.append("end_header")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(("\n".join(header) + "\n").encode("ascii"))
+        fh.write(data.tobytes())
+    return path
+
+
+def read_ply(path: str | Path) -> dict[str, np.ndarray]:
+    """Read the ``vertex`` element of a PLY file (binary little/big endian or ASCII).
+
+    Returns:
+        property name -> ``[N]`` array.
+
+    Raises:
+        DataError: the file is missing or not a readable PLY.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"point cloud not found: {path}")
+    with open(path, "rb") as fh:
+        if fh.readline().strip() != b"ply":
+            raise DataError(f"{path} is not a PLY file")
+        fmt, elements, current = None, [], None
+        while True:
+            line = fh.readline()
+            if not line:
+                raise DataError(f"{path}: PLY header has no end_header")
+            tokens = line.decode("ascii", errors="replace").split()
+            if not tokens or tokens[0] in ("comment", "obj_info"):
+                continue
+            if tokens[0] == "end_header":
+                break
+            if tokens[0] == "format":
+                fmt = tokens[1]
+            elif tokens[0] == "element":
+                current = {"name": tokens[1], "count": int(tokens[2]), "props": []}
+                elements.append(current)
+            elif tokens[0] == "property":
+                if current is None:
+                    raise DataError(f"{path}: property before element in PLY header")
+                if tokens[1] == "list":
+                    current["props"].append(("list", tokens[2], tokens[3], tokens[4]))
+                else:
+                    if tokens[1] not in _PLY_TO_NP:
+                        raise DataError(f"{path}: unsupported PLY property type {tokens[1]}")
+                    current["props"].append((tokens[2], _PLY_TO_NP[tokens[1]]))
+        if fmt not in ("binary_little_endian", "binary_big_endian", "ascii"):
+            raise DataError(f"{path}: unsupported PLY format {fmt}")
+        if not elements or elements[0]["name"] != "vertex":
+            raise DataError(f"{path}: the first PLY element must be 'vertex'")
+        vertex = elements[0]
+        if any(p[0] == "list" for p in vertex["props"]):
+            raise DataError(f"{path}: list properties in the vertex element are not supported")
+        if fmt == "ascii":
+            rows = [fh.readline().split() for _ in range(vertex["count"])]
+            table = np.asarray(rows, dtype=np.float64).reshape(vertex["count"], len(vertex["props"]))
+            return {name: table[:, i].astype(code) for i, (name, code) in enumerate(vertex["props"])}
+        endian = "<" if fmt == "binary_little_endian" else ">"
+        dtype = np.dtype([(name, endian + code) for name, code in vertex["props"]])
+        raw = fh.read(dtype.itemsize * vertex["count"])
+        if len(raw) < dtype.itemsize * vertex["count"]:
+            raise DataError(f"{path}: PLY file is truncated")
+        data = np.frombuffer(raw, dtype=dtype, count=vertex["count"])
+        return {name: np.ascontiguousarray(data[name]).astype(data[name].dtype.newbyteorder("=")) for name in
+                data.dtype.names}

@@ -1,0 +1,141 @@
+"""Text queries against a feature field: relevancy maps, label maps, and Gaussian selection for editing.
+
+Per-Gaussian queries use the decoder folded into the features, ``gᵢ = W·fᵢ + b`` (spec §3), so a speed-up field
+(rendered width N < M) is still queried in the teacher's text-aligned space. Selection follows Feature 3DGS's
+editing rules (spec §10):
+
+* one query: selected ⇔ ``cos(ĝᵢ, q̂) ≥ threshold``;
+* a label set: ``p = softmax(raw cosines)`` (no temperature) summed over the positive labels;
+  extraction selects ``p ≥ threshold`` (or ``argmax ∈ positives`` without a threshold), deletion selects
+  ``argmax ∈ positives`` or ``p ≥ threshold``.
+
+Extraction zeroes the opacity of unselected Gaussians, deletion of selected ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["PROMPT_TEMPLATE", "ADE20K_LABELS", "ADE20K_MERGES", "prompts", "parse_query", "label_scores",
+           "label_map", "relevancy", "gaussian_scores", "select_gaussians", "edit_opacity_mask"]
+
+PROMPT_TEMPLATE = "a photo of the {}."
+
+# The 150 ADE20K (SceneParsing) class names used by Feature 3DGS's segmentation protocol (first name of each class).
+ADE20K_LABELS: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel",
+    "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+# Label merges of the protocol (spec §9): TV -> door, rug -> floor, pillow -> cushion.
+ADE20K_MERGES: dict[str, str] = {"television receiver": "door", "rug": "floor", "pillow": "cushion"}
+
+
+def prompts(labels: Sequence[str], template: str = PROMPT_TEMPLATE) -> list[str]:
+    """Wrap label names in the prompt template (the one the embedded tiny CLIP was pretrained with)."""
+    return [template.format(label) for label in labels]
+
+
+def parse_query(query: str) -> list[str]:
+    """``"red chair"`` -> ``["red chair"]``; ``"red chair, table, floor"`` -> a label set whose first item is the
+    positive. Empty items are dropped."""
+    items = [q.strip() for q in query.split(",")]
+    return [q for q in items if q]
+
+
+def label_scores(features: Tensor, text: Tensor) -> Tensor:
+    """Cosine similarity of each pixel with each text embedding.
+
+    Args:
+        features: ``[B, M, H, W]`` feature maps (any norm).
+        text: ``[K, M]`` text embeddings (any norm).
+
+    Returns:
+        ``[B, K, H, W]`` cosines.
+    """
+    if features.ndim != 4 or text.ndim != 2 or features.shape[1] != text.shape[1]:
+        raise ValueError(f"features [B, M, H, W] and text [K, M] must share M, got {tuple(features.shape)} and "
+                         f"{tuple(text.shape)}")
+    return torch.einsum("bmhw,km->bkhw", F.normalize(features, dim=1), F.normalize(text, dim=-1))
+
+
+def label_map(features: Tensor, text: Tensor, merges: dict[int, int] | None = None) -> Tensor:
+    """Per-pixel argmax label ``[B, H, W]`` (int64), with optional id merges ``{from: to}``."""
+    lab = label_scores(features, text).argmax(1)
+    if merges:
+        for src, dst in merges.items():
+            lab = torch.where(lab == src, torch.full_like(lab, dst), lab)
+    return lab
+
+
+def relevancy(features: Tensor, query: Tensor, negatives: Tensor, temperature: float = 10.0) -> Tensor:
+    """Relevancy heat map ``softmax(τ·[s_q, s_neg1, ...])[0]`` per pixel, in [0, 1].
+
+    Args:
+        features: ``[B, M, H, W]``.
+        query: ``[M]`` embedding of the query.
+        negatives: ``[K, M]`` embeddings of the other labels (or canonical negatives).
+        temperature: τ.
+
+    Returns:
+        ``[B, H, W]``.
+    """
+    text = torch.cat([query[None], negatives], 0)
+    return torch.softmax(temperature * label_scores(features, text), dim=1)[:, 0]
+
+
+def gaussian_scores(folded: Tensor, text: Tensor) -> Tensor:
+    """Cosine ``[G, K]`` between per-Gaussian teacher-space features ``[G, M]`` and text embeddings ``[K, M]``."""
+    return F.normalize(folded, dim=-1) @ F.normalize(text, dim=-1).T
+
+
+def select_gaussians(folded: Tensor, text: Tensor, positives: Sequence[int], threshold: float | None,
+                     mode: str) -> Tensor:
+    """Feature 3DGS selection rule (see module docstring).
+
+    Args:
+        folded: ``[G, M]`` per-Gaussian teacher-space features.
+        text: ``[K, M]`` text embeddings: one query (K = 1) or a label set.
+        positives: indices into ``text`` of the target labels.
+        threshold: cosine threshold (K = 1) or summed-probability threshold (label set); may be ``None`` for a set.
+        mode: ``"extract"`` or ``"delete"``.
+
+    Returns:
+        ``[G]`` bool: the selected Gaussians.
+    """
+    if mode not in ("extract", "delete"):
+        raise ValueError(f"mode must be 'extract' or 'delete', got {mode!r}")
+    scores = gaussian_scores(folded, text)  # [G, K]
+    if text.shape[0] == 1:
+        if threshold is None:
+            raise ValueError("a single query needs a threshold")
+        return scores[:, 0] >= threshold
+    prob = torch.softmax(scores, dim=-1)  # raw cosines, no temperature (as the reference)
+    pos = torch.as_tensor(list(positives), dtype=torch.long)
+    p_pos = prob[:, pos].sum(-1)
+    arg_pos = torch.isin(prob.argmax(-1), pos)
+    if mode == "extract":
+        return p_pos >= threshold if threshold is not None else arg_pos
+    return arg_pos | (p_pos >= threshold) if threshold is not None else arg_pos
+
+
+def edit_opacity_mask(selected: Tensor, mode: str) -> Tensor:
+    """Opacity multiplier ``[G]``: extraction keeps only ``selected``, deletion removes them."""
+    keep = selected if mode == "extract" else ~selected
+    return keep.float()

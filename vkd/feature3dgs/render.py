@@ -1,0 +1,180 @@
+"""``vkd render --run RUN``: RGB, depth, PCA features and text-query relevancy along test views or camera paths.
+
+Frames go to ``<out>/{rgb,depth,features,relevancy}/frame_XXXXX.png`` and, unless ``fmt="png"``, one video per
+stream (``<out>/rgb.mp4`` ...). PCA colours are fitted once per scene (on the per-Gaussian teacher-space features,
+opacity-weighted) and depth / relevancy use fixed ranges, so colours are stable across frames.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from vkd.errors import UserError
+from vkd.render import orbit_path, spiral_path
+
+__all__ = ["camera_path", "render_run"]
+
+VIEW_KINDS = ("test", "train", "orbit", "spiral")
+FORMATS = ("mp4", "gif", "png")
+
+
+def _c2w(viewmat: Tensor) -> Tensor:
+    return torch.linalg.inv(viewmat.double())
+
+
+def _focus(c2ws: Tensor) -> Tensor:
+    """Least-squares point closest to all optical axes (+z forward, OpenCV)."""
+    o, d = c2ws[:, :3, 3], c2ws[:, :3, 2] / c2ws[:, :3, 2].norm(dim=-1, keepdim=True)
+    A = torch.eye(3, dtype=c2ws.dtype) - d[:, :, None] * d[:, None, :]
+    lhs, rhs = A.sum(0), (A @ o[:, :, None]).sum(0)[:, 0]
+    if torch.linalg.cond(lhs) > 1e8:
+        return o.mean(0) + d.mean(0)
+    return torch.linalg.solve(lhs, rhs)
+
+
+def camera_path(scene: Any, views: str, frames: int) -> tuple[Tensor, Tensor, int, int, list[str]]:
+    """Cameras to render.
+
+    Args:
+        scene: the run's scene.
+        views: ``test`` / ``train`` (the split's cameras; ``frames > 0`` keeps the first ``frames``), ``orbit``
+            (a circle around the cameras' focus at their mean distance and elevation) or ``spiral`` (LLFF-style
+            around the training cameras).
+        frames: number of path frames (orbit/spiral) or a cap (test/train, 0 = all).
+
+    Returns:
+        viewmats ``[F, 4, 4]``, Ks ``[F, 3, 3]``, width, height, frame names.
+    """
+    if views not in VIEW_KINDS:
+        raise UserError(f"unknown views '{views}'; choose one of {', '.join(VIEW_KINDS)}")
+    if views in ("test", "train"):
+        ids = scene.test_ids if views == "test" else scene.train_ids
+        if not ids:
+            raise UserError(f"the scene has no {views} views")
+        ids = ids[:frames] if frames > 0 else ids
+        cams = [scene.cameras[i] for i in ids]
+        sizes = {(c.width, c.height) for c in cams}
+        if len(sizes) > 1:  # render at the first camera's size, rescaling the others' intrinsics
+            w0, h0 = cams[0].width, cams[0].height
+            Ks = torch.stack([c.K * torch.tensor([[w0 / c.width], [h0 / c.height], [1.0]]) for c in cams])
+        else:
+            Ks = torch.stack([c.K for c in cams])
+        return torch.stack([c.viewmat for c in cams]), Ks, cams[0].width, cams[0].height, [c.name for c in cams]
+    if frames < 1:
+        raise UserError(f"--frames must be >= 1 for {views} paths, got {frames}")
+    ref = scene.cameras[scene.train_ids[0]]
+    c2ws = torch.stack([_c2w(scene.cameras[i].viewmat) for i in scene.train_ids])
+    if views == "spiral":
+        path = spiral_path(c2ws, frames)
+    else:
+        center = _focus(c2ws)
+        up = -c2ws[:, :3, 1].mean(0)  # camera -y is up in the image (OpenCV)
+        up = up / up.norm()
+        offsets = c2ws[:, :3, 3] - center
+        radius = float(offsets.norm(dim=-1).mean())
+        elev = float(torch.rad2deg(torch.asin((offsets @ up / offsets.norm(dim=-1)).clamp(-1, 1))).mean())
+        path = orbit_path(center, radius, frames, elevation=elev, up=up, dtype=torch.float64)
+    viewmats = torch.linalg.inv(path.double()).float()
+    return viewmats, ref.K[None].expand(frames, 3, 3).clone(), ref.width, ref.height, [
+        f"{views}_{k:05d}" for k in range(frames)]
+
+
+def _query_setup(run: Any, query: str, edit: str | None, threshold: float | None) -> dict[str, Any]:
+    from vkd.feature3dgs.query import parse_query, prompts, select_gaussians
+
+    labels = parse_query(query)
+    if not labels:
+        raise UserError("--query is empty")
+    encode = run.text_encoder()  # UserError when the run's teacher has no text tower
+    if len(labels) > 1:
+        label_set = labels
+    else:
+        scene_labels = list(run.cfg.eval.labels) or [n for n in (run.scene.label_names or []) if n != "background"]
+        others = [n for n in scene_labels if n != labels[0]] or list(run.cfg.query.negatives)
+        label_set = [labels[0]] + others
+    text = encode(prompts(label_set))  # [K, M]
+    result: dict[str, Any] = {"query": labels[0], "label_set": label_set, "text": text}
+    if edit is not None:
+        folded = run.field.folded_features()
+        if len(labels) == 1 and threshold is not None:
+            selected = select_gaussians(folded, text[:1], [0], threshold, edit)
+        else:
+            selected = select_gaussians(folded, text, [0], threshold, edit)
+        result["selected"] = selected
+    return result
+
+
+@torch.no_grad()
+def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str | None = None,
+               edit: str | None = None, threshold: float | None = None, out: Path | None = None,
+               fmt: str = "mp4", fps: int = 24, progress: bool = True) -> dict:
+    """Render a trained run (see module docstring). Returns a summary dict (also written as ``render.json``)."""
+    from vkd.feature3dgs.query import edit_opacity_mask, relevancy
+    from vkd.feature3dgs.runs import load_run
+    from vkd.feature3dgs.visualize import PCAColorizer, colormap, save_png, to_uint8, write_video
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    if edit not in (None, "extract", "delete"):
+        raise UserError(f"unknown edit '{edit}'; choose extract or delete")
+    if edit is not None and not query:
+        raise UserError(f"--{edit} needs --query")
+    run = load_run(run_dir)
+    field, scene = run.field, run.scene
+    viewmats, Ks, W, H, names = camera_path(scene, views, frames)
+    q = _query_setup(run, query, edit, threshold) if query else None
+    mask = edit_opacity_mask(q["selected"], edit) if q is not None and edit is not None else None
+    bg = torch.tensor(run.cfg.model.background if run.cfg.model.background is not None else scene.background)
+    backend = run.cfg.model.backend
+
+    # Fixed colour mappings, fitted once per scene.
+    opac = torch.sigmoid(field.params["opacities"].detach())
+    pca = PCAColorizer.fit(field.folded_features().detach(), weights=opac)
+    streams = ["rgb", "depth", "features"] + (["relevancy"] if q is not None else [])
+    out_dir = Path(out) if out is not None else Path(run_dir) / "renders" / (views + (f"-{edit}" if edit else ""))
+    for s in streams:
+        (out_dir / s).mkdir(parents=True, exist_ok=True)
+    videos: dict[str, list] = {s: [] for s in streams}
+    depth_range: tuple[float, float] | None = None
+    bar = tqdm(range(len(names)), desc=f"render {views}", disable=not progress or None)
+    for k in bar:
+        r = field.render(viewmats[k:k + 1], Ks[k:k + 1], W, H, background=bg, features=True, depth=True,
+                         opacity_mask=mask, backend=backend)
+        rgb = r["rgb"][0].clamp(0, 1)
+        alpha = r["alpha"][0, ..., 0]
+        depth = r["depth"][0, ..., 0]
+        if depth_range is None:
+            valid = depth[alpha > 0.5]
+            valid = valid if valid.numel() > 10 else depth.flatten()
+            depth_range = (float(torch.quantile(valid, 0.02)), float(torch.quantile(valid, 0.98)) + 1e-6)
+        decoded = field.decode(r["features"].permute(0, 3, 1, 2))  # [1, M, H, W] teacher space
+        frames_k = {"rgb": rgb, "depth": colormap(depth, *depth_range, name="turbo") * alpha[..., None],
+                    "features": pca(decoded)[0] * alpha[..., None]}
+        if q is not None:
+            rel = relevancy(decoded, q["text"][0], q["text"][1:], run.cfg.query.temperature)[0]
+            frames_k["relevancy"] = colormap(rel, 0.0, 1.0, name="turbo")
+        for s, img in frames_k.items():
+            save_png(img, out_dir / s / f"frame_{k:05d}.png")
+            if fmt != "png":
+                videos[s].append(to_uint8(img))
+    outputs = {s: str(out_dir / s) for s in streams}
+    if fmt != "png":
+        for s in streams:
+            outputs[s] = str(write_video(videos[s], out_dir / f"{s}.{fmt}", fps=fps))
+    summary = {"out": str(out_dir), "views": views, "frames": len(names), "width": W, "height": H,
+               "outputs": outputs, "checkpoint": str(run.checkpoint), "num_gaussians": field.num_gaussians}
+    if q is not None:
+        summary.update(query=q["query"], label_set=q["label_set"])
+    if mask is not None:
+        summary.update(edit=edit, threshold=threshold, selected_gaussians=int(q["selected"].sum()),
+                       kept_gaussians=int(mask.sum()))
+    if run.teacher_info.get("random_init"):
+        summary["warning"] = "teacher was randomly initialised: relevancy maps carry no semantics"
+    (out_dir / "render.json").write_text(json.dumps(summary, indent=1))
+    return summary

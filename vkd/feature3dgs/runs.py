@@ -1,0 +1,127 @@
+"""Reopen a finished (or checkpointed) Feature 3DGS run for evaluation, rendering and queries."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vkd.errors import UserError
+from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.model import GaussianField
+from vkd.feature3dgs.scene import Scene
+from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, FeatureCache
+
+__all__ = ["LoadedRun", "load_run", "field_from_state"]
+
+log = logging.getLogger(__name__)
+
+
+def field_from_state(state: dict[str, torch.Tensor], sh_degree: int, prefix: str = "student.") -> GaussianField:
+    """Rebuild a :class:`GaussianField` of the right size from a task state dict."""
+    key = prefix + "params.features"
+    if key not in state:
+        raise UserError("checkpoint holds no Feature 3DGS field (no student.params.features)")
+    num, render_dim = state[key].shape
+    dec = prefix + "decoder.weight"
+    teacher_dim = int(state[dec].shape[0]) if dec in state else int(render_dim)
+    f = GaussianField(int(num), int(render_dim), teacher_dim, sh_degree, decoder=dec in state)
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    f.resize_to(sub, prefix="params.")
+    f.load_state_dict(sub, strict=True)
+    return f.eval()
+
+
+@dataclass
+class LoadedRun:
+    """A run's config, scene, teacher cache and trained field."""
+
+    run_dir: Path
+    cfg: Feature3DGSConfig
+    scene: Scene
+    field: GaussianField
+    teacher_info: dict
+    checkpoint: Path
+    _cache: FeatureCache | None = None
+    _teacher: Any = field(default=None, repr=False)
+
+    def cache(self) -> FeatureCache:
+        """The teacher feature cache (recomputed when it was deleted)."""
+        if self._cache is None:
+            cache = FeatureCache(self.teacher_info.get("cache_dir", ""))
+            if len(cache) != len(self.scene.cameras):
+                from vkd.feature3dgs.distiller import prepare_teacher
+
+                self._teacher, info, cache = prepare_teacher(self.cfg, self.scene)
+            self._cache = cache
+        return self._cache
+
+    def teacher(self) -> Any:
+        """The teacher (rebuilt on demand; tiny CLIP weights come from the run's cache)."""
+        if self._teacher is None:
+            from vkd.feature3dgs.distiller import cache_root
+            from vkd.feature3dgs.teacher import build_teacher
+
+            self._teacher, _ = build_teacher(self.cfg.teacher, self.scene, cache_root(self.cfg))
+        return self._teacher
+
+    def text_encoder(self):
+        """``prompts -> [K, M]`` of the run's teacher (raises UserError when it has no text tower)."""
+        from vkd.feature3dgs.teacher import load_text_encoder
+
+        return load_text_encoder(self.run_dir, self.cfg.teacher)
+
+    def evaluator(self):
+        from vkd.feature3dgs.evaluate import Evaluator
+
+        return Evaluator.build(self.cfg, self.scene, self.cache(), _TextOnly(self), self.teacher_info)
+
+
+class _TextOnly:
+    """Teacher stand-in for the evaluator: text embeddings from the run's saved text tower."""
+
+    def __init__(self, run: LoadedRun):
+        self.text_aligned = bool(run.teacher_info.get("text_aligned", True))
+        self._run = run
+        self._enc = None
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self._enc is None:
+            self._enc = self._run.text_encoder()
+        return self._enc(prompts)
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
+    """Load ``run_dir/config.yaml`` (+ overrides), the scene and the latest checkpoint's field.
+
+    Raises:
+        UserError: not a Feature 3DGS run directory, or no checkpoint.
+    """
+    from vkd.config import load_config
+    from vkd.engine import latest_checkpoint, load_checkpoint_weights, load_training_state
+    from vkd.feature3dgs.distiller import prepare_scene
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(Feature3DGSConfig, run_dir / "config.yaml", list(overrides), task="feature3dgs")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise UserError(f"{run_dir} has no checkpoint yet")
+    state = load_checkpoint_weights(ckpt)
+    field = field_from_state(state, cfg.model.sh_degree)
+    try:
+        extra = load_training_state(ckpt).get("extra", {})
+        field.active_sh_degree = int(extra.get("active_sh_degree", cfg.model.sh_degree))
+    except (UserError, OSError, RuntimeError):
+        field.active_sh_degree = cfg.model.sh_degree
+    info_path = run_dir / "teacher" / "teacher.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if info.get("random_init"):
+        log.warning(RANDOM_INIT_WARNING)
+    scene = prepare_scene(cfg)
+    return LoadedRun(run_dir, cfg, scene, field, info, ckpt)

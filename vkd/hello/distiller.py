@@ -1,0 +1,334 @@
+"""The two trainable HeLlO stages as :class:`vkd.engine.DistillationTask` modules.
+
+* :class:`HelloTeacherTask` trains the soft-label teacher and saves weak-teacher snapshots at evenly
+  spaced steps (the trajectory the multi-weak-teacher fit samples from, hello.md §4).
+* :class:`ProjectorFitTask` fits the projector's LoRA factors with
+  ``MSE(f(X), Y′) + λ·CE(f(X), Y)`` on the original training set, half of each batch clean and half
+  through the student augmentation; at the end (``export``) it selects and updates the synthetic
+  images and writes the distilled set + the adapter file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vkd.engine import DistillationTask
+from vkd.errors import DataError
+from vkd.hello.config import HelloConfig, HelloTeacherConfig
+from vkd.hello.data import LabelledImages, prompt_names, resize_images
+from vkd.hello.evaluate import accuracy, augment_batch, make_augmenter
+from vkd.hello.images import auto_factor, image_update, rded_select, stitch
+from vkd.hello.projector import adapter_state_dict, save_adapters
+from vkd.hello.teacher import Classifier, build_classifier, save_teacher
+from vkd.models.tiny_clip import ClipBundle, load_clip, pretrain_tiny_clip, tiny_clip_name
+
+__all__ = ["HelloTeacherTask", "ProjectorFitTask", "build_clip", "write_distilled_set", "read_distilled_set",
+           "snapshot_steps"]
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_steps(total: int, count: int) -> list[int]:
+    """``count`` evenly spaced steps in ``(0, total]`` ending at ``total`` (duplicates removed)."""
+    return sorted({max(1, round(total * (k + 1) / count)) for k in range(count)})
+
+
+class HelloTeacherTask(DistillationTask):
+    """Cross-entropy training of the teacher classifier on augmented real images."""
+
+    frozen_modules = ()
+
+    def __init__(self, cfg: HelloTeacherConfig, train: LabelledImages, test: LabelledImages, run_dir: Path):
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_classifier(cfg.model, train.num_classes, cfg.data.image_size)
+        self.class_names = train.class_names
+        self.test = test
+        self.run_dir = Path(run_dir)
+        self.snapshots = snapshot_steps(cfg.train.steps, cfg.extra.num_snapshots)
+        self.snapshot_acc: dict[int, float] = {}
+        self.skipped = train.skipped + test.skipped
+        from vkd.hello.config import StudentConfig
+
+        aug_cfg = StudentConfig(crop_scale_min=cfg.extra.crop_scale_min, hflip=cfg.extra.hflip)
+        self.augmenter = make_augmenter(aug_cfg, cfg.data.image_size)
+
+    def student_module(self) -> nn.Module:
+        return self.model
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch  # [B, 3, S, S] in [0, 1], [B]
+        if self.augmenter is not None:
+            x = self.augmenter(x)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.extra.label_smoothing)
+        return {"loss": loss, "train_acc": (logits.argmax(-1) == y).float().mean()}
+
+    def on_step_end(self, step: int, outputs: dict[str, torch.Tensor], optimizers: dict[str, Any]) -> None:
+        if step in self.snapshots:
+            was = self.model.training
+            self.model.eval()
+            save_teacher(self.model, self.run_dir / "teachers" / f"teacher-step{step}.safetensors", {})
+            self.snapshot_acc[step] = accuracy(self.model, self.test.images, self.test.labels,
+                                               device=next(self.model.parameters()).device)
+            self.model.train(was)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        was = self.model.training
+        self.model.eval()
+        acc = accuracy(self.model, self.test.images, self.test.labels, device=next(self.model.parameters()).device)
+        self.model.train(was)
+        return {"test_acc": acc}
+
+    def export(self, run_dir: Path) -> None:
+        self.model.eval()
+        acc = self.evaluate(self.cfg.train.steps)["test_acc"]
+        meta = {
+            "num_classes": len(self.class_names),
+            "class_names": list(self.class_names),
+            "image_size": self.cfg.data.image_size,
+            "model": asdict(self.cfg.model),
+            "data": asdict(self.cfg.data),
+            "recipe": asdict(self.cfg.train),
+            "test_acc": acc,
+            "snapshot_test_acc": {str(k): v for k, v in sorted(self.snapshot_acc.items())},
+            "skipped_images": self.skipped,
+        }
+        save_teacher(self.model, Path(run_dir) / "teacher.safetensors", meta)
+        (Path(run_dir) / "class_names.txt").write_text("\n".join(self.class_names) + "\n")
+
+
+def build_clip(cfg: HelloConfig, train: LabelledImages, device: str | torch.device = "cpu",
+               progress: bool = True) -> ClipBundle:
+    """The CLIP of the projector: vkd's tiny CLIP pretrained on the training split (cached) or any open_clip.
+
+    The tiny CLIP plays the public foundation model of the toy setting: it is pretrained on the
+    training images with the class prompts as captions (never on the test split).
+    """
+    if cfg.clip.model_name != "tiny":
+        return load_clip(cfg.clip.model_name, cfg.clip.pretrained or None, device=device)
+    tiny = cfg.clip.tiny
+    names = prompt_names(train.class_names)
+    captions = [cfg.clip.prompt_template.format(names[int(c)]) for c in train.labels]
+    images = resize_images(train.float_images(), tiny.image_size)
+    path = pretrain_tiny_clip(images, captions, tiny, cache_dir=cfg.clip.cache_dir or None, progress=progress)
+    return load_clip(tiny_clip_name(path), device=device)
+
+
+class ProjectorFitTask(DistillationTask):
+    """LoRA fit of the projector to the (weak) teachers' logits; exports the distilled set at the end.
+
+    Attributes:
+        projector: the peft-wrapped :class:`~vkd.hello.projector.Projector` (only LoRA factors train).
+        teacher: ``ModuleList`` of frozen teachers used for fitting; the last one is the final teacher.
+    """
+
+    frozen_modules = ("teacher",)
+
+    def __init__(self, cfg: HelloConfig, projector: nn.Module, fit_teachers: list[Classifier], final_teacher: Classifier,
+                 train: LabelledImages, test: LabelledImages, clip: ClipBundle, lora_kwargs: dict[str, Any],
+                 teacher_meta: dict[str, Any] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.projector = projector
+        self.teacher = nn.ModuleList([*fit_teachers, final_teacher]).requires_grad_(False).eval()
+        self.num_fit = len(fit_teachers)
+        self.train_data = train
+        self.test = test
+        self.clip_info = {"clip_model": clip.model_name, "clip_pretrained": clip.pretrained or ""}
+        self.lora_kwargs = lora_kwargs
+        self.teacher_meta = teacher_meta or {}
+        self.augmenter = make_augmenter(cfg.student, cfg.data.image_size)
+        self.factor = auto_factor(cfg.data.image_size, cfg.selection.factor)
+        self.zero_shot_acc = self._projector_acc()  # LoRA B = 0: CLIP zero-shot (Proposition 1)
+
+    # ---- training -------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> ProjectorFitTask:
+        super().train(mode)
+        self.teacher.eval()  # teachers' BatchNorm statistics are never updated
+        return self
+
+    def _targets(self, x: torch.Tensor) -> torch.Tensor:
+        sampling = self.cfg.teacher.sampling
+        if sampling == "final_only" or self.num_fit == 0:
+            return self.teacher[-1](x)
+        if sampling == "mean_logits":
+            return torch.stack([self.teacher[i](x) for i in range(self.num_fit)]).mean(0)
+        i = int(torch.randint(self.num_fit, ()))  # uniform per batch (engine seeds the RNG per step)
+        return self.teacher[i](x)
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        x, y = batch
+        n_aug = int(round(x.shape[0] * self.cfg.projector.aug_fraction))
+        if n_aug > 0:  # a projector fitted on clean images only mislabels augmented views (§4)
+            x_aug, _, _, _ = augment_batch(x[:n_aug], y[:n_aug], self.cfg.student, 1, self.augmenter)
+            x = torch.cat([x_aug, x[n_aug:]])
+        with torch.no_grad():
+            target = self._targets(x)
+        logits = self.projector(x)
+        if self.cfg.projector.fit_target == "probs":
+            mse = F.mse_loss(logits.softmax(-1), target.softmax(-1))
+        elif self.cfg.projector.fit_target == "centered_logits":
+            mse = F.mse_loss(logits - logits.mean(-1, keepdim=True), target - target.mean(-1, keepdim=True))
+        else:
+            mse = F.mse_loss(logits, target)
+        ce = F.cross_entropy(logits, y)
+        return {"loss": mse + self.cfg.projector.lambda_ce * ce, "mse": mse, "ce": ce}
+
+    def student_module(self) -> nn.Module:
+        return self.projector
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        return adapter_state_dict(self.projector)  # the CLIP weights are public: only the factors
+
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.projector, state)
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    @torch.no_grad()
+    def _projector_acc(self) -> float:
+        was = self.projector.training
+        self.projector.eval()
+        acc = accuracy(self.projector, self.test.images, self.test.labels, device=self._device())
+        self.projector.train(was)
+        return acc
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        was = self.projector.training
+        self.projector.eval()
+        dev = self._device()
+        agree, agree_aug, n = 0, 0, 0
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(1234)  # fixed augmented views so the number is comparable across steps
+        for s in range(0, len(self.test), 512):
+            x = self.test.float_images(slice(s, s + 512)).to(dev)
+            agree += int((self.projector(x).argmax(-1) == self.teacher[-1](x).argmax(-1)).sum())
+            xa, _, _, _ = augment_batch(x, self.test.labels[s:s + 512].to(dev), self.cfg.student, 1, self.augmenter)
+            agree_aug += int((self.projector(xa).argmax(-1) == self.teacher[-1](xa).argmax(-1)).sum())
+            n += x.shape[0]
+        torch.random.set_rng_state(gen_state)
+        out = {"projector_test_acc": accuracy(self.projector, self.test.images, self.test.labels, device=dev),
+               "teacher_test_acc": accuracy(self.teacher[-1], self.test.images, self.test.labels, device=dev),
+               "zero_shot_test_acc": self.zero_shot_acc,
+               "agreement_clean": agree / max(n, 1), "agreement_augmented": agree_aug / max(n, 1)}
+        self.projector.train(was)
+        return out
+
+    # ---- export: selection, image update, files --------------------------------------------------
+    def export(self, run_dir: Path) -> None:
+        run_dir = Path(run_dir)
+        cfg = self.cfg
+        dev = self._device()
+        self.projector.eval()
+        t0 = time.perf_counter()
+        crop_scale = tuple(cfg.selection.crop_scale) if cfg.selection.crop_scale else \
+            ((1.0, 1.0) if self.factor == 1 else (0.08, 1.0))
+        sel = rded_select(self.train_data.images, self.train_data.labels, self.teacher[-1],
+                          self.train_data.num_classes, cfg.selection.ipc, self.factor, cfg.selection.mipc,
+                          cfg.selection.num_crop, crop_scale, seed=cfg.run.seed)
+        t_sel = time.perf_counter() - t0
+        update: dict[str, Any] = {"g_before": 0.0, "g_after": 0.0}
+        images = sel.images
+        if sel.factor == 1:  # no down-sampling: z = p, G ≡ 0, nothing to update (spec §5.2)
+            update["skipped"] = "factor 1"
+        elif cfg.image_update.enabled and cfg.image_update.steps > 0:
+            # "clip": the frozen base encoder (adapters disabled); "projector": the LoRA-adapted one
+            context = self.projector.disable_adapter() if cfg.image_update.encoder == "clip" else nullcontext()
+            with context:
+                patches, update = image_update(self.projector.base_model.model.encode, sel.patches.to(dev),
+                                               sel.sources.to(dev), cfg.image_update.steps, cfg.image_update.lr)
+            images = stitch(patches.cpu(), sel.factor)
+        t_upd = time.perf_counter() - t0 - t_sel
+        meta = {**self.clip_info, "prompt_template": cfg.clip.prompt_template,
+                "class_names": prompt_names(self.train_data.class_names), "lora": self.lora_kwargs}
+        sizes = save_adapters(self.projector, run_dir / "projector_adapters.safetensors", meta,
+                              cfg.projector.adapter_dtype)
+        write_distilled_set(run_dir / "distilled", images, sel.labels, self.train_data.class_names,
+                            extra={"factor": sel.factor, "ipc": cfg.selection.ipc, "crop_scale": list(crop_scale),
+                                   "teacher_ce": [float(v) for v in sel.scores],
+                                   "source_index": [int(v) for v in sel.source_index], **update})
+        (run_dir / "class_names.txt").write_text("\n".join(self.train_data.class_names) + "\n")
+        info = {"adapter": sizes, "selection_seconds": t_sel, "image_update_seconds": t_upd,
+                "image_update": update, "factor": sel.factor, "num_images": int(images.shape[0]),
+                "skipped_images": self.train_data.skipped + self.test.skipped,
+                "teacher": {k: self.teacher_meta.get(k) for k in ("test_acc", "snapshot_test_acc", "model")},
+                "num_fit_teachers": self.num_fit, **self.evaluate(cfg.train.steps)}
+        (run_dir / "hello.json").write_text(json.dumps(info, indent=2))
+
+
+def write_distilled_set(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...],
+                        extra: dict[str, Any] | None = None) -> Path:
+    """Write ``images [N, 3, S, S]`` in [0, 1] as 8-bit PNGs under ``out_dir/images/`` + ``manifest.json``.
+
+    Manifest paths are relative to ``out_dir`` (``images/<cc>_<class>/<i>.png``).
+    """
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    entries = []
+    counters: dict[int, int] = {}
+    x8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for img, label in zip(x8, labels.tolist(), strict=True):
+        k = counters.get(label, 0)
+        counters[label] = k + 1
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(class_names[label]))[:40]
+        rel = f"images/{label:03d}_{safe}/{k:04d}.png"
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(out_dir / rel)
+        entries.append({"path": rel, "label": int(label)})
+    manifest = {"format": "vkd-hello-distilled-v1", "class_names": list(class_names),
+                "image_size": int(images.shape[-1]), "entries": entries, **(extra or {})}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out_dir / "manifest.json"
+
+
+def read_distilled_set(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Read a distilled set written by :func:`write_distilled_set`.
+
+    Returns:
+        ``(images [N, 3, S, S] float in [0, 1], labels [N], manifest)``.
+
+    Raises:
+        DataError: missing/invalid manifest, a path that escapes ``root``, a missing or undecodable PNG.
+    """
+    from vkd.data.files import read_image, resolve_inside
+
+    root = Path(root)
+    path = root / "manifest.json" if root.is_dir() else root
+    root = path.parent.resolve()
+    try:
+        manifest = json.loads(path.read_text())
+        entries = manifest["entries"]
+        num_classes = len(manifest["class_names"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"cannot read distilled-set manifest {path}") from None
+    images, labels = [], []
+    for e in entries:
+        rel = str(e.get("path", ""))
+        full = resolve_inside(root, rel)  # DataError for absolute paths outside, '..' and symlink escapes
+        label = e.get("label")
+        if not isinstance(label, int) or not 0 <= label < num_classes:
+            raise DataError(f"manifest {path} entry '{rel}' has label {label!r} outside [0, {num_classes})")
+        arr = torch.from_numpy(read_image(full, "RGB").copy()).permute(2, 0, 1)  # DataError if unreadable
+        images.append(arr.float() / 255.0)
+        labels.append(label)
+    if not images:
+        raise DataError(f"manifest {path} lists no images")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), manifest

@@ -1,0 +1,221 @@
+"""Synthetic images: RDED-style selection of teacher-scored real patches, then HeLlO's image update.
+
+Selection (hello.md §5.1, after RDED): per class, ``mipc`` real images → ``num_crop`` square
+RandomResizedCrops each at ``S // factor`` → score each crop by the teacher's CE on its class (crops
+resized to full size) → keep each image's best crop → keep the ``IPC·factor²`` lowest-CE crops →
+stitch ``factor × factor`` crops per image. Crops are cut with ``torchvision.ops.roi_align``
+(bilinear crop-and-resize of many boxes in one call).
+
+Image update (§5.2, vkd's reading): the stored variable is the low-resolution patch ``z`` (``S //
+factor`` px), initialised to ``down(p)``; it minimises ``G = MSE(E_I(p), E_I(up(z)))`` with the
+encoder frozen, where ``p`` is the source crop at full resolution. With ``factor = 1`` there is no
+down-sampling, so ``G`` starts at 0 and the update is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vkd.errors import DataError
+
+__all__ = ["Selection", "auto_factor", "random_square_boxes", "crop_boxes", "rded_select", "stitch",
+           "unstitch", "image_update", "update_objective"]
+
+
+@dataclass
+class Selection:
+    """Result of :func:`rded_select`.
+
+    Attributes:
+        images: ``[C·IPC, 3, S, S]`` stitched synthetic images in [0, 1], class order.
+        labels: ``[C·IPC]`` their classes.
+        patches: ``[C·IPC·f², 3, S/f, S/f]`` the stored low-resolution patches (row-major per image).
+        sources: ``[C·IPC·f², 3, S, S]`` the same crops cut at full resolution (image-update targets).
+        scores: ``[C·IPC·f²]`` teacher CE of each kept crop.
+        source_index: ``[C·IPC·f²]`` index of the real image each patch came from.
+        factor: the stitch factor f.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    patches: torch.Tensor
+    sources: torch.Tensor
+    scores: torch.Tensor
+    source_index: torch.Tensor
+    factor: int
+
+
+def auto_factor(image_size: int, factor: int = 0) -> int:
+    """``factor`` if given, else 1 for images ≤ 64 px and 2 above (RDED uses 1 for CIFAR/Tiny-ImageNet)."""
+    return factor if factor > 0 else (1 if image_size <= 64 else 2)
+
+
+def random_square_boxes(n: int, num_crop: int, height: int, width: int, scale: tuple[float, float],
+                        generator: torch.Generator) -> torch.Tensor:
+    """``[n, num_crop, 4]`` (x1, y1, x2, y2) square boxes covering a ``scale`` fraction of the image area."""
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, num_crop, generator=generator))
+    side = area.sqrt().clamp(max=min(height, width))
+    x1 = torch.rand(n, num_crop, generator=generator) * (width - side)
+    y1 = torch.rand(n, num_crop, generator=generator) * (height - side)
+    return torch.stack([x1, y1, x1 + side, y1 + side], dim=-1)
+
+
+def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear crop-and-resize: ``images [N, 3, H, W]``, ``boxes [K, 4]`` of ``images[image_index]`` → ``[K, 3, size, size]``."""
+    from torchvision.ops import roi_align
+
+    rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
+    # sampling_ratio=-1: adaptive number of samples per bin, i.e. area-averaging when shrinking
+    return roi_align(images.float(), rois.float(), output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+                     aligned=True).clamp(0, 1)
+
+
+def stitch(patches: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[M·f², 3, s, s]`` (row-major within each image) → ``[M, 3, s·f, s·f]``."""
+    if factor == 1:
+        return patches
+    mf, c, s, _ = patches.shape
+    m = mf // (factor * factor)
+    x = patches.view(m, factor, factor, c, s, s).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(m, c, factor * s, factor * s)
+
+
+def unstitch(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """Inverse of :func:`stitch`: ``[M, 3, S, S]`` → ``[M·f², 3, S/f, S/f]``."""
+    if factor == 1:
+        return images
+    m, c, h, _ = images.shape
+    s = h // factor
+    x = images.view(m, c, factor, s, factor, s).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(m * factor * factor, c, s, s)
+
+
+@torch.no_grad()
+def _teacher_ce(teacher: nn.Module, crops: torch.Tensor, labels: torch.Tensor, size: int,
+                batch_size: int) -> torch.Tensor:
+    out = []
+    device = next(teacher.parameters()).device
+    for s in range(0, crops.shape[0], batch_size):
+        x = crops[s:s + batch_size].to(device)
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        out.append(F.cross_entropy(teacher(x), labels[s:s + batch_size].to(device), reduction="none").cpu())
+    return torch.cat(out)
+
+
+def rded_select(images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module, num_classes: int, ipc: int,
+                factor: int = 1, mipc: int = 300, num_crop: int = 5, crop_scale: tuple[float, float] = (0.5, 1.0),
+                seed: int = 0, batch_size: int = 256) -> Selection:
+    """RDED selection of real patches by teacher confidence, stitched ``factor × factor``.
+
+    Args:
+        images: ``[N, 3, S, S]`` real images (float in [0, 1] or uint8).
+        labels: ``[N]`` their classes in ``[0, num_classes)``.
+        teacher: classifier on images in [0, 1] (eval mode; run under no_grad).
+        num_classes: C.
+        ipc: synthetic images per class.
+        factor: stitch factor f (patches are ``S // f`` px).
+        mipc: real images scored per class (a seeded random subset when the class is larger).
+        num_crop: random crops scored per image.
+        crop_scale: area fraction range of the square crops.
+        seed: selection seed; the result is a pure function of the inputs and the seed.
+        batch_size: teacher batch size.
+
+    Returns:
+        :class:`Selection` with ``C·IPC`` images labelled in class order.
+
+    Raises:
+        DataError: a class has fewer than ``IPC·f²`` images (each patch comes from a distinct image).
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"images must be [N, 3, S, S], got {tuple(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
+    size = images.shape[-1]
+    if size % factor:
+        raise DataError(f"image size {size} is not divisible by the stitch factor {factor}")
+    small = size // factor
+    need = ipc * factor * factor
+    gen = torch.Generator().manual_seed(seed)
+    patches, sources, scores, src_index, out_labels = [], [], [], [], []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        if idx.numel() < need:
+            raise DataError(f"class {c} has {idx.numel()} images but IPC={ipc} with stitch factor {factor} needs "
+                            f"{need} distinct images")
+        idx = idx[torch.randperm(idx.numel(), generator=gen)[:max(mipc, need)]]
+        n = idx.numel()
+        boxes = random_square_boxes(n, num_crop, size, size, crop_scale, gen).view(-1, 4)
+        which = torch.arange(n).repeat_interleave(num_crop)
+        sub = images[idx]  # convert per class: a uint8 ImageFolder set may not fit in RAM as float
+        sub = sub.float() / 255.0 if sub.dtype == torch.uint8 else sub.float()
+        crops_small = crop_boxes(sub, boxes, which, small)  # [n·k, 3, s, s]
+        ce = _teacher_ce(teacher, crops_small, torch.full((n * num_crop,), c), size, batch_size).view(n, num_crop)
+        best_ce, best_k = ce.min(dim=1)  # each image's best crop
+        order = torch.argsort(best_ce, stable=True)[:need]  # lowest CE first
+        chosen = order * num_crop + best_k[order]
+        patches.append(crops_small[chosen])
+        sources.append(crop_boxes(sub, boxes[chosen], which[chosen], size))
+        scores.append(best_ce[order])
+        src_index.append(idx[order])
+        out_labels.append(torch.full((ipc,), c, dtype=torch.long))
+    patches_t = torch.cat(patches)
+    return Selection(images=stitch(patches_t, factor), labels=torch.cat(out_labels), patches=patches_t,
+                     sources=torch.cat(sources), scores=torch.cat(scores), source_index=torch.cat(src_index),
+                     factor=factor)
+
+
+def update_objective(encoder: Callable[[torch.Tensor], torch.Tensor], patches: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """``G = MSE(E_I(up(z)), E_I(p))`` for patches ``z [M, 3, s, s]`` and targets ``p [M, 3, S, S]``."""
+    size = targets.shape[-1]
+    up = patches if patches.shape[-1] == size else F.interpolate(patches, size=(size, size), mode="bilinear",
+                                                                  align_corners=False)
+    with torch.no_grad():
+        target_feats = encoder(targets)
+    return F.mse_loss(encoder(up), target_feats)
+
+
+def image_update(encoder: Callable[[torch.Tensor], torch.Tensor], patches: torch.Tensor, targets: torch.Tensor,
+                 steps: int = 30, lr: float = 0.01, batch_size: int = 256) -> tuple[torch.Tensor, dict[str, float]]:
+    """Optimise the stored low-resolution patches so that their up-sampled versions encode like the originals.
+
+    Args:
+        encoder: frozen image encoder on images in [0, 1] → ``[B, D]`` (its parameters are not updated).
+        patches: ``[M, 3, s, s]`` initial patches ``z₀ = down(p)`` in [0, 1].
+        targets: ``[M, 3, S, S]`` full-resolution source crops ``p``.
+        steps: Adam steps (0 returns the input).
+        lr: Adam learning rate in [0, 1] pixel space.
+        batch_size: patches per optimisation chunk.
+
+    Returns:
+        ``(patches [M, 3, s, s] clamped to [0, 1], {"g_before", "g_after"})``.
+    """
+    if patches.shape[0] != targets.shape[0]:
+        raise ValueError(f"patches {tuple(patches.shape)} and targets {tuple(targets.shape)} differ in length")
+    out = patches.detach().clone()
+    g_before = g_after = 0.0
+    for s in range(0, out.shape[0], batch_size):
+        z = out[s:s + batch_size].clone().requires_grad_(True)
+        p = targets[s:s + batch_size]
+        with torch.no_grad():
+            g_before += float(update_objective(encoder, z, p)) * z.shape[0]
+        if steps > 0:
+            opt = torch.optim.Adam([z], lr=lr)
+            for _ in range(steps):
+                loss = update_objective(encoder, z, p)
+                # grad w.r.t. z only: the encoder's (LoRA) parameters get no .grad
+                (z.grad,) = torch.autograd.grad(loss, [z])
+                opt.step()
+                with torch.no_grad():
+                    z.clamp_(0, 1)
+        with torch.no_grad():
+            g_after += float(update_objective(encoder, z, p)) * z.shape[0]
+        out[s:s + batch_size] = z.detach()
+    m = max(1, out.shape[0])
+    return out, {"g_before": g_before / m, "g_after": g_after / m}

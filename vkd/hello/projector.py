@@ -1,0 +1,232 @@
+"""The HeLlO label projector: CLIP image encoder + text-initialised linear head + LoRA (peft).
+
+``f(x) = s · normalize(E_I(x)) · W`` where ``W = [v_T(0), …, v_T(C−1)]`` are the L2-normalised text
+embeddings of the class prompts and ``s = exp(logit_scale)`` of the checkpoint (hello.md §2). At
+initialisation LoRA's B factors are zero, so the projector *is* CLIP zero-shot classification
+(Proposition 1). LoRA (peft) adapts the encoder's Conv2d/Linear layers and the head with separate
+ranks; only the low-rank factors train and are shipped — ``W`` is regenerated from the prompt template,
+the class names and the frozen text encoder (hello.md §3).
+
+We use peft (the maintained LoRA library, already a vkd dependency) rather than hand-rolled LoRA
+layers: it provides Conv2d/Linear/MultiheadAttention LoRA, merge/unmerge and adapter state dicts.
+peft does not manage BatchNorm, so :class:`Projector` keeps every ``_BatchNorm`` in eval mode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from vkd.errors import DataError
+from vkd.hello.config import ProjectorConfig
+from vkd.models.tiny_clip import ClipBundle, load_clip, preprocess_images
+
+__all__ = ["Projector", "build_projector", "image_lora_targets", "lora_config", "add_lora", "save_adapters",
+           "load_adapters", "adapter_state_dict", "projector_bytes", "class_prompts"]
+
+_META_KEY = "vkd_hello_projector"
+_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def class_prompts(template: str, class_names: tuple[str, ...] | list[str]) -> list[str]:
+    """``template.format(name)`` for every class, in class-index order."""
+    return [template.format(n) for n in class_names]
+
+
+class Projector(nn.Module):
+    """``forward(images [B, 3, H, W] in [0, 1]) -> logits [B, C]``.
+
+    Attributes:
+        visual: the CLIP image tower (frozen; LoRA is injected into it by :func:`add_lora`).
+        head: ``nn.Linear(D, C, bias=False)`` whose weight rows are the normalised text embeddings.
+        logit_scale: ``exp(logit_scale)`` of the CLIP checkpoint (buffer, frozen).
+    """
+
+    def __init__(self, visual: nn.Module, text_embeddings: torch.Tensor, logit_scale: float,
+                 image_size: tuple[int, int], mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        if text_embeddings.ndim != 2:
+            raise ValueError(f"text_embeddings must be [C, D], got {tuple(text_embeddings.shape)}")
+        self.visual = visual
+        c, d = text_embeddings.shape
+        self.head = nn.Linear(d, c, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(F.normalize(text_embeddings.float(), dim=-1))
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)), persistent=False)
+        self.image_size = tuple(image_size)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.requires_grad_(False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings ``[B, D]`` of images in [0, 1]."""
+        return F.normalize(self.encode(images), dim=-1)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) image embeddings ``E_I(x)`` ``[B, D]``."""
+        return self.visual(preprocess_images(images, self.image_size, self.mean, self.std))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logit_scale * self.head(self.features(images))
+
+    def train(self, mode: bool = True) -> Projector:
+        """Switch mode but keep BatchNorm (ResNet CLIPs) in eval: its statistics belong to CLIP."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.head.out_features)
+
+
+def build_projector(clip: ClipBundle, class_names: tuple[str, ...] | list[str], template: str) -> Projector:
+    """A projector on a private copy of ``clip``'s image tower, with ``W`` from the class prompts."""
+    text = clip.encode_text(class_prompts(template, class_names), normalize=True)  # [C, D]
+    visual = copy.deepcopy(clip.model.visual).eval()
+    scale = float(clip.model.logit_scale.detach().exp())
+    return Projector(visual, text.cpu(), scale, clip.image_size, clip.mean, clip.std).to(text.device)
+
+
+def image_lora_targets(projector: Projector, patterns: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Full module names (``visual.…``) of the encoder layers that get LoRA.
+
+    Default (no patterns): every Conv2d and Linear of the image tower except the attention-pool
+    projections of ResNet CLIPs and the Linear inside ``nn.MultiheadAttention`` (peft silently
+    ignores ``out_proj`` alone). With patterns: modules whose name (relative to ``visual``) matches
+    any regex (``re.search``); ``nn.MultiheadAttention`` modules may be matched explicitly.
+    """
+    mha_children = {f"{name}.{child}" for name, m in projector.visual.named_modules()
+                    if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_children()}
+    names = []
+    for name, m in projector.visual.named_modules():
+        if not name or name in mha_children:
+            continue
+        if patterns:
+            ok = isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention)) and any(re.search(p, name) for p in patterns)
+        else:
+            ok = isinstance(m, (nn.Conv2d, nn.Linear)) and "attnpool" not in name
+        if ok:
+            names.append(f"visual.{name}")
+    return names
+
+
+def lora_config(projector: Projector, cfg: ProjectorConfig) -> dict[str, Any]:
+    """The ``peft.LoraConfig`` keyword arguments for ``cfg`` (JSON-serialisable, stored with the adapters)."""
+    image = image_lora_targets(projector, cfg.image_targets) if cfg.rank_image > 0 else []
+    if cfg.rank_image > 0 and not image:
+        raise DataError(f"projector.image_targets {cfg.image_targets} match no Conv2d/Linear of the image encoder")
+    targets = image + (["head"] if cfg.rank_head > 0 else [])
+    alpha_image = cfg.lora_alpha_image or cfg.rank_image
+    alpha_head = cfg.lora_alpha_head or cfg.rank_head
+    base_r = cfg.rank_image if cfg.rank_image > 0 else cfg.rank_head
+    base_alpha = alpha_image if cfg.rank_image > 0 else alpha_head
+    kwargs: dict[str, Any] = {"r": base_r, "lora_alpha": base_alpha, "lora_dropout": cfg.lora_dropout,
+                              "target_modules": targets, "bias": "none"}
+    if cfg.rank_head > 0 and cfg.rank_image > 0:
+        kwargs["rank_pattern"] = {"head": cfg.rank_head}
+        kwargs["alpha_pattern"] = {"head": alpha_head}
+    return kwargs
+
+
+def add_lora(projector: Projector, kwargs: dict[str, Any]) -> nn.Module:
+    """Wrap ``projector`` with peft LoRA (``kwargs`` from :func:`lora_config`); only the factors train."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that a plain nn.Module has no HF config
+        model = get_peft_model(projector, LoraConfig(**kwargs))
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA factors only (``peft.get_peft_model_state_dict``), on CPU."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def projector_bytes(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Parameter count and bytes (at the tensors' dtype) of an adapter state dict."""
+    params = sum(int(v.numel()) for v in state.values())
+    return {"params": params, "bytes": sum(int(v.numel()) * v.element_size() for v in state.values())}
+
+
+def save_adapters(model: nn.Module, path: str | Path, meta: dict[str, Any], dtype: str = "fp16") -> dict[str, int]:
+    """Write the LoRA factors as one safetensors file with everything needed to rebuild the projector.
+
+    Args:
+        model: the peft-wrapped projector.
+        path: output ``.safetensors``.
+        meta: ``clip_model``, ``clip_pretrained``, ``prompt_template``, ``class_names``, ``lora`` (the
+            :func:`lora_config` kwargs); ``peft_version`` and ``dtype`` are added.
+        dtype: ``fp16`` or ``fp32`` storage.
+
+    Returns:
+        ``{"params", "bytes"}`` of the stored tensors (the file adds a small JSON header).
+    """
+    import peft
+    from safetensors.torch import save_file
+
+    state = {k: v.to(_DTYPES[dtype]) for k, v in adapter_state_dict(model).items()}
+    full = {**meta, "peft_version": peft.__version__, "dtype": dtype}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={_META_KEY: json.dumps(full)})
+    return projector_bytes(state)
+
+
+def read_adapter_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata stored in an adapter file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(_META_KEY)
+    except Exception as err:
+        raise DataError(f"cannot read projector adapters {path}: {type(err).__name__}") from None
+    if meta is None:
+        raise DataError(f"{path} is not a vkd HeLlO projector adapter file (no '{_META_KEY}' metadata)")
+    return json.loads(meta)
+
+
+def load_adapters(path: str | Path, clip: ClipBundle | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the projector from an adapter file: CLIP → regenerate W → peft LoRA → load the factors.
+
+    Args:
+        path: the ``.safetensors`` written by :func:`save_adapters`.
+        clip: the base CLIP (default: ``load_clip(meta["clip_model"], meta["clip_pretrained"])``).
+        device: where to put the projector.
+
+    Returns:
+        The peft-wrapped projector in eval mode, factors in float32.
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"projector adapter file not found: {path}")
+    meta = read_adapter_meta(path)
+    if clip is None:
+        clip = load_clip(meta["clip_model"], meta.get("clip_pretrained") or None, device=device)
+    projector = build_projector(clip, meta["class_names"], meta["prompt_template"])
+    model = add_lora(projector, meta["lora"])
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(model, state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise DataError(f"{path} does not match the rebuilt projector (unexpected keys {unexpected[:3]})")
+    return model.to(device).eval()

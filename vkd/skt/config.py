@@ -1,0 +1,296 @@
+"""Configs of ``vkd distill skt-teacher`` and ``vkd distill skt`` (spec §15 defaults).
+
+The dataclass defaults are the embedded default (synthetic crowds, CPU-sized); the reference recipe
+on ShanghaiTech A / UCF-QNRF lives in the YAML presets under ``configs/skt/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from vkd.config import TaskConfig, TrainConfig
+from vkd.errors import ConfigError
+from vkd.skt.density import KernelSpec
+
+__all__ = [
+    "CSRNetConfig",
+    "StudentConfig",
+    "DensityConfig",
+    "SyntheticConfig",
+    "CrowdDataConfig",
+    "CrowdEvalConfig",
+    "SKTLossConfig",
+    "TeacherRefConfig",
+    "SKTTrainConfig",
+    "SKTTeacherConfig",
+    "SKTConfig",
+]
+
+
+@dataclass
+class CSRNetConfig:
+    """The network trained by the task.
+
+    Attributes:
+        width_div: 1 = CSRNet teacher, 4 = the SKT 1/4 student (2, 3, 5 also work).
+        ceil_mode: max-pool rounding (SKT: true).
+        weights: ``none`` (random init), ``imagenet`` (torchvision VGG16_Weights.IMAGENET1K_V1 into the
+            frontend; needs the file in the torch hub cache or network), or a local path to a VGG-16 state
+            dict (``vgg16-397923af.pth``) or to a full CSRNet / SKT checkpoint to start from.
+        init: ``auto`` (``reference`` N(0, 0.01) when ImageNet weights are loaded, else ``kaiming``),
+            ``kaiming`` or ``reference``.
+    """
+
+    width_div: int = 1
+    ceil_mode: bool = True
+    weights: str = "none"
+    init: Literal["auto", "kaiming", "reference"] = "auto"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.width_div <= 16:
+            raise ConfigError(f"model.width_div must be in 1..16, got {self.width_div}")
+
+
+@dataclass
+class StudentConfig(CSRNetConfig):
+    """The SKT student: a 1/4 CSRNet with Kaiming init and no ImageNet weights by default (spec §1.2)."""
+
+    width_div: int = 4
+
+
+@dataclass
+class DensityConfig:
+    """Ground-truth density maps (spec §7, §15).
+
+    Attributes:
+        kernel: ``adaptive`` (k-NN × β: ShanghaiTech A), ``nn_capped`` (UCF-QNRF) or ``fixed`` (ShanghaiTech B).
+        k: neighbours of ``adaptive``.
+        beta: β of ``adaptive``.
+        cap: cap of ``nn_capped``.
+        sigma: σ of ``fixed``.
+        border: ``renormalize`` (count-preserving default), ``constant``, ``reflect`` or ``mirror``.
+        truncate: kernel radius in σ.
+        downsample: ``sum_pool`` (count-preserving) or ``bicubic_x64`` (reference).
+        cache: keep full-resolution maps on disk.
+        cache_dir: where (default: ``<data.root>/.vkd_density``).
+    """
+
+    kernel: Literal["adaptive", "nn_capped", "fixed"] = "adaptive"
+    k: int = 3
+    beta: float = 0.3
+    cap: float = 30.0
+    sigma: float = 15.0
+    border: Literal["constant", "reflect", "mirror", "renormalize"] = "renormalize"
+    truncate: float = 4.0
+    downsample: Literal["sum_pool", "bicubic_x64"] = "sum_pool"
+    cache: bool = True
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f"data.density.k must be >= 1, got {self.k}")
+        for name in ("beta", "cap", "sigma", "truncate"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.density.{name} must be > 0, got {getattr(self, name)}")
+
+    def spec(self, reference_parity: bool = False) -> KernelSpec:
+        border = self.border
+        if reference_parity:  # SHB's single gaussian_filter uses scipy's reflect; the per-head ones constant
+            border = "reflect" if self.kernel == "fixed" else "constant"
+        return KernelSpec(self.kernel, self.k, self.beta, self.cap, self.sigma, border, self.truncate)
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded synthetic-crowd generator (used when ``data.dataset=synthetic``)."""
+
+    num_train: int = 240
+    num_test: int = 60
+    height: int = 96
+    width: int = 96
+    count_min: int = 3
+    count_max: int = 300
+    min_person: float = 14.0  # smallest figure height in pixels (heads ~1/6 of it)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_train < 1 or self.num_test < 1:
+            raise ConfigError("data.synthetic.num_train and num_test must be >= 1")
+        if self.height < 16 or self.width < 16:
+            raise ConfigError(f"data.synthetic images must be at least 16x16, got {self.height}x{self.width}")
+        if not 1 <= self.count_min <= self.count_max:
+            raise ConfigError(f"need 1 <= data.synthetic.count_min <= count_max, got {self.count_min}, {self.count_max}")
+        if self.min_person <= 0:
+            raise ConfigError(f"data.synthetic.min_person must be > 0, got {self.min_person}")
+
+
+@dataclass
+class CrowdDataConfig:
+    """Data set, augmentation and ground truth.
+
+    Attributes:
+        dataset: ``synthetic`` (embedded default, generated on first use), ``shanghaitech``, ``ucf-qnrf`` or
+            ``generic`` (image + JSON/CSV/TXT/NPY head points).
+        root: data set root (for ``synthetic``: where to generate; default ``$VKD_CACHE/skt/synthetic-<hash>``).
+        train_split: training split (``train`` → ``train_data`` / ``Train`` / ``train``).
+        test_split: split of ``vkd eval`` and of the end-of-training evaluation.
+        val_split: optional held-out split also evaluated during training (never a subset of train).
+        crop: ``ratio`` (reference: side × U(crop_ratio)), ``fixed`` (``crop_size`` squares) or ``none``.
+        crop_ratio: range of the ``ratio`` crop.
+        crop_size: side of ``fixed`` crops.
+        flip_prob: horizontal flip probability.
+        repeat: the training list is repeated this many times per epoch.
+        max_side: downscale images whose long side exceeds this at load (0: never; BL uses 2048 on UCF-QNRF).
+        min_size: smallest accepted image side.
+        gt_count: evaluation ground truth: ``points`` (annotated heads) or ``density_sum`` (reference).
+        reference_parity: reference density maps: ``constant`` borders (``reflect`` for fixed σ),
+            ``bicubic_x64``, ``density_sum`` counts and duplicate heads collapsed.
+        preload: keep decoded training images and maps in memory.
+    """
+
+    dataset: Literal["synthetic", "shanghaitech", "ucf-qnrf", "generic"] = "synthetic"
+    root: Optional[str] = None
+    train_split: str = "train"
+    test_split: str = "test"
+    val_split: Optional[str] = None
+    density: DensityConfig = field(default_factory=DensityConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    crop: Literal["ratio", "fixed", "none"] = "ratio"
+    crop_ratio: tuple[float, float] = (0.5, 1.0)
+    crop_size: int = 256
+    flip_prob: float = 0.2
+    repeat: int = 4
+    max_side: int = 0
+    min_size: int = 8
+    gt_count: Literal["points", "density_sum"] = "points"
+    reference_parity: bool = False
+    preload: bool = False
+
+    def __post_init__(self) -> None:
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.crop_ratio must satisfy 0 < lo <= hi <= 1, got {self.crop_ratio}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ConfigError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
+        if self.crop_size < 8 or self.min_size < 1 or self.repeat < 1 or self.max_side < 0:
+            raise ConfigError("data.crop_size must be >= 8, data.min_size >= 1, data.repeat >= 1, data.max_side >= 0")
+        if self.dataset != "synthetic" and not self.root:
+            raise ConfigError(f"data.root is required for data.dataset={self.dataset}")
+
+    @property
+    def layout(self) -> str:
+        return "generic" if self.dataset == "synthetic" else self.dataset
+
+    def effective_downsample(self) -> str:
+        return "bicubic_x64" if self.reference_parity else self.density.downsample
+
+    def effective_gt_count(self) -> str:
+        return "density_sum" if self.reference_parity else self.gt_count
+
+
+@dataclass
+class CrowdEvalConfig:
+    """Evaluation (``vkd eval``, end of training) and counting.
+
+    Attributes:
+        split: split to evaluate (default: ``data.test_split``).
+        tile_size: images larger than this (either side) are cut into near-equal tiles (0: never tile).
+        tile_overlap: overlap in pixels between tiles; overlapping densities are averaged.
+        max_images: evaluate only the first N images (0: all).
+    """
+
+    split: Optional[str] = None
+    tile_size: int = 512
+    tile_overlap: int = 0
+    max_images: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 0 or self.tile_overlap < 0 or self.max_images < 0:
+            raise ConfigError("eval.tile_size, eval.tile_overlap and eval.max_images must be >= 0")
+        if self.tile_size and self.tile_overlap >= self.tile_size:
+            raise ConfigError(f"eval.tile_overlap ({self.tile_overlap}) must be < eval.tile_size ({self.tile_size})")
+        if self.tile_size and self.tile_size < 16:
+            raise ConfigError(f"eval.tile_size must be 0 or >= 16, got {self.tile_size}")
+
+
+@dataclass
+class SKTLossConfig:
+    """SKT objective weights (spec §5): ``gt‖D_S−D_GT‖² + teacher‖D_S−D_T‖² + fsp·L_inter + cos·L_intra``.
+
+    Attributes:
+        gt_weight: ground-truth density term.
+        teacher_weight: teacher density term.
+        cos_weight: λ_cos, intra-layer cosine transfer.
+        fsp_weight: λ_fsp, inter-layer dense FSP transfer.
+        reduction: ``sum`` (reference: sums over pixels/entries) or ``mean`` (non-reference).
+        fsp: ``per_sample`` (vkd) or ``reference`` (batch element 0 only, the reference's bug).
+    """
+
+    gt_weight: float = 1.0
+    teacher_weight: float = 1.0
+    cos_weight: float = 0.5
+    fsp_weight: float = 0.5
+    reduction: Literal["sum", "mean"] = "sum"
+    fsp: Literal["per_sample", "reference"] = "per_sample"
+
+    def __post_init__(self) -> None:
+        for name in ("gt_weight", "teacher_weight", "cos_weight", "fsp_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return bool(self.teacher_weight or self.cos_weight or self.fsp_weight)
+
+
+@dataclass
+class TeacherRefConfig:
+    """Where the frozen teacher comes from.
+
+    Attributes:
+        run: a ``vkd distill skt-teacher`` run directory, or a checkpoint file (vkd ``.safetensors``, a
+            CSRNet-pytorch ``.pth.tar``). Empty: ``<run.output_dir>/skt-teacher/<run.name>``.
+        width_div: the teacher's width divisor (1 for CSRNet).
+    """
+
+    run: str = ""
+    width_div: int = 1
+
+
+@dataclass
+class SKTTrainConfig(TrainConfig):
+    """Training defaults of the SKT tasks: Adam, lr 1e-4, weight decay 5e-4 (spec §6), sized for the CPU default."""
+
+    steps: int = 1500
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    log_every: int = 25
+    checkpoint_every: int = 500
+    keep_last: int = 1
+
+
+@dataclass
+class SKTTeacherConfig(TaskConfig):
+    """``vkd distill skt-teacher``: train a CSRNet (any width) on ground-truth densities."""
+
+    task: str = "skt-teacher"
+    train: SKTTrainConfig = field(default_factory=SKTTrainConfig)
+    model: CSRNetConfig = field(default_factory=CSRNetConfig)
+    data: CrowdDataConfig = field(default_factory=CrowdDataConfig)
+    eval: CrowdEvalConfig = field(default_factory=CrowdEvalConfig)
+
+
+@dataclass
+class SKTConfig(TaskConfig):
+    """``vkd distill skt``: a 1/n CSRNet student trained with structured knowledge transfer from a frozen teacher."""
+
+    task: str = "skt"
+    train: SKTTrainConfig = field(default_factory=SKTTrainConfig)
+    teacher: TeacherRefConfig = field(default_factory=TeacherRefConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: SKTLossConfig = field(default_factory=SKTLossConfig)
+    data: CrowdDataConfig = field(default_factory=CrowdDataConfig)
+    eval: CrowdEvalConfig = field(default_factory=CrowdEvalConfig)

@@ -1,0 +1,602 @@
+"""Crowd-counting data: annotation readers, dataset layouts, training crops and evaluation images.
+
+Layouts (``root`` and ``split`` as in the config):
+
+* ``shanghaitech``: ``root/{split}_data/images/IMG_k.jpg`` with ``root/{split}_data/ground_truth/GT_IMG_k.mat``
+  (``ground-truth/`` is accepted too) holding the MATLAB struct ``image_info`` with field ``location`` (N×2, x, y).
+* ``ucf-qnrf``: ``root/{Train,Test}/img_XXXX.jpg`` with ``img_XXXX_ann.mat`` holding ``annPoints`` (N×2, x, y).
+* ``generic`` (also the synthetic default): ``root/{split}/NAME.{jpg,png,...}`` with a side-car ``NAME.json``
+  (``[[x, y], ...]``, ``{"points": [...]}`` or ``[{"x":..,"y":..}, ...]``), ``NAME.csv`` (``x,y`` rows, header
+  optional), ``NAME.txt`` (``x y`` per line, P2PNet) or ``NAME.npy`` (first two columns, BL/DM-Count).
+
+Every reader returns an ``[N, 2]`` float64 ``(x, y)`` array. Points outside the image are dropped and
+counted; grey, palette and RGBA images are converted to RGB; unreadable files, missing keys and images
+smaller than the network can handle raise :class:`~vkd.errors.DataError` with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vkd.errors import DataError
+from vkd.skt.density import DensityCache, KernelSpec, downsample_density
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "CrowdRecord",
+    "read_points",
+    "load_image",
+    "to_tensor",
+    "list_records",
+    "CrowdTrainDataset",
+    "CrowdEvalDataset",
+    "pad_collate",
+    "synthetic_root",
+    "resolve_root",
+    "build_train_dataset",
+    "build_eval_dataset",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_POINT_EXTENSIONS = (".json", ".csv", ".txt", ".npy", ".mat")
+Layout = Literal["shanghaitech", "ucf-qnrf", "generic"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Annotation readers
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_points(value: Any, source: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{source}: head points are not numeric") from None
+    if arr.size == 0:
+        return np.zeros((0, 2))
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise DataError(f"{source}: head points must be an N×2 array of (x, y), got shape {arr.shape}")
+    return np.ascontiguousarray(arr[:, :2])  # BL's .npy adds a third column (neighbour distance)
+
+
+def _find_mat_field(value: Any, name: str, depth: int = 0) -> Any:
+    """Dig ``name`` out of scipy's nested cell/struct arrays (``image_info[0,0][0,0]['location']``)."""
+    if depth > 6 or not isinstance(value, np.ndarray):
+        return None
+    if value.dtype.names:
+        if name in value.dtype.names:
+            inner = value[name]
+            while isinstance(inner, np.ndarray) and inner.dtype == object and inner.size == 1:
+                inner = inner.flat[0]
+            return inner
+        for sub in value.dtype.names:
+            found = _find_mat_field(value[sub], name, depth + 1)
+            if found is not None:
+                return found
+        return None
+    if value.dtype == object:
+        for item in value.flat:
+            found = _find_mat_field(item, name, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _read_mat(path: Path) -> np.ndarray:
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path))
+    except Exception as err:
+        raise DataError(f"cannot read annotation {path}: {type(err).__name__}") from None
+    if "annPoints" in mat:  # UCF-QNRF
+        return _as_points(mat["annPoints"], str(path))
+    if "image_info" in mat:  # ShanghaiTech
+        loc = _find_mat_field(mat["image_info"], "location")
+        if loc is None:
+            raise DataError(f"{path}: 'image_info' has no 'location' field")
+        return _as_points(loc, str(path))
+    for key in ("points", "location", "gt"):
+        if key in mat:
+            return _as_points(mat[key], str(path))
+    keys = sorted(k for k in mat if not k.startswith("__"))
+    raise DataError(f"{path}: no head points; expected key 'image_info' (ShanghaiTech) or 'annPoints' "
+                    f"(UCF-QNRF), found {keys}")
+
+
+def _read_json(path: Path) -> np.ndarray:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read annotation {path}: {type(err).__name__}") from None
+    if isinstance(data, dict):
+        for key in ("points", "heads", "annPoints", "location"):
+            if key in data:
+                data = data[key]
+                break
+        else:
+            raise DataError(f"{path}: expected a list of [x, y] or a mapping with key 'points', found keys "
+                            f"{sorted(data)[:8]}")
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        try:
+            data = [[float(p["x"]), float(p["y"])] for p in data]
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: point objects must have numeric 'x' and 'y'") from None
+    return _as_points(data, str(path))
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read annotation {path}: {type(err).__name__}") from None
+    if not rows:
+        return np.zeros((0, 2))
+    cols = (0, 1)
+    header = [c.strip().lower() for c in rows[0]]
+    try:
+        float(header[0])
+    except ValueError:  # a header row: use its x/y columns when named so
+        if "x" in header and "y" in header:
+            cols = (header.index("x"), header.index("y"))
+        rows = rows[1:]
+    try:
+        return _as_points([[float(r[cols[0]]), float(r[cols[1]])] for r in rows], str(path))
+    except (IndexError, ValueError):
+        raise DataError(f"{path}: every CSV row needs numeric x and y columns") from None
+
+
+def _read_txt(path: Path) -> np.ndarray:
+    try:
+        rows = [line.replace(",", " ").split() for line in path.read_text(encoding="utf-8").splitlines()]
+        return _as_points([[float(r[0]), float(r[1])] for r in rows if r], str(path))
+    except (OSError, UnicodeDecodeError, IndexError, ValueError):
+        raise DataError(f"{path}: expected one 'x y' pair per line") from None
+
+
+def read_points(path: str | Path) -> np.ndarray:
+    """Head points of one image from ``.mat`` (``image_info`` / ``annPoints``), ``.json``, ``.csv``, ``.txt`` or ``.npy``.
+
+    Returns:
+        ``[N, 2]`` float64 (x, y) in pixels.
+
+    Raises:
+        DataError: missing file, unknown format, missing keys or non-numeric points.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"annotation file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".mat":
+        return _read_mat(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    if suffix == ".txt":
+        return _read_txt(path)
+    if suffix == ".npy":
+        try:
+            return _as_points(np.load(path, allow_pickle=False), str(path))
+        except (OSError, ValueError):
+            raise DataError(f"cannot read annotation {path}") from None
+    raise DataError(f"{path}: unknown annotation format (use .mat, .json, .csv, .txt or .npy)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | Path, min_size: int = 8) -> tuple[np.ndarray, str | None]:
+    """Read an image as ``[H, W, 3]`` uint8 RGB.
+
+    Args:
+        path: image file.
+        min_size: smallest accepted side (the network's output is ⌈H/8⌉×⌈W/8⌉).
+
+    Returns:
+        ``(image, converted_from)`` where ``converted_from`` is the original PIL mode (``"L"``, ``"RGBA"``, …)
+        when the image was converted, else ``None``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in img.info):
+                # Composite over black rather than keeping arbitrary colours under transparent pixels.
+                rgba = img.convert("RGBA")
+                base = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                rgb = Image.alpha_composite(base, rgba).convert("RGB")
+            else:
+                rgb = img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {type(err).__name__}") from None
+    arr = np.asarray(rgb, dtype=np.uint8)
+    h, w = arr.shape[:2]
+    if min(h, w) < min_size:
+        raise DataError(f"image {path} is {w}x{h} pixels; the counter needs at least {min_size} pixels per side")
+    return arr, (mode if mode != "RGB" else None)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 → ``[3, H, W]`` float32, ImageNet-normalised (the training normalisation)."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # np.array copies: writable
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# Records and layouts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrowdRecord:
+    """One annotated image: points inside the image (``[N, 2]`` x, y) and how many were dropped."""
+
+    image_path: Path
+    points: np.ndarray
+    height: int
+    width: int
+    dropped: int = 0
+    scale: float = 1.0  # resize factor applied at load (``max_side``)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return int(len(self.points))
+
+
+def _split_dir(root: Path, names: Sequence[str]) -> Path | None:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def _pairs_shanghaitech(root: Path, split: str) -> list[tuple[Path, Path]]:
+    base = _split_dir(root, [f"{split}_data", split, split.capitalize() + "_data"])
+    if base is None and (root / "images").is_dir():
+        base = root  # root already is a split directory
+    if base is None or not (base / "images").is_dir():
+        raise DataError(f"no ShanghaiTech split '{split}' under {root}: expected {root}/{split}_data/images/")
+    gt_dir = _split_dir(base, ["ground_truth", "ground-truth"])
+    if gt_dir is None:
+        raise DataError(f"{base}: no ground_truth/ (or ground-truth/) directory with GT_IMG_*.mat files")
+    pairs = []
+    for img in sorted(p for p in (base / "images").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        ann = gt_dir / f"GT_{img.stem}.mat"
+        if not ann.is_file():
+            raise DataError(f"missing annotation {ann} for image {img}")
+        pairs.append((img, ann))
+    return pairs
+
+
+def _pairs_qnrf(root: Path, split: str) -> list[tuple[Path, Path]]:
+    base = _split_dir(root, [split.capitalize(), split, split.lower()])
+    if base is None:
+        if any(root.glob("*_ann.mat")):
+            base = root
+        else:
+            raise DataError(f"no UCF-QNRF split '{split}' under {root}: expected {root}/{split.capitalize()}/")
+    pairs = []
+    for img in sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        ann = base / f"{img.stem}_ann.mat"
+        if not ann.is_file():
+            raise DataError(f"missing annotation {ann} for image {img}")
+        pairs.append((img, ann))
+    return pairs
+
+
+def _pairs_generic(root: Path, split: str) -> list[tuple[Path, Path]]:
+    base = _split_dir(root, [split]) if split else None
+    if base is None:
+        if split and any(p.is_dir() for p in root.iterdir()):
+            raise DataError(f"no split '{split}' under {root}")
+        base = root
+    pairs = []
+    for img in sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        for ext in _POINT_EXTENSIONS:
+            ann = img.with_suffix(ext)
+            if ann.is_file():
+                pairs.append((img, ann))
+                break
+        else:
+            raise DataError(f"no annotation for {img}: expected {img.stem}.json, .csv, .txt or .npy next to it")
+    return pairs
+
+
+def list_records(root: str | Path, layout: Layout, split: str, max_side: int = 0, min_size: int = 8,
+                 dedupe: bool = False) -> list[CrowdRecord]:
+    """Read the annotations of one split.
+
+    Args:
+        root: dataset root.
+        layout: ``shanghaitech``, ``ucf-qnrf`` or ``generic``.
+        split: split name (``train``/``test``; mapped to ``train_data`` or ``Train`` by the layouts).
+        max_side: if > 0, images whose long side exceeds it are downscaled at load (points scaled too).
+        min_size: images with a smaller side raise ``DataError``.
+        dedupe: collapse heads that fall on the same pixel (reference behaviour).
+
+    Returns:
+        One record per image, sorted by file name. Dropped out-of-image points are logged.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"dataset root not found: {root}")
+    finder = {"shanghaitech": _pairs_shanghaitech, "ucf-qnrf": _pairs_qnrf, "generic": _pairs_generic}.get(layout)
+    if finder is None:
+        raise DataError(f"unknown dataset layout '{layout}'; use shanghaitech, ucf-qnrf or generic")
+    pairs = finder(root, split)
+    if not pairs:
+        raise DataError(f"no images found for split '{split}' under {root}")
+    records = []
+    total_dropped = 0
+    for img_path, ann_path in pairs:
+        points = read_points(ann_path)
+        try:
+            with Image.open(img_path) as img:
+                width, height = img.size
+        except (OSError, ValueError):
+            raise DataError(f"cannot read image {img_path}") from None
+        if min(width, height) < min_size:
+            raise DataError(f"image {img_path} is {width}x{height} pixels; the counter needs at least {min_size} "
+                            f"pixels per side")
+        scale = 1.0
+        if max_side and max(width, height) > max_side:
+            scale = max_side / max(width, height)
+            width, height = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+            points = points * scale
+        finite = np.isfinite(points).all(axis=1)
+        inside = finite & (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
+        dropped = int((~inside).sum())
+        points = points[inside]
+        if dedupe and len(points):
+            _, first = np.unique(np.floor(points).astype(np.int64), axis=0, return_index=True)
+            points = points[np.sort(first)]
+        total_dropped += dropped
+        records.append(CrowdRecord(img_path, points, height, width, dropped, scale))
+    if total_dropped:
+        n_img = sum(r.dropped > 0 for r in records)
+        log.warning("%s/%s: dropped %d head points outside their image (%d images)", root, split, total_dropped, n_img)
+    return records
+
+
+def _load_record_image(record: CrowdRecord, min_size: int) -> np.ndarray:
+    image, converted = load_image(record.image_path, min_size=1)
+    if converted:
+        log.info("%s: converted %s image to RGB", record.image_path, converted)
+    if record.scale != 1.0:
+        image = np.asarray(Image.fromarray(image).resize((record.width, record.height), Image.BICUBIC))
+    if image.shape[:2] != (record.height, record.width):
+        raise DataError(f"{record.image_path} changed size while reading ({image.shape[1]}x{image.shape[0]})")
+    return image
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------
+
+
+class CrowdTrainDataset(Dataset):
+    """Training samples: random crop + horizontal flip of the image and its full-resolution density map.
+
+    The crop is taken on the full-resolution map *before* downsampling, so a sum-pooled target keeps
+    exactly the mass inside the crop. Randomness comes from torch's global RNG (the engine seeds it
+    every step), so runs are reproducible.
+
+    Args:
+        records: annotated images.
+        kernel: density kernel.
+        cache: full-resolution density cache.
+        crop: ``ratio`` (side × U(ratio_lo, ratio_hi), one ratio for both sides: the reference),
+            ``fixed`` (``crop_size`` squares; images smaller than it are used whole) or ``none``.
+        crop_ratio: ratio range of ``ratio`` crops.
+        crop_size: side of ``fixed`` crops.
+        flip_prob: horizontal flip probability (0.2 in the reference).
+        repeat: epoch length multiplier (the reference repeats the list ×4).
+        downsample: ``sum_pool`` (count-preserving) or ``bicubic_x64`` (reference).
+        preload: keep decoded images and maps in memory (small data sets such as the synthetic default).
+
+    Items:
+        ``{"image": [3, h, w] float32, "density": [1, ⌈h/8⌉, ⌈w/8⌉] float32, "count": [] float32}``.
+    """
+
+    def __init__(self, records: list[CrowdRecord], kernel: KernelSpec, cache: DensityCache,
+                 crop: Literal["ratio", "fixed", "none"] = "ratio", crop_ratio: tuple[float, float] = (0.5, 1.0),
+                 crop_size: int = 256, flip_prob: float = 0.2, repeat: int = 1,
+                 downsample: Literal["sum_pool", "bicubic_x64"] = "sum_pool", preload: bool = False,
+                 min_size: int = 8):
+        if not records:
+            raise DataError("the training split has no images")
+        self.records = records
+        self.kernel = kernel
+        self.cache = cache
+        self.crop = crop
+        self.crop_ratio = crop_ratio
+        self.crop_size = crop_size
+        self.flip_prob = flip_prob
+        self.repeat = max(1, int(repeat))
+        self.downsample = downsample
+        self.min_size = min_size
+        self._memory: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.preload = preload
+
+    def __len__(self) -> int:
+        return len(self.records) * self.repeat
+
+    def _item(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if index in self._memory:
+            return self._memory[index]
+        rec = self.records[index]
+        image = _load_record_image(rec, self.min_size)
+        density = self.cache.get(rec.points, rec.height, rec.width, self.kernel, name=rec.image_path.stem)
+        if self.preload:
+            self._memory[index] = (image, np.asarray(density))
+        return image, density
+
+    def _crop_box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        if self.crop == "none":
+            return 0, 0, h, w
+        if self.crop == "fixed":
+            ch, cw = min(self.crop_size, h), min(self.crop_size, w)
+        else:
+            lo, hi = self.crop_ratio
+            ratio = lo + (hi - lo) * float(torch.rand(()))
+            ch, cw = max(self.min_size, int(h * ratio)), max(self.min_size, int(w * ratio))
+            ch, cw = min(ch, h), min(cw, w)
+        y0 = int(torch.randint(0, h - ch + 1, ()))
+        x0 = int(torch.randint(0, w - cw + 1, ()))
+        return y0, x0, ch, cw
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image, density = self._item(index % len(self.records))
+        h, w = image.shape[:2]
+        y0, x0, ch, cw = self._crop_box(h, w)
+        img = image[y0:y0 + ch, x0:x0 + cw]
+        den = np.asarray(density[y0:y0 + ch, x0:x0 + cw], dtype=np.float32)
+        if float(torch.rand(())) < self.flip_prob:
+            img, den = img[:, ::-1], den[:, ::-1]
+        target = downsample_density(torch.from_numpy(den.copy())[None], self.downsample)  # [1, h/8, w/8]
+        return {"image": to_tensor(img), "density": target, "count": target.sum()}
+
+
+class CrowdEvalDataset(Dataset):
+    """Whole images for evaluation; the ground-truth count is the number of annotated heads (vkd default)
+    or, with ``gt_count="density_sum"``, the sum of the downsampled map (reference parity).
+
+    Items: ``{"image": [3, H, W] float32, "count": [] float32, "index": int}``.
+    """
+
+    def __init__(self, records: list[CrowdRecord], gt_count: Literal["points", "density_sum"] = "points",
+                 kernel: KernelSpec | None = None, cache: DensityCache | None = None,
+                 downsample: Literal["sum_pool", "bicubic_x64"] = "sum_pool", min_size: int = 8):
+        if not records:
+            raise DataError("the evaluation split has no images")
+        self.records = records
+        self.gt_count = gt_count
+        self.kernel = kernel or KernelSpec()
+        self.cache = cache or DensityCache(None)
+        self.downsample = downsample
+        self.min_size = min_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def count(self, index: int) -> float:
+        rec = self.records[index]
+        if self.gt_count == "points":
+            return float(rec.count)
+        density = self.cache.get(rec.points, rec.height, rec.width, self.kernel, name=rec.image_path.stem)
+        return float(downsample_density(torch.from_numpy(np.asarray(density, dtype=np.float32)), self.downsample).sum())
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        image = _load_record_image(rec, self.min_size)
+        return {"image": to_tensor(image), "count": torch.tensor(self.count(index), dtype=torch.float32),
+                "index": index}
+
+
+def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batch crops of different sizes: pad bottom/right to the largest (rounded up to a multiple of 8).
+
+    Images are padded with 0 (the ImageNet mean after normalisation) and densities with 0, so padding
+    adds no people. With equal sizes this is plain stacking.
+    """
+    hs = [it["image"].shape[-2] for it in items]
+    ws = [it["image"].shape[-1] for it in items]
+    H, W = max(hs), max(ws)
+    if len(set(hs)) > 1 or len(set(ws)) > 1:
+        H, W = 8 * math.ceil(H / 8), 8 * math.ceil(W / 8)
+    h8, w8 = -(-H // 8), -(-W // 8)
+    images = torch.zeros(len(items), 3, H, W)
+    dens = torch.zeros(len(items), 1, h8, w8)
+    for i, it in enumerate(items):
+        img, den = it["image"], it["density"]
+        images[i, :, :img.shape[-2], :img.shape[-1]] = img
+        dens[i, :, :den.shape[-2], :den.shape[-1]] = den
+    return {"image": images, "density": dens, "count": torch.stack([it["count"] for it in items])}
+
+
+# ----------------------------------------------------------------------------------------------
+# From a config
+# ----------------------------------------------------------------------------------------------
+
+
+def synthetic_root(data_cfg: Any) -> Path:
+    """Where the embedded synthetic crowds live: ``data.root`` or ``$VKD_CACHE/skt/synthetic-<hash>``."""
+    import hashlib
+    import os
+    from dataclasses import asdict
+
+    if data_cfg.root:
+        return Path(data_cfg.root).expanduser()
+    digest = hashlib.sha1(json.dumps(asdict(data_cfg.synthetic), sort_keys=True).encode()).hexdigest()[:10]
+    base = Path(os.environ.get("VKD_CACHE", Path.home() / ".cache" / "vkd")).expanduser()
+    return base / "skt" / f"synthetic-{digest}"
+
+
+def resolve_root(data_cfg: Any) -> Path:
+    """The data set root, generating the synthetic crowds on first use."""
+    if data_cfg.dataset != "synthetic":
+        return Path(data_cfg.root).expanduser()
+    from vkd.skt.crowds import CrowdSpec, write_crowd_dataset
+
+    syn = data_cfg.synthetic
+    root = synthetic_root(data_cfg)
+    spec = CrowdSpec(height=syn.height, width=syn.width, count_min=syn.count_min, count_max=syn.count_max,
+                     min_person=syn.min_person)
+    if not (root / "meta.json").is_file():
+        log.info("generating %d + %d synthetic crowds in %s", syn.num_train, syn.num_test, root)
+    return write_crowd_dataset(root, syn.num_train, syn.num_test, spec, seed=syn.seed)
+
+
+def _cache(data_cfg: Any, root: Path) -> DensityCache:
+    if not data_cfg.density.cache:
+        return DensityCache(None)
+    return DensityCache(Path(data_cfg.density.cache_dir).expanduser() if data_cfg.density.cache_dir
+                        else root / ".vkd_density")
+
+
+def build_train_dataset(data_cfg: Any) -> CrowdTrainDataset:
+    """The training set of a :class:`vkd.skt.config.CrowdDataConfig`."""
+    root = resolve_root(data_cfg)
+    records = list_records(root, data_cfg.layout, data_cfg.train_split, data_cfg.max_side, data_cfg.min_size,
+                           dedupe=data_cfg.reference_parity)
+    return CrowdTrainDataset(records, data_cfg.density.spec(data_cfg.reference_parity), _cache(data_cfg, root),
+                             data_cfg.crop, tuple(data_cfg.crop_ratio), data_cfg.crop_size, data_cfg.flip_prob,
+                             data_cfg.repeat, data_cfg.effective_downsample(),
+                             preload=data_cfg.preload or data_cfg.dataset == "synthetic", min_size=data_cfg.min_size)
+
+
+def build_eval_dataset(data_cfg: Any, split: str | None = None) -> CrowdEvalDataset:
+    """The evaluation set (``split`` defaults to ``data.test_split``)."""
+    root = resolve_root(data_cfg)
+    records = list_records(root, data_cfg.layout, split or data_cfg.test_split, data_cfg.max_side,
+                           data_cfg.min_size, dedupe=data_cfg.reference_parity)
+    return CrowdEvalDataset(records, data_cfg.effective_gt_count(), data_cfg.density.spec(data_cfg.reference_parity),
+                            _cache(data_cfg, root), data_cfg.effective_downsample(), data_cfg.min_size)
