@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import time
@@ -62,6 +63,12 @@ def _with_width(field: GaussianField, render_dim: int, decoder_dim: int | None) 
     return g.eval()
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def fps_table(field: GaussianField, scene, size: int, repeats: int, teacher_dim: int, device: str) -> list[dict]:
     cams = [scene.cameras[i] for i in scene.test_ids[:3]]
     vm = torch.stack([c.viewmat for c in cams]).to(device)
@@ -71,7 +78,10 @@ def fps_table(field: GaussianField, scene, size: int, repeats: int, teacher_dim:
         row = {"render_dim": n}
         for label, dec in (("no_decoder", None), (f"decoder_{teacher_dim}", teacher_dim), ("decoder_512", 512)):
             f = _with_width(field, n, dec).to(device)
+            c0 = cpu_seconds()
             row[label] = render_fps(f, vm, Ks, size, size, repeats=repeats, decode=dec is not None)
+            # CPU seconds per frame (includes the untimed warm-up frame): what an idle machine would need.
+            row[f"{label}_cpu_s_per_frame"] = (cpu_seconds() - c0) / (repeats * len(cams) + 1)
         rows.append(row)
     return rows
 
@@ -92,13 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [f"run.output_dir={args.output_dir}", f"run.name={args.name}", *args.overrides]
     cfg = load_config(Feature3DGSConfig, find_preset("feature3dgs", "synthetic"), overrides, task="feature3dgs")
     load_start = os.getloadavg()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     if not args.skip_train:
         shutil.rmtree(cfg.run_dir(), ignore_errors=True)
         summary = run(cfg, None)
     else:
         summary = json.loads((cfg.run_dir() / "summary.json").read_text())
-    total = time.perf_counter() - t0
+    total, total_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     loaded = load_run(cfg.run_dir())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher_dim = loaded.field.teacher_dim
@@ -109,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     cams = [loaded.scene.cameras[i] for i in loaded.scene.test_ids]
     s = args.fps_size
     Ks = torch.stack([c.K * torch.tensor([[s / c.width], [s / c.height], [1.0]]) for c in cams])
+    c1 = cpu_seconds()
     trained_fps = render_fps(loaded.field, torch.stack([c.viewmat for c in cams]), Ks, s, s, args.fps_repeats)
+    trained_cpu_per_frame = (cpu_seconds() - c1) / (args.fps_repeats * len(cams) + 1)
     ev = summary.get("eval", {})
     result = {
         "command": "python scripts/bench_feature3dgs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -119,12 +131,17 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"steps": cfg.train.steps, "render_dim": cfg.model.render_dim, "teacher_dim": teacher_dim,
                    "resolution": cfg.data.synthetic.resolution, "views": cfg.data.synthetic.num_views},
         "timings_s": {**summary.get("timings_s", {}), "total": total},
+        # CPU seconds used by the whole run (scene + teacher + training + evaluation). On a shared, oversubscribed
+        # machine wall time >> cpu_s / threads; with idle cores the wall time approaches cpu_s / threads.
+        "cpu_s_total": None if args.skip_train else total_cpu,
+        "cpu_utilization": None if args.skip_train else total_cpu / max(total, 1e-9),
         "num_gaussians": summary.get("num_gaussians"),
         "teacher": summary.get("teacher"),
         "metrics": {k: ev.get(k) for k in ("psnr", "ssim", "feature_cosine", "feature_l1", "teacher_label_acc",
                                            "teacher_label_miou", "true_label_acc", "true_label_miou",
                                            "teacher_true_label_acc", "teacher_true_label_miou", "fps")},
         "fps_trained_default_at_size": trained_fps,
+        "cpu_s_per_frame_trained_default": trained_cpu_per_frame,
         "fps_size": args.fps_size,
         "fps_cpu": fps_rows,
         "fps_gpu": gpu_rows,
@@ -153,6 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
         if m.get(k) is not None:
             print(f"{k:<28}{m[k]:>12.4g}")
     print(f"{'scene+teacher s':<28}{result['timings_s'].get('scene_and_teacher', float('nan')):>12.1f}")
+    if result["cpu_s_total"] is not None:
+        print(f"{'CPU s (whole run)':<28}{result['cpu_s_total']:>12.1f}   (CPU use {result['cpu_utilization']:.2f} "
+              f"of {args.threads} threads: wall time is inflated when the machine is shared)")
+    print(f"{'CPU s / frame, trained @size':<28}{trained_cpu_per_frame:>12.3f}")
     print(f"\nrender FPS at {args.fps_size}x{args.fps_size} (CPU, {args.threads} threads, "
           f"{summary.get('num_gaussians')} Gaussians)")
     print(f"{'render_dim':>10}{'no decoder':>12}{f'-> {teacher_dim}':>10}{'-> 512':>10}")

@@ -61,7 +61,7 @@ def main() -> None:
     t_all = time.perf_counter()
 
     # 1. teacher (small CNN, 9 weak-teacher snapshots)
-    tcfg = load_config(HelloTeacherConfig, find_preset("hello", "digits_teacher"),
+    tcfg = load_config(HelloTeacherConfig, find_preset("hello", "digits-teacher"),
                        [f"run.output_dir={runs}"], task="hello-teacher")
     t0 = time.perf_counter()
     tsum = run_teacher(tcfg)

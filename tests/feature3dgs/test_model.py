@@ -155,3 +155,23 @@ def test_densification_with_default_strategy():
     for k, p in field.params.items():
         assert p.shape[0] == field.num_gaussians and opts[k].param_groups[0]["params"][0] is p
     assert field.render(vm, K, 24, 24, features=True, backend="torch")["features"].shape == (1, 24, 24, 3)
+
+
+def test_task_checkpoint_with_changed_gaussian_count():
+    from vkd.feature3dgs.config import Feature3DGSConfig
+    from vkd.feature3dgs.distiller import Feature3DGSTask
+
+    cfg = Feature3DGSConfig()
+    trained = Feature3DGSTask(cfg, _field(num=50, render_dim=4, teacher_dim=6), scene_extent=2.0)
+    trained.student.active_sh_degree = 1
+    fresh = Feature3DGSTask(cfg, _field(num=20, render_dim=4, teacher_dim=6, seed=3), scene_extent=2.0)
+    fresh.load_checkpoint_state_dict(trained.checkpoint_state_dict())
+    fresh.load_extra_state_dict(trained.extra_state_dict())
+    assert fresh.student.num_gaussians == 50 and fresh.student.active_sh_degree == 1
+    for k, v in trained.student.state_dict().items():
+        torch.testing.assert_close(fresh.student.state_dict()[k], v)
+    opts, scheds = fresh.configure_optimizers(cfg.train)
+    assert set(opts) == {"means", "scales", "quats", "opacities", "sh0", "shN", "features", "decoder"}
+    assert opts["means"].param_groups[0]["params"][0] is fresh.student.params["means"]
+    assert opts["means"].param_groups[0]["lr"] == pytest.approx(cfg.optim.means_lr * 2.0)
+    assert set(scheds) == {"means"}

@@ -1,7 +1,13 @@
-"""A tiny end-to-end HeLlO run through the CLI functions and the engine (digits at 16 px, IPC 1, CPU)."""
+"""End-to-end HeLlO runs through the CLI functions and the engine (digits at 16 px, CPU).
+
+``test_pipeline_smoke`` checks the whole path and its artefacts in a few seconds of training;
+``test_projector_labels_beat_hard_labels`` is the accuracy claim (slow: ~45 s on an idle 2-core machine,
+~105 s measured on a shared, overloaded one).
+"""
 
 import json
 
+import pytest
 import torch
 
 from vkd.config import apply_overrides
@@ -10,39 +16,90 @@ from vkd.hello.config import HelloConfig, HelloTeacherConfig
 from vkd.hello.projector import load_adapters, read_adapter_meta
 
 
-def test_projector_labels_beat_hard_labels(tmp_path):
-    out = str(tmp_path / "runs")
-    teacher_cfg = apply_overrides(HelloTeacherConfig(), [
-        f"run.output_dir={out}", "model.width=16", "extra.num_snapshots=3", "train.steps=300",
-        "train.checkpoint_every=1000", "train.log_every=100"])
-    summary = run_teacher(teacher_cfg)
-    assert summary["eval"]["test_acc"] > 0.9
-    teacher_dir = teacher_cfg.run_dir()
-    assert len(list((teacher_dir / "teachers").glob("teacher-step*.safetensors"))) == 3
+def _teacher(out: str, steps: int) -> None:
+    cfg = apply_overrides(HelloTeacherConfig(), [
+        f"run.output_dir={out}", "model.width=16", "extra.num_snapshots=3", f"train.steps={steps}",
+        "train.checkpoint_every=1000", "train.log_every=50"])
+    summary = run_teacher(cfg)
+    assert len(list((cfg.run_dir() / "teachers").glob("teacher-step*.safetensors"))) == 3
+    assert (cfg.run_dir() / "teacher.json").is_file() and summary["eval"]["test_acc"] > 0.5
 
+
+def test_pipeline_smoke(tmp_path):
+    out = str(tmp_path / "runs")
+    _teacher(out, 60)
     cfg = apply_overrides(HelloConfig(), [
-        f"run.output_dir={out}", f"clip.cache_dir={tmp_path / 'cache'}", "clip.tiny.width=32", "clip.tiny.layers=2",
-        "clip.tiny.text_width=32", "clip.tiny.embed_dim=32", "clip.tiny.steps=200", "clip.tiny.batch_size=64",
-        "clip.tiny.lr=1e-3", "train.steps=150", "train.checkpoint_every=1000", "train.log_every=50",
-        "selection.ipc=1", "selection.mipc=40", "student.steps=150", "student.model.width=16",
-        "eval.sources=[hard,projector,random]", "eval.seeds=[0]"])
+        f"run.output_dir={out}", f"clip.cache_dir={tmp_path / 'cache'}", "clip.tiny.width=32", "clip.tiny.layers=1",
+        "clip.tiny.text_width=32", "clip.tiny.embed_dim=32", "clip.tiny.steps=20", "clip.tiny.batch_size=32",
+        "train.steps=20", "train.batch_size=32", "train.checkpoint_every=1000", "selection.ipc=1",
+        "selection.mipc=20", "student.steps=10", "student.model.width=8", "eval.seeds=[0]"])
     summary = run_hello(cfg)
     run_dir = cfg.run_dir()
     info = json.loads((run_dir / "hello.json").read_text())
-    assert info["zero_shot_test_acc"] > 0.6 and info["projector_test_acc"] > 0.6, info
-    assert summary["adapter_bytes"] == info["adapter"]["bytes"] > 0
+    assert summary["adapter_bytes"] == info["adapter"]["bytes"] == 2 * info["adapter"]["params"]  # fp16
+    assert info["image_update"].get("skipped") == "factor 1"
     manifest = json.loads((run_dir / "distilled" / "manifest.json").read_text())
-    assert len(manifest["entries"]) == 10 and manifest["ipc"] == 1
+    assert len(manifest["entries"]) == 10 and manifest["ipc"] == 1 and manifest["crop_scale"] == [1.0, 1.0]
+    assert sorted(e["label"] for e in manifest["entries"]) == list(range(10))
     assert all((run_dir / "distilled" / e["path"]).is_file() for e in manifest["entries"])
+    assert (run_dir / "class_names.txt").read_text().split("\n")[:2] == ["zero", "one"]
     assert read_adapter_meta(run_dir / "projector_adapters.safetensors")["clip_model"].startswith("local-dir:")
     projector = load_adapters(run_dir / "projector_adapters.safetensors")  # base CLIP found from the metadata
     assert projector(torch.rand(2, 3, 16, 16)).shape == (2, 10)
 
-    metrics = evaluate_hello(run_dir, [], None)
-    assert (run_dir / "eval.json").is_file()
-    # online projector labels beat hard labels clearly on the same 10 images (spec §9 test 7;
-    # measured margins 0.20-0.27 on a loaded machine)
-    assert metrics["acc_projector_mean"] > metrics["acc_hard_mean"] + 0.1, metrics
-    assert 0.0 < metrics["acc_random_mean"] <= 1.0 and "ior" in metrics
-    assert metrics["soft_label_bytes"] == 300 * 10 * 10 * 2
+    metrics = evaluate_hello(run_dir, ["eval.sources=[hard,teacher,projector,random]"], tmp_path / "ev")
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert set(saved["per_seed"]) == {"hard", "teacher", "projector", "random"}
+    for key in ("acc_hard_mean", "acc_teacher_mean", "acc_projector_mean", "acc_random_mean", "ior"):
+        assert key in metrics
+    assert metrics["soft_label_bytes"] == 300 * 10 * 10 * 2  # epochs × images × classes × fp16
     assert metrics["storage_ratio"] == metrics["adapter_bytes"] / metrics["soft_label_bytes"]
+
+
+@pytest.mark.slow
+def test_projector_labels_beat_hard_labels(tmp_path):
+    out = str(tmp_path / "runs")
+    _teacher(out, 300)
+    cfg = apply_overrides(HelloConfig(), [
+        f"run.output_dir={out}", f"clip.cache_dir={tmp_path / 'cache'}", "clip.tiny.layers=2",
+        "clip.tiny.text_width=32", "clip.tiny.steps=150", "clip.tiny.lr=1e-3", "train.steps=300", "train.lr=3e-3",
+        "train.checkpoint_every=1000", "train.log_every=100", "selection.ipc=2", "selection.mipc=40",
+        "selection.crop_scale=[0.5,1.0]", "eval.sources=[hard,projector]", "eval.seeds=[0]"])
+    run_hello(cfg)
+    info = json.loads((cfg.run_dir() / "hello.json").read_text())
+    assert info["zero_shot_test_acc"] > 0.8 and info["projector_test_acc"] > 0.8, info
+    metrics = evaluate_hello(cfg.run_dir(), [], None)
+    # online projector labels beat hard labels clearly on the same 20 partial-digit crops (spec §9 test 7);
+    # measured 0.869 vs 0.656
+    assert metrics["acc_projector_mean"] > metrics["acc_hard_mean"] + 0.1, metrics
+
+
+def test_imagefolder_pipeline_smoke(tmp_path):
+    """ImageFolder trees (uint8 in RAM, an undecodable file skipped and counted) through all three commands."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, colour in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30)]):
+            folder = tmp_path / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(6):
+                img = np.clip(rng.normal(colour, 40, (20, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i}.png")
+    (tmp_path / "train" / "class_0" / "broken.png").write_bytes(b"\x89PNG truncated")
+    data = [f"run.output_dir={tmp_path / 'runs'}", "data.source=imagefolder", f"data.train_dir={tmp_path / 'train'}",
+            f"data.val_dir={tmp_path / 'val'}", "data.image_size=16"]
+    tcfg = apply_overrides(HelloTeacherConfig(), data + ["model.width=8", "train.steps=10", "train.batch_size=8",
+                                                         "extra.num_snapshots=2"])
+    assert run_teacher(tcfg)["skipped_images"] == 1
+    cfg = apply_overrides(HelloConfig(), data + [
+        f"clip.cache_dir={tmp_path / 'cache'}", "clip.prompt_template=a photo of {}.", "clip.tiny.width=32",
+        "clip.tiny.layers=1", "clip.tiny.text_width=32", "clip.tiny.embed_dim=32", "clip.tiny.steps=5",
+        "train.steps=5", "train.batch_size=8", "selection.ipc=2", "student.steps=5", "student.model.width=8"])
+    summary = run_hello(cfg)
+    assert summary["skipped_images"] == 1
+    assert read_adapter_meta(cfg.run_dir() / "projector_adapters.safetensors")["class_names"] == [
+        "class 0", "class 1", "class 2"]
+    metrics = evaluate_hello(cfg.run_dir(), [], None)
+    assert metrics["num_images"] == 6 and metrics["skipped_images"] == 1

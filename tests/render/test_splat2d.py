@@ -99,3 +99,14 @@ def test_array_like_inputs():
     out = splat_points_2d(pts, np.array([1.0, 2.0]), 8, 9, weights=[1.0, 0.5])
     torch.testing.assert_close(out, ref)
     assert splat_points_2d(np.zeros((0, 2)), 1.0, 4, 5).shape == (4, 5)
+
+
+def test_geometry_adaptive_sigmas_brute_force():
+    g = torch.Generator().manual_seed(3)
+    pts = torch.rand(200, 2, generator=g, dtype=torch.float64) * 300
+    d = torch.cdist(pts, pts)
+    ref = 0.3 * d.topk(4, largest=False).values[:, 1:].mean(-1)  # 3 nearest others
+    torch.testing.assert_close(geometry_adaptive_sigmas(pts, k=3, beta=0.3), ref)
+    two = geometry_adaptive_sigmas(pts[:2], k=3)  # fewer neighbours than k
+    torch.testing.assert_close(two, 0.3 * d[0, 1].expand(2))
+    assert geometry_adaptive_sigmas(pts[:1], image_size=(40, 80)).item() == 15.0  # CSRNet: mean(H, W) / 4

@@ -198,7 +198,7 @@ class Feature3DGSTask(DistillationTask):
         if self.training and self.strategy is not None and torch.is_grad_enabled():
             out["meta"]["means2d"].retain_grad()  # DefaultStrategy.step_pre_backward
             self._meta = out["meta"]
-        losses["num_gaussians"] = torch.tensor(float(self.student.num_gaussians))
+        losses["num_gaussians"] = torch.tensor(float(self.student.num_gaussians), device=images.device)
         return losses
 
     def configure_optimizers(self, train_cfg: Any) -> tuple[dict, dict]:

@@ -127,7 +127,7 @@ def select_gaussians(folded: Tensor, text: Tensor, positives: Sequence[int], thr
             raise ValueError("a single query needs a threshold")
         return scores[:, 0] >= threshold
     prob = torch.softmax(scores, dim=-1)  # raw cosines, no temperature (as the reference)
-    pos = torch.as_tensor(list(positives), dtype=torch.long)
+    pos = torch.as_tensor(list(positives), dtype=torch.long, device=prob.device)
     p_pos = prob[:, pos].sum(-1)
     arg_pos = torch.isin(prob.argmax(-1), pos)
     if mode == "extract":

@@ -98,7 +98,7 @@ def _query_setup(run: Any, query: str, edit: str | None, threshold: float | None
         scene_labels = list(run.cfg.eval.labels) or [n for n in (run.scene.label_names or []) if n != "background"]
         others = [n for n in scene_labels if n != labels[0]] or list(run.cfg.query.negatives)
         label_set = [labels[0]] + others
-    text = encode(prompts(label_set))  # [K, M]
+    text = encode(prompts(label_set)).to(run.field.params["means"].device)  # [K, M]
     result: dict[str, Any] = {"query": labels[0], "label_set": label_set, "text": text}
     if edit is not None:
         folded = run.field.folded_features()
@@ -127,15 +127,20 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
         raise UserError(f"--{edit} needs --query")
     run = load_run(run_dir)
     field, scene = run.field, run.scene
+    device = field.params["means"].device
     viewmats, Ks, W, H, names = camera_path(scene, views, frames)
+    viewmats, Ks = viewmats.to(device), Ks.to(device)
     q = _query_setup(run, query, edit, threshold) if query else None
+    if q is not None:
+        q["text"] = q["text"].to(device)
     mask = edit_opacity_mask(q["selected"], edit) if q is not None and edit is not None else None
-    bg = torch.tensor(run.cfg.model.background if run.cfg.model.background is not None else scene.background)
+    bg = torch.tensor(run.cfg.model.background if run.cfg.model.background is not None else scene.background,
+                      dtype=torch.float32, device=device)
     backend = run.cfg.model.backend
 
     # Fixed colour mappings, fitted once per scene.
     opac = torch.sigmoid(field.params["opacities"].detach())
-    pca = PCAColorizer.fit(field.folded_features().detach(), weights=opac)
+    pca = PCAColorizer.fit(field.folded_features().detach().cpu(), weights=opac.cpu())
     streams = ["rgb", "depth", "features"] + (["relevancy"] if q is not None else [])
     out_dir = Path(out) if out is not None else Path(run_dir) / "renders" / (views + (f"-{edit}" if edit else ""))
     for s in streams:
@@ -146,18 +151,19 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
     for k in bar:
         r = field.render(viewmats[k:k + 1], Ks[k:k + 1], W, H, background=bg, features=True, depth=True,
                          opacity_mask=mask, backend=backend)
-        rgb = r["rgb"][0].clamp(0, 1)
-        alpha = r["alpha"][0, ..., 0]
-        depth = r["depth"][0, ..., 0]
+        rgb = r["rgb"][0].clamp(0, 1).cpu()
+        alpha = r["alpha"][0, ..., 0].cpu()
+        depth = r["depth"][0, ..., 0].cpu()
         if depth_range is None:
             valid = depth[alpha > 0.5]
             valid = valid if valid.numel() > 10 else depth.flatten()
             depth_range = (float(torch.quantile(valid, 0.02)), float(torch.quantile(valid, 0.98)) + 1e-6)
-        decoded = field.decode(r["features"].permute(0, 3, 1, 2))  # [1, M, H, W] teacher space
+        decoded = field.decode(r["features"].permute(0, 3, 1, 2)).cpu()  # [1, M, H, W] teacher space
         frames_k = {"rgb": rgb, "depth": colormap(depth, *depth_range, name="turbo") * alpha[..., None],
                     "features": pca(decoded)[0] * alpha[..., None]}
         if q is not None:
-            rel = relevancy(decoded, q["text"][0], q["text"][1:], run.cfg.query.temperature)[0]
+            text = q["text"].cpu()
+            rel = relevancy(decoded, text[0], text[1:], run.cfg.query.temperature)[0]
             frames_k["relevancy"] = colormap(rel, 0.0, 1.0, name="turbo")
         for s, img in frames_k.items():
             save_png(img, out_dir / s / f"frame_{k:05d}.png")

@@ -16,9 +16,16 @@ from vkd.feature3dgs.model import GaussianField
 from vkd.feature3dgs.scene import Scene
 from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, FeatureCache
 
-__all__ = ["LoadedRun", "load_run", "field_from_state"]
+__all__ = ["LoadedRun", "load_run", "field_from_state", "run_device"]
 
 log = logging.getLogger(__name__)
+
+
+def run_device(cfg: Feature3DGSConfig) -> torch.device:
+    """Device for evaluation/rendering: ``train.device`` (``auto``: CUDA when available)."""
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def field_from_state(state: dict[str, torch.Tensor], sh_degree: int, prefix: str = "student.") -> GaussianField:
@@ -124,4 +131,4 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if info.get("random_init"):
         log.warning(RANDOM_INIT_WARNING)
     scene = prepare_scene(cfg)
-    return LoadedRun(run_dir, cfg, scene, field, info, ckpt)
+    return LoadedRun(run_dir, cfg, scene, field.to(run_device(cfg)), info, ckpt)

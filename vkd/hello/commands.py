@@ -196,7 +196,7 @@ def evaluate_hello(run_dir: Path, overrides: list[str], out_dir: Path | None = N
 HELLO_TEACHER = TaskEntry(
     name="hello-teacher", config_cls=HelloTeacherConfig, preset_dir="hello", run=run_teacher, evaluate=None,
     description="train the HeLlO soft-label teacher (small CNN or ResNet-18) with weak-teacher snapshots",
-    default_preset="digits_teacher")
+    default_preset="digits-teacher")
 
 HELLO = TaskEntry(
     name="hello", config_cls=HelloConfig, preset_dir="hello", run=run_hello, evaluate=evaluate_hello,

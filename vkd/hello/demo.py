@@ -27,7 +27,7 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
     out = Path(out)
     runs = out / "runs"
     extra_t = ["train.steps=200"] if quick else []
-    tcfg = load_config(HelloTeacherConfig, find_preset("hello", "digits_teacher"),
+    tcfg = load_config(HelloTeacherConfig, find_preset("hello", "digits-teacher"),
                        [f"run.output_dir={runs}"] + extra_t, task="hello-teacher")
     if not (tcfg.run_dir() / "teacher.json").is_file():
         run_teacher(tcfg, "latest")

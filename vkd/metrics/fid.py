@@ -42,7 +42,6 @@ __all__ = [
     "RUN_GENERATORS",
 ]
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 REPORT_SAMPLES = 50_000  # the count behind published numbers; fewer is a smoke test
 
 # task name (from run_dir/config.yaml) -> "module:function" yielding uint8 sample batches for FID.
@@ -241,24 +240,23 @@ class ImageDirScan:
 def scan_image_dir(path: str | Path) -> ImageDirScan:
     """List the readable images directly in a folder (not its subfolders), checking that they share one size.
 
-    Unreadable files are skipped and reported (never silently); mixed sizes raise ``DataError``.
+    Every file is decoded once (:func:`vkd.data.files.read_image`: truncated files, non-images and
+    decompression bombs are caught); unreadable files are skipped and reported, never silently; mixed
+    sizes raise ``DataError``.
     """
-    from PIL import Image, UnidentifiedImageError
+    from vkd.data.files import IMAGE_EXTENSIONS, read_image
 
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image directory not found: {path}")
     files, skipped, sizes = [], [], {}
-    for f in sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS):
+    for f in sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
         try:
-            with Image.open(f) as im:
-                im.verify()  # header + chunk checks without a full decode
-            with Image.open(f) as im:
-                size = (im.height, im.width)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            skipped.append((f.name, type(err).__name__))
+            size = read_image(f, "RGB").shape[:2]
+        except DataError as err:
+            skipped.append((f.name, str(err).replace(str(f), f.name)))
             continue
-        sizes.setdefault(size, []).append(f)
+        sizes.setdefault(tuple(size), []).append(f)
         files.append(f)
     if len(sizes) > 1:
         desc = ", ".join(f"{w}x{h} ({len(v)} files, e.g. {v[0].name})" for (h, w), v in sizes.items())
@@ -276,14 +274,9 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
+        from vkd.data.files import read_image
 
-        try:
-            with Image.open(self.files[i]) as im:
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except OSError as err:
-            raise DataError(f"cannot decode {self.files[i]}: {err}") from None
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(read_image(self.files[i], "RGB"))).permute(2, 0, 1)
 
 
 def _features(extractor: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -265,8 +265,10 @@ def geometry_adaptive_sigmas(
         if single_sigma is None:
             single_sigma = (sum(image_size) / 2.0 / 4.0) if image_size is not None else 15.0
         return torch.full((1,), float(single_sigma), dtype=torch.float64, device=points.device)
-    pts = points.to(torch.float64)
-    d = torch.cdist(pts, pts)  # [P, P]
+    from scipy.spatial import cKDTree  # O(P log P); a dense [P, P] distance matrix is too big for crowds
+
+    pts = points.detach().to("cpu", torch.float64).numpy()
     kk = min(k, P - 1)
-    nn = d.topk(kk + 1, dim=-1, largest=False).values[:, 1:]  # drop self (distance 0)
-    return beta * nn.mean(-1)
+    dist, _ = cKDTree(pts).query(pts, k=kk + 1)  # column 0 is the point itself (distance 0)
+    sig = torch.from_numpy(dist[:, 1:].mean(-1) * beta)
+    return sig.to(points.device)

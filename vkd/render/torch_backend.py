@@ -195,17 +195,27 @@ class TileSchedule:
 
 
 def _min_sigma_on_rect(u, v, a, b, c, x0, x1, y0, y1):
-    """Minimum of σ = ½(a dx² + 2b dx dy + c dy²), d = p - (u, v), over the rectangle [x0, x1] × [y0, y1]."""
+    """Minimum of σ = ½(a dx² + 2b dx dy + c dy²), d = p - (u, v), over the rectangle [x0, x1] × [y0, y1].
+
+    The quadratic form is positive definite, so the minimum is 0 when (u, v) is inside and otherwise lies on an edge;
+    on each edge σ is a parabola whose minimiser is clamped to the edge. All arguments are 1-D and contiguous.
+    """
     dx0, dx1, dy0, dy1 = x0 - u, x1 - u, y0 - v, y1 - v
-    inside = (dx0 <= 0) & (dx1 >= 0) & (dy0 <= 0) & (dy1 >= 0)
-    best = torch.full_like(u, math.inf)
-    for dx in (dx0, dx1):  # vertical edges: σ is a parabola in dy, minimised at dy = -b dx / c
-        dy = torch.minimum(torch.maximum(-b * dx / c, dy0), dy1)
-        best = torch.minimum(best, 0.5 * (a * dx * dx + 2 * b * dx * dy + c * dy * dy))
+    ah, ch = 0.5 * a, 0.5 * c
+    ty, tx = (
+        -b / c,
+        -b / a,
+    )  # unconstrained minimiser along a vertical / horizontal line: dy = ty·dx, dx = tx·dy
+    best = None
+    for dx in (dx0, dx1):
+        dy = torch.clamp(ty * dx, min=dy0, max=dy1)
+        sig = ah * dx * dx + dy * (b * dx + ch * dy)
+        best = sig if best is None else torch.minimum(best, sig)
     for dy in (dy0, dy1):
-        dx = torch.minimum(torch.maximum(-b * dy / a, dx0), dx1)
-        best = torch.minimum(best, 0.5 * (a * dx * dx + 2 * b * dx * dy + c * dy * dy))
-    return torch.where(inside, torch.zeros_like(best), best)
+        dx = torch.clamp(tx * dy, min=dx0, max=dx1)
+        best = torch.minimum(best, ah * dx * dx + dy * (b * dx + ch * dy))
+    inside = (dx0 <= 0) & (dx1 >= 0) & (dy0 <= 0) & (dy1 >= 0)
+    return best.masked_fill_(inside, 0.0)
 
 
 def build_tile_schedule(
@@ -250,39 +260,33 @@ def build_tile_schedule(
         tpg[vis] = cnt.to(torch.int32)
         total = int(cnt.sum())
         g_rep = torch.repeat_interleave(torch.arange(vis.numel(), device=device), cnt)  # [M]
-        # One gather of a per-Gaussian integer table: (x0, y0, nx, first pair, image tile base).
-        itab = torch.stack([x0, y0, nx.clamp_min(1), torch.cumsum(cnt, 0) - cnt, (vis // N) * (th * tw)], 1)
-        ig = itab.index_select(0, g_rep)
-        off = torch.arange(total, device=device) - ig[:, 3]
-        qy = torch.div(off, ig[:, 2], rounding_mode="floor")
-        txx = ig[:, 0] + off - qy * ig[:, 2]
-        tyy = ig[:, 1] + qy
-        tile = ig[:, 4] + tyy * tw + txx
+        # One gather of a per-Gaussian integer table (rows: x0, y0, nx, first pair, image tile base).
+        itab = torch.stack([x0, y0, nx.clamp_min(1), torch.cumsum(cnt, 0) - cnt, (vis // N) * (th * tw)], 0)
+        ig = itab.index_select(1, g_rep)  # [5, M], contiguous rows
+        off = torch.arange(total, device=device) - ig[3]
+        qy = torch.div(off, ig[2], rounding_mode="floor")
+        txx = ig[0] + off - qy * ig[2]
+        tyy = ig[1] + qy
+        tile = ig[4] + tyy * tw + txx
         if conics is not None and opacities is not None and total:
             fdt = m2.dtype
             cn = conics.detach().reshape(-1, 3).index_select(0, vis)
             lo = torch.log(opacities.detach().reshape(-1).index_select(0, vis))
-            ftab = torch.cat([m2, cn, lo[:, None]], 1).index_select(0, g_rep)  # [M, 6]: u, v, a, b, c, log o
+            ft = torch.cat([m2, cn, lo[:, None]], 1).t().contiguous().index_select(1, g_rep)  # [6, M]
             px0 = txx.to(fdt) * tile_size + 0.5
             py0 = tyy.to(fdt) * tile_size + 0.5
             smin = _min_sigma_on_rect(
-                ftab[:, 0],
-                ftab[:, 1],
-                ftab[:, 2],
-                ftab[:, 3],
-                ftab[:, 4],
-                px0,
-                px0 + (tile_size - 1),
-                py0,
-                py0 + (tile_size - 1),
+                ft[0], ft[1], ft[2], ft[3], ft[4], px0, px0 + (tile_size - 1), py0, py0 + (tile_size - 1)
             )
             # α_max = o·exp(-σ_min) < 1/255 → drop the pair (margin 1e-3 in log space covers float32 rounding).
-            keep = ((ftab[:, 5] - smin) >= math.log(ALPHA_THRESHOLD) - 1e-3).nonzero().squeeze(1)
+            keep = ((ft[5] - smin) >= math.log(ALPHA_THRESHOLD) - 1e-3).nonzero().squeeze(1)
             g_rep, tile = g_rep.index_select(0, keep), tile.index_select(0, keep)
         gid = vis.index_select(0, g_rep)
-        perm = torch.argsort(tile, stable=True)
-        pair_gauss, pair_tile = gid.index_select(0, perm), tile.index_select(0, perm)
         n_tiles = C * th * tw
+        # The narrowest integer key sorts fastest (radix sort).
+        key_dtype = torch.int16 if n_tiles < 2**15 else torch.int32 if n_tiles < 2**31 else torch.int64
+        perm = torch.argsort(tile.to(key_dtype), stable=True)
+        pair_gauss, pair_tile = gid.index_select(0, perm), tile.index_select(0, perm)
         counts = torch.bincount(pair_tile, minlength=n_tiles)
         offsets = torch.cumsum(counts, 0) - counts
 
@@ -576,14 +580,13 @@ def composite_tiles(
     # Tile centres of each pair, in pixels.
     tcx = (t_local % tw).to(dtype) * ts + ts / 2.0
     tcy = (t_local // tw).to(dtype) * ts + ts / 2.0
-    # One gather of a per-Gaussian table (u, v, a, b, c, log o) per pair.
-    tab = torch.cat([means2d.reshape(-1, 2), conics.reshape(-1, 3), opacities.reshape(-1, 1)], 1)
-    tab = tab.index_select(0, pg)
-    m, cn = tab[:, :2], tab[:, 2:5]
-    lo = torch.log(tab[:, 5])
-    u = m[:, 0] - tcx
-    v = m[:, 1] - tcy
-    a, b, c = cn.unbind(-1)
+    # One gather of a per-Gaussian table (rows u, v, a, b, c, o) for all pairs, contiguous per row.
+    tab = torch.cat([means2d.reshape(-1, 2), conics.reshape(-1, 3), opacities.reshape(-1, 1)], 1).t()
+    tab = tab.index_select(1, pg)  # [6, M]
+    u = tab[0] - tcx
+    v = tab[1] - tcy
+    a, b, c = tab[2], tab[3], tab[4]
+    lo = torch.log(tab[5])
     au_bv = a * u + b * v
     bu_cv = b * u + c * v
     # n(x, y) = log o - σ, σ = ½a(x-u)² + b(x-u)(y-v) + ½c(y-v)²

@@ -110,7 +110,7 @@ def _background(rng: np.random.Generator, h: int, w: int, horizon: float) -> Ima
             d *= rng.uniform(1.15, 1.5)
     arr = np.asarray(pil).astype(np.float32)
     if kind in ("grass", "noise"):
-        arr += _smooth_noise(rng, h, w, int(rng.integers(8, 32)), rng.uniform(10, 35))
+        arr += _smooth_noise(rng, h, w, int(rng.integers(4, 12)), rng.uniform(6, 20))
     arr += _smooth_noise(rng, h, w, 4, rng.uniform(5, 25))
     arr += rng.normal(0, rng.uniform(1, 6), size=arr.shape).astype(np.float32)
     pil = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
