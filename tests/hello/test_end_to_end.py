@@ -75,7 +75,8 @@ def test_projector_labels_beat_hard_labels(tmp_path):
 
 
 def test_imagefolder_pipeline_smoke(tmp_path):
-    """ImageFolder trees (uint8 in RAM, an undecodable file skipped and counted) through all three commands."""
+    """ImageFolder trees (uint8 in RAM, an undecodable file skipped and counted) through all three commands,
+    with stitch factor 2 (4 patches per image) and the image update."""
     import numpy as np
     from PIL import Image
 
@@ -96,10 +97,15 @@ def test_imagefolder_pipeline_smoke(tmp_path):
     cfg = apply_overrides(HelloConfig(), data + [
         f"clip.cache_dir={tmp_path / 'cache'}", "clip.prompt_template=a photo of {}.", "clip.tiny.width=32",
         "clip.tiny.layers=1", "clip.tiny.text_width=32", "clip.tiny.embed_dim=32", "clip.tiny.steps=5",
-        "train.steps=5", "train.batch_size=8", "selection.ipc=2", "student.steps=5", "student.model.width=8"])
+        "train.steps=5", "train.batch_size=8", "selection.ipc=1", "selection.factor=2", "image_update.steps=3",
+        "student.steps=5", "student.model.width=8"])
     summary = run_hello(cfg)
     assert summary["skipped_images"] == 1
+    info = json.loads((cfg.run_dir() / "hello.json").read_text())
+    assert info["factor"] == 2 and info["image_update"]["g_after"] <= info["image_update"]["g_before"]
+    manifest = json.loads((cfg.run_dir() / "distilled" / "manifest.json").read_text())
+    assert manifest["factor"] == 2 and manifest["crop_scale"] == [0.08, 1.0] and len(manifest["source_index"]) == 12
     assert read_adapter_meta(cfg.run_dir() / "projector_adapters.safetensors")["class_names"] == [
         "class 0", "class 1", "class 2"]
     metrics = evaluate_hello(cfg.run_dir(), [], None)
-    assert metrics["num_images"] == 6 and metrics["skipped_images"] == 1
+    assert metrics["num_images"] == 3 and metrics["skipped_images"] == 1
