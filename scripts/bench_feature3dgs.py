@@ -15,8 +15,8 @@ accuracy >= 0.9, training <= 5 min, >= 5 FPS at 256x256 with render_dim 16 on CP
 
 Usage::
 
-    .venv/bin/python scripts/bench_feature3dgs.py [--output-dir runs/bench] [--json bench_feature3dgs.json]
-        [--set train.steps=1000 ...] [--skip-train]
+    .venv/bin/python scripts/bench_feature3dgs.py [--fresh] [--output-dir runs/bench] [--json FILE]
+        [--threads 1] [--fps-threads 1,2] [--set train.steps=1000 ...] [--skip-train]
 """
 
 from __future__ import annotations
@@ -93,16 +93,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default="bench_feature3dgs.json", help="result file")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=value")
     ap.add_argument("--skip-train", action="store_true", help="reuse an existing run with the same name")
+    ap.add_argument("--fresh", action="store_true",
+                    help="delete the scene / tiny-CLIP / teacher-feature caches first (cold-start timings)")
     ap.add_argument("--fps-size", type=int, default=256)
     ap.add_argument("--fps-repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for training (sets compute.cpu_threads; the target machine has 2 cores)")
+    ap.add_argument("--fps-threads", default="1,2", help="thread counts of the FPS table, comma-separated")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    overrides = [f"run.output_dir={args.output_dir}", f"run.name={args.name}", *args.overrides]
+    overrides = [f"run.output_dir={args.output_dir}", f"run.name={args.name}",
+                 f"compute.cpu_threads={args.threads}", *args.overrides]
     cfg = load_config(Feature3DGSConfig, find_preset("feature3dgs", "synthetic"), overrides, task="feature3dgs")
     load_start = os.getloadavg()
     t0, c0 = time.perf_counter(), cpu_seconds()
+    if args.fresh and not args.skip_train:
+        shutil.rmtree(Path(cfg.run.output_dir) / cfg.task / "_cache", ignore_errors=True)
     if not args.skip_train:
         shutil.rmtree(cfg.run_dir(), ignore_errors=True)
         summary = run(cfg, None)
@@ -112,7 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     loaded = load_run(cfg.run_dir())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher_dim = loaded.field.teacher_dim
-    fps_rows = fps_table(loaded.field, loaded.scene, args.fps_size, args.fps_repeats, teacher_dim, "cpu")
+    fps_by_threads = {}
+    for threads in [int(t) for t in args.fps_threads.split(",") if t.strip()]:
+        torch.set_num_threads(threads)
+        fps_by_threads[threads] = fps_table(loaded.field, loaded.scene, args.fps_size, args.fps_repeats, teacher_dim,
+                                            "cpu")
+    torch.set_num_threads(args.threads)
     gpu_rows = fps_table(loaded.field, loaded.scene, args.fps_size, 5, teacher_dim, "cuda") if device == "cuda" \
         else None
     # The trained default field itself (render_dim 16 + its decoder) at 256x256.
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     ev = summary.get("eval", {})
     result = {
         "command": "python scripts/bench_feature3dgs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "cold_start": bool(args.fresh),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": args.threads,
                     "torch": torch.__version__, "cuda": torch.cuda.is_available(),
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
@@ -143,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fps_trained_default_at_size": trained_fps,
         "cpu_s_per_frame_trained_default": trained_cpu_per_frame,
         "fps_size": args.fps_size,
-        "fps_cpu": fps_rows,
+        "fps_cpu_by_threads": fps_by_threads,
         "fps_gpu": gpu_rows,
     }
     m = result["metrics"]
@@ -174,12 +187,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{'CPU s (whole run)':<28}{result['cpu_s_total']:>12.1f}   (CPU use {result['cpu_utilization']:.2f} "
               f"of {args.threads} threads: wall time is inflated when the machine is shared)")
     print(f"{'CPU s / frame, trained @size':<28}{trained_cpu_per_frame:>12.3f}")
-    print(f"\nrender FPS at {args.fps_size}x{args.fps_size} (CPU, {args.threads} threads, "
-          f"{summary.get('num_gaussians')} Gaussians)")
-    print(f"{'render_dim':>10}{'no decoder':>12}{f'-> {teacher_dim}':>10}{'-> 512':>10}")
-    for r in fps_rows:
-        print(f"{r['render_dim']:>10}{r['no_decoder']:>12.2f}{r[f'decoder_{teacher_dim}']:>10.2f}"
-              f"{r['decoder_512']:>10.2f}")
+    for threads, rows in fps_by_threads.items():
+        print(f"\nrender FPS at {args.fps_size}x{args.fps_size} (CPU, {threads} thread(s), "
+              f"{summary.get('num_gaussians')} Gaussians; CPU s/frame in brackets)")
+        print(f"{'render_dim':>10}{'no decoder':>20}{f'-> {teacher_dim}':>20}{'-> 512':>20}")
+        for r in rows:
+            cells = [f"{r[k]:.2f} [{r[k + '_cpu_s_per_frame']:.3f}]" for k in
+                     ("no_decoder", f"decoder_{teacher_dim}", "decoder_512")]
+            print(f"{r['render_dim']:>10}" + "".join(f"{c:>20}" for c in cells))
     print(f"\nwrote {args.json}")
     return result
 

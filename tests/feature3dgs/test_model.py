@@ -105,7 +105,7 @@ def test_losses_values_and_gradcheck():
     ra = a[..., :7, :7].clone().requires_grad_(True)
     torch.autograd.gradcheck(lambda x: rgb_loss(x, b[..., :7, :7], 0.2, 3), (ra,), fast_mode=True)
     out = Feature3DGSLoss(0.2, 2.0)(a.float(), b.float(), fa.float(), fb.float())
-    assert float(out["loss"]) == pytest.approx(float(out["rgb"] + 2.0 * out["feature"]), rel=1e-5)
+    assert float(out["loss"].detach()) == pytest.approx(float(out["rgb"] + 2.0 * out["feature"]), rel=1e-5)
     # Resizing to the teacher grid uses align_corners=True: corners are preserved exactly.
     up = resize_features(fb, (9, 9))
     torch.testing.assert_close(up[..., 0, 0], fb[..., 0, 0])

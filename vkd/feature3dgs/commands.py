@@ -15,6 +15,14 @@ __all__ = ["FEATURE3DGS", "run", "evaluate", "render"]
 log = logging.getLogger(__name__)
 
 
+def apply_compute(cfg: Feature3DGSConfig) -> None:
+    """Apply ``compute.cpu_threads`` (process-wide ``torch.set_num_threads``) when it is set."""
+    if cfg.compute.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.compute.cpu_threads)
+
+
 def run(cfg: Feature3DGSConfig, resume: str | None = None) -> dict:
     """Build scene, teacher cache and Gaussian field, train with the shared engine, return the summary.
 
@@ -25,6 +33,7 @@ def run(cfg: Feature3DGSConfig, resume: str | None = None) -> dict:
     from vkd.feature3dgs.distiller import build_task
     from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, save_teacher_for_queries
 
+    apply_compute(cfg)
     t0 = time.perf_counter()
     task, dataset, prep = build_task(cfg)
     t_prep = time.perf_counter() - t0

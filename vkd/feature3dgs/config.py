@@ -23,6 +23,7 @@ __all__ = [
     "DensifyConfig",
     "EvalConfig",
     "QueryConfig",
+    "ComputeConfig",
     "Feature3DGSConfig",
 ]
 
@@ -230,6 +231,19 @@ class QueryConfig:
         _positive(self, ["temperature"])
 
 
+@dataclass
+class ComputeConfig:
+    """Process-level compute settings applied by the Feature 3DGS commands (train, eval, render)."""
+
+    # torch CPU threads (torch.set_num_threads); 0 keeps torch's default. The CPU rasterizer runs many small ops:
+    # on a shared, oversubscribed machine 2 threads measured 10-100x slower than 1 (OpenMP threads wait for each
+    # other), so the CPU presets use 1.
+    cpu_threads: int = 0
+
+    def __post_init__(self) -> None:
+        _nonnegative(self, ["cpu_threads"])
+
+
 def _default_train() -> TrainConfig:
     return TrainConfig(steps=7000, batch_size=1, lr=1e-3, optimizer="adam", log_every=50, checkpoint_every=1000)
 
@@ -248,3 +262,4 @@ class Feature3DGSConfig(TaskConfig):
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)

@@ -1,8 +1,8 @@
 """``vkd render --run RUN``: RGB, depth, PCA features and text-query relevancy along test views or camera paths.
 
 Frames go to ``<out>/{rgb,depth,features,relevancy}/frame_XXXXX.png`` and, unless ``fmt="png"``, one video per
-stream (``<out>/rgb.mp4`` ...). PCA colours are fitted once per scene (on the per-Gaussian teacher-space features,
-opacity-weighted) and depth / relevancy use fixed ranges, so colours are stable across frames.
+stream (``<out>/rgb.mp4`` ...). PCA colours are fitted once per scene (on decoded feature renders of a
+few training views) and depth / relevancy use fixed ranges, so colours are stable across frames.
 """
 
 from __future__ import annotations
@@ -111,13 +111,34 @@ def _query_setup(run: Any, query: str, edit: str | None, threshold: float | None
 
 
 @torch.no_grad()
+def fit_scene_pca(field: Any, scene: Any, backend: str = "auto", max_views: int = 4) -> Any:
+    """PCA colouring fitted once per scene on decoded feature maps of up to ``max_views`` training views.
+
+    Rendered maps (blends of per-Gaussian features) have other statistics than the per-Gaussian features
+    themselves, so fitting on renders gives better contrast; the same mapping is then used for every frame.
+    """
+    from vkd.feature3dgs.visualize import PCAColorizer
+
+    device = field.params["means"].device
+    ids = scene.train_ids[:: max(1, len(scene.train_ids) // max_views)][:max_views]
+    feats, weights = [], []
+    for i in ids:
+        cam = scene.cameras[i]
+        r = field.render(cam.viewmat[None].to(device), cam.K[None].to(device), cam.width, cam.height,
+                         features=True, backend=backend)
+        feats.append(field.decode(r["features"].permute(0, 3, 1, 2))[0].flatten(1).T.cpu())
+        weights.append(r["alpha"][0, ..., 0].flatten().cpu())
+    return PCAColorizer.fit(torch.cat(feats), weights=torch.cat(weights), max_samples=20000)
+
+
+@torch.no_grad()
 def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str | None = None,
                edit: str | None = None, threshold: float | None = None, out: Path | None = None,
                fmt: str = "mp4", fps: int = 24, progress: bool = True) -> dict:
     """Render a trained run (see module docstring). Returns a summary dict (also written as ``render.json``)."""
     from vkd.feature3dgs.query import edit_opacity_mask, relevancy
     from vkd.feature3dgs.runs import load_run
-    from vkd.feature3dgs.visualize import PCAColorizer, colormap, save_png, to_uint8, write_video
+    from vkd.feature3dgs.visualize import colormap, save_png, to_uint8, write_video
 
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
@@ -139,8 +160,7 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
     backend = run.cfg.model.backend
 
     # Fixed colour mappings, fitted once per scene.
-    opac = torch.sigmoid(field.params["opacities"].detach())
-    pca = PCAColorizer.fit(field.folded_features().detach().cpu(), weights=opac.cpu())
+    pca = fit_scene_pca(field, scene, backend)
     streams = ["rgb", "depth", "features"] + (["relevancy"] if q is not None else [])
     out_dir = Path(out) if out is not None else Path(run_dir) / "renders" / (views + (f"-{edit}" if edit else ""))
     for s in streams:
