@@ -8,7 +8,7 @@ the synthetic test split, parameters, MACs at 576×864 (forward hooks on every c
 ``torch.utils.flop_counter.FlopCounterMode``) and CPU latency of teacher and student at 576×864, measured
 interleaved in the same run. Writes a JSON file and prints a table.
 
-    .venv/bin/python scripts/bench_skt.py --out bench/skt.json
+    .venv/bin/python scripts/bench_skt.py [--out bench_skt.json] [--set train.steps=N] [--latency-repeats 3]
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def latency(models: dict[str, torch.nn.Module], shape: tuple[int, ...], repeats:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/skt.json", help="JSON result file")
+    parser.add_argument("--out", default="bench_skt.json", help="JSON result file")
     parser.add_argument("--workdir", default="runs/bench_skt", help="run.output_dir of the three trainings")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override for all three configs, e.g. train.steps=100 (repeatable)")

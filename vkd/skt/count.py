@@ -73,7 +73,7 @@ def count_images(run_dir: Path, inputs: list[str], out: Path | None = None, over
     overlay) and ``<out>/<stem>_density.png`` overlays; ``out`` defaults to ``<run_dir>/count``.
 
     Returns:
-        ``{"images": N, "total": Σ counts, "csv": path, "out": dir, "counts": {image: count}}``.
+        ``{"images": N, "total": Σ counts, "mean": mean count, "csv": path, "out": dir}``.
     """
     run_dir = Path(run_dir)
     cfg, model = load_run(run_dir)
@@ -104,5 +104,6 @@ def count_images(run_dir: Path, inputs: list[str], out: Path | None = None, over
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return {"images": len(rows), "total": float(sum(r["count"] for r in rows)), "csv": str(csv_path),
-            "out": str(out), "counts": {r["image"]: r["count"] for r in rows}}
+    total = float(sum(r["count"] for r in rows))
+    # Per-image counts are printed above and written to the CSV; the summary stays one screen long.
+    return {"images": len(rows), "total": total, "mean": total / len(rows), "csv": str(csv_path), "out": str(out)}

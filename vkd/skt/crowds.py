@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["CrowdSpec", "generate_crowd", "write_crowd_dataset"]
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -294,6 +294,8 @@ def write_crowd_dataset(root: str | Path, num_train: int, num_test: int, spec: C
             rng = np.random.default_rng(np.random.SeedSequence([seed, split_id, i]))
             image, points = generate_crowd(rng, spec)
             image.save(out / f"img_{i:05d}.png")
-            (out / f"img_{i:05d}.json").write_text(json.dumps({"points": np.round(points, 3).tolist()}))
+            # Rounded for a compact file, kept strictly inside the image (95.9996 must not become 96.0).
+            points = np.minimum(np.round(points, 3), [spec.width - 1e-3, spec.height - 1e-3])
+            (out / f"img_{i:05d}.json").write_text(json.dumps({"points": points.tolist()}))
     meta_path.write_text(json.dumps(meta, indent=1))
     return root
