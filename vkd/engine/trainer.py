@@ -244,7 +244,6 @@ class Trainer:
                     shutil.rmtree(stale, ignore_errors=True)
 
         task = self.task.to(acc.device)
-        optimizers, schedulers = self._optimizers(task)
 
         # ---- resume --------------------------------------------------------------------------
         start_step = 0
@@ -255,15 +254,17 @@ class Trainer:
             resume_path = Path(resume)
             if not resume_path.is_dir():
                 raise UserError(f"checkpoint to resume from not found: {resume_path}")
-        ema = EMA(task.student_module(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        state: dict[str, Any] = {}
         if resume_path is not None:
             meta = verify_checkpoint(resume_path)
             start_step = int(meta["step"])
             task.load_checkpoint_state_dict(load_checkpoint_weights(resume_path))
             state = load_training_state(resume_path)
             task.load_extra_state_dict(state.get("extra", {}))
-            # The task may have resized parameters (densification): rebuild optimizers over them.
-            optimizers, schedulers = self._optimizers(task)
+        # Built after the weights are loaded: the task may have resized parameters (densification).
+        optimizers, schedulers = self._optimizers(task)
+        ema = EMA(task.student_module(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        if resume_path is not None:
             for name, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][name])
             for name, sched in schedulers.items():
@@ -335,7 +336,7 @@ class Trainer:
                             if torch.is_tensor(value) and value.numel() == 1:
                                 sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum
                     unwrapped.on_before_optimizer_step(step)
-                    grad_norm = self._grad_norm(acc, unwrapped, prepared)
+                    grad_norm = self._grad_norm(acc, prepared)
                     self._check_finite(acc, grad_norm, step, "gradient norm", None, last_ckpt)
                     for name, opt in prepared.items():
                         opt.step()
@@ -353,7 +354,7 @@ class Trainer:
                         stacked = torch.stack([sums[k] for k in keys]).to(acc.device)
                         reduced = acc.reduce(stacked, reduction="mean") if world > 1 else stacked
                         elapsed = time.time() - t_window
-                        last_logged = {k: float(v) for k, v in zip(keys, reduced.cpu())}
+                        last_logged = {k: float(v) for k, v in zip(keys, reduced.cpu(), strict=True)}
                         record = {"step": step, **last_logged, "grad_norm": float(grad_norm),
                                   "lr": _first_lr(prepared), "steps_per_s": steps_window / max(elapsed, 1e-9),
                                   "time": time.time() - t_start}
@@ -422,7 +423,7 @@ class Trainer:
         schedulers = _as_dict(schedulers)
         return optimizers, {name: schedulers.get(name) for name in optimizers}
 
-    def _grad_norm(self, acc: Any, task: DistillationTask, optimizers: dict[str, Any]) -> torch.Tensor:
+    def _grad_norm(self, acc: Any, optimizers: dict[str, Any]) -> torch.Tensor:
         params = [p for opt in optimizers.values() for group in opt.param_groups for p in group["params"]
                   if p.grad is not None]
         if not params:
