@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vkd.render import splat_points_2d
+from vkd.render import geometry_adaptive_sigmas, splat_points_2d
 
 __all__ = [
     "KernelSpec",
@@ -88,17 +88,8 @@ def adaptive_sigmas(points: np.ndarray, image_size: tuple[int, int], k: int = 3,
     Returns:
         ``[P]`` float64 σ.
     """
-    from scipy.spatial import cKDTree
-
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    n = len(points)
-    if n == 0:
-        return np.zeros(0)
-    if n == 1:
-        return np.array([_single_point_sigma(image_size)])
-    kk = min(k, n - 1)
-    dist, _ = cKDTree(points, leafsize=2048).query(points, k=kk + 1)
-    return beta * dist[:, 1:].mean(axis=1)
+    points = torch.from_numpy(np.asarray(points, dtype=np.float64).reshape(-1, 2))
+    return geometry_adaptive_sigmas(points, k=k, beta=beta, image_size=tuple(image_size)).numpy()
 
 
 def nn_capped_sigmas(points: np.ndarray, image_size: tuple[int, int], cap: float = 30.0) -> np.ndarray:
