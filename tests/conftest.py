@@ -24,3 +24,13 @@ def pytest_collection_modifyitems(config, items):
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op torch thread for the test. On a shared 2-core machine two OpenMP threads spin against other
+    processes and slowed tiny models down by 25-100x (measured by the render and HeLlO tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

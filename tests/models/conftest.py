@@ -1,13 +1,8 @@
-"""Tiny models: one intra-op thread. On a shared 2-core machine two OpenMP threads spin against other
-processes and made a 60-step pretraining 25× slower (107 s vs 4 s, measured)."""
+"""Tiny models here run single-threaded (see ``single_thread`` in tests/conftest.py)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(single_thread):
     yield
-    torch.set_num_threads(before)
