@@ -1,12 +1,14 @@
 """The ``vkd`` command line: parses, loads the config, calls one library function per subcommand.
 
-User mistakes (``vkd.errors.UserError``) print one line ``vkd: error: ...`` and exit with code 2;
-non-finite training exits with 3; an interrupted run (after saving a checkpoint) exits with 130.
+User mistakes (``vkd.errors.UserError``) print one line ``vkd: error: ...`` and exit with code 2, and so do
+storage failures (disk full, read-only file system, I/O errors); non-finite training exits with 3; an
+interrupted run (after saving a checkpoint) exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -238,6 +240,11 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     result = fid_command(args.real, args.fake, args.extractor, args.inception_weights, args.batch_size, args.num,
                          args.out, args.device)
     print(f"FID ({result.get('extractor', args.extractor)}): {result['fid']:.4f}")
+    for side in ("real", "fake"):  # unreadable images are skipped, never silently
+        if result.get(f"skipped_{side}"):
+            files = "; ".join(result.get(f"skipped_{side}_files", [])[:3])
+            print(f"vkd: warning: skipped {result[f'skipped_{side}']} unreadable {side} image(s): {files}",
+                  file=sys.stderr)
     return 0
 
 
@@ -276,6 +283,22 @@ def _check_run(run: Path) -> None:
         raise UserError(f"run directory not found: {run}")
 
 
+# disk full, quota exceeded, file too large, read-only file system, I/O error, permission denied
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES}
+
+
+def _message(err: BaseException) -> str:
+    """The error's message. A DataLoader worker re-raises an error with the worker's traceback in the message
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ... vkd.errors.DataError: <message>"):
+    only the original one-line message is kept."""
+    text = str(err)
+    if "Original Traceback" in text:
+        marker = f"{type(err).__module__}.{type(err).__name__}: "
+        last = text.strip().splitlines()[-1]
+        return last.split(marker, 1)[1] if marker in last else last
+    return text
+
+
 COMMANDS = {
     "distill": _cmd_distill,
     "eval": _cmd_eval,
@@ -299,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as err:
-        print(f"vkd: error: {err}", file=sys.stderr)
+        print(f"vkd: error: {_message(err)}", file=sys.stderr)
         return err.exit_code
     except NonFiniteError as err:
         print(f"vkd: error: {err}", file=sys.stderr)
@@ -313,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as err:
+        if err.errno not in _STORAGE_ERRNOS:
+            raise
+        # the machine's storage failed, not vkd: one line (a checkpoint write reports its own, more precise error)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"vkd: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vkd.data.files import SkipLog, check_finite_array, list_images, read_image, read_images, resolve_inside
+from vkd.data.files import (
+    SkipLog,
+    check_finite_array,
+    image_size,
+    list_images,
+    read_image,
+    read_images,
+    resolve_inside,
+)
 from vkd.errors import DataError
 
 
@@ -74,6 +82,24 @@ def test_manifest_paths_cannot_escape_root(tmp_path):
     (root / "link").symlink_to(tmp_path)
     with pytest.raises(DataError, match="outside the dataset root"):
         resolve_inside(root, "link/secret")
+    # checked as written (scene files): a folder the dataset links elsewhere is kept, escapes are not
+    assert resolve_inside(root, "link/secret", follow_symlinks=False) == root.absolute() / "link" / "secret"
+    for bad in ("../secret", "sub/../../secret", str(tmp_path / "secret"), "/etc/passwd"):
+        with pytest.raises(DataError, match="outside the dataset root"):
+            resolve_inside(root, bad, follow_symlinks=False)
+
+
+def test_image_size_reads_the_header_with_the_same_guards(corpus, tmp_path):
+    assert image_size(corpus / "good.png") == (5, 6)
+    assert image_size(corpus / "truncated.png") == (5, 6)  # the header is intact; decoding fails later
+    with pytest.raises(DataError, match="empty"):
+        image_size(corpus / "empty.png")
+    with pytest.raises(DataError, match="not a readable image"):
+        image_size(corpus / "text.png")
+    path = tmp_path / "wide.png"
+    Image.new("L", (5000, 3000)).save(path)
+    with pytest.raises(DataError, match="decompression bomb"):
+        image_size(path, max_pixels=10_000_000)
 
 
 def test_non_finite_arrays_are_refused():

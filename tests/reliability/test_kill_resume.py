@@ -12,7 +12,13 @@ import time
 import torch
 
 from vkd.config import apply_overrides
-from vkd.engine import latest_checkpoint, list_checkpoints, load_checkpoint_weights, train_task, verify_checkpoint
+from vkd.engine import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint_weights,
+    train_task,
+    verify_checkpoint,
+)
 from vkd.engine.toy import ToyConfig, ToyTask, make_toy_data
 
 STEPS = 600

@@ -126,7 +126,7 @@ def test_grayscale_rgba_converted_and_small_rejected(tmp_path):
     with pytest.raises(DataError, match="at least 8 pixels"):
         list_records(tmp_path / "tiny", "generic", "train")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="cannot read image"):
+    with pytest.raises(DataError, match="not a readable image"):
         load_image(tmp_path / "broken.png")
 
 

@@ -8,10 +8,14 @@ arrays with NaN or infinite values.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import struct
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +24,8 @@ from vkd.errors import DataError
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
+    "open_image",
+    "image_size",
     "read_image",
     "list_images",
     "read_images",
@@ -53,19 +59,20 @@ class SkipLog:
         return f"skipped {len(self.skipped)} unreadable file(s): {first}{more}"
 
 
-def read_image(path: str | Path, mode: str = "RGB", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode an image file fully and convert it to ``mode``.
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
-    Args:
-        path: the file.
-        mode: a PIL mode; ``"RGB"`` converts greyscale, palette and RGBA (alpha dropped).
-        max_pixels: refuse images with more pixels than this, before decoding them.
 
-    Returns:
-        ``uint8`` array ``[H, W, 3]`` for RGB (``[H, W]`` for ``"L"``).
+@contextlib.contextmanager
+def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Any]:
+    """Open an image with PIL, refusing empty files, non-images and decompression bombs before decoding.
+
+    The ``with`` body gets the open ``PIL.Image`` (only its header has been read). Decoding errors raised in
+    the body (truncated data, broken chunks, PIL's own bomb guard) become one-line :class:`DataError` s too.
 
     Raises:
-        DataError: missing, empty, truncated, not an image, or too large.
+        DataError: missing, empty, not an image, too large, or broken.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -82,16 +89,41 @@ def read_image(path: str | Path, mode: str = "RGB", max_pixels: int = MAX_IMAGE_
                 if width * height > max_pixels:
                     raise DataError(f"image {path} is {width}×{height} pixels, more than the limit of "
                                     f"{max_pixels} (possible decompression bomb)")
-                img.load()  # decode now: truncated files fail here, not later in a worker
-                return np.asarray(img.convert(mode))
+                yield img
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DataError(f"image {path} is too large to decode safely (decompression bomb guard)") from None
     except UnidentifiedImageError:
         raise DataError(f"{path} is not a readable image") from None
-    except (OSError, ValueError, SyntaxError) as err:  # truncated data, broken headers
-        raise DataError(f"cannot decode image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as err:
+        # truncated data, broken headers and chunks (PIL raises all of these depending on the format)
+        raise DataError(f"cannot decode image {path}: {_first_line(err)}") from None
+
+
+def image_size(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """``(width, height)`` from the header alone, with the checks of :func:`open_image`."""
+    with open_image(path, max_pixels) as img:
+        return img.size
+
+
+def read_image(path: str | Path, mode: str = "RGB", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file fully and convert it to ``mode``.
+
+    Args:
+        path: the file.
+        mode: a PIL mode; ``"RGB"`` converts greyscale, palette and RGBA (alpha dropped).
+        max_pixels: refuse images with more pixels than this, before decoding them.
+
+    Returns:
+        ``uint8`` array ``[H, W, 3]`` for RGB (``[H, W]`` for ``"L"``).
+
+    Raises:
+        DataError: missing, empty, truncated, not an image, or too large.
+    """
+    with open_image(path, max_pixels) as img:
+        img.load()  # decode now: truncated files fail here, not later in a worker
+        return np.asarray(img.convert(mode))
 
 
 def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
@@ -119,15 +151,27 @@ def read_images(paths: Iterable[str | Path], mode: str = "RGB", skips: SkipLog |
     return out
 
 
-def resolve_inside(root: str | Path, relative: str | Path) -> Path:
+def resolve_inside(root: str | Path, relative: str | Path, follow_symlinks: bool = True) -> Path:
     """Join a path read from a manifest to its dataset root, refusing anything that escapes the root.
 
+    Args:
+        root: the dataset root.
+        relative: the path as written in the manifest.
+        follow_symlinks: ``True`` resolves symlinks and refuses those that lead outside the root; ``False``
+            checks the path as written (absolute paths and ``..`` escapes are refused) and keeps symlinks the
+            dataset itself contains, e.g. an ``images/`` folder linked to another disk.
+
     Raises:
-        DataError: for absolute paths outside the root, ``..`` escapes and symlinks that lead outside.
+        DataError: for absolute paths outside the root, ``..`` escapes and (``follow_symlinks``) symlinks
+            that lead outside.
     """
-    root_resolved = Path(root).resolve()
-    candidate = (root_resolved / relative).resolve()
-    if candidate != root_resolved and root_resolved not in candidate.parents:
+    if follow_symlinks:
+        root_abs = Path(root).resolve()
+        candidate = (root_abs / relative).resolve()
+    else:
+        root_abs = Path(os.path.normpath(Path(root).absolute()))
+        candidate = Path(os.path.normpath(root_abs / relative))
+    if candidate != root_abs and root_abs not in candidate.parents:
         raise DataError(f"path {str(relative)!r} in a manifest points outside the dataset root {root}")
     return candidate
 

@@ -10,7 +10,7 @@ from vkd.engine.checkpoint import (
 )
 from vkd.engine.ema import EMA
 from vkd.engine.task import DistillationTask
-from vkd.engine.trainer import GlobalBatchSampler, Trainer, build_optimizer, train_task
+from vkd.engine.trainer import GlobalBatchSampler, Trainer, build_optimizer, seeded, train_task
 
 __all__ = [
     "DistillationTask",
@@ -23,6 +23,7 @@ __all__ = [
     "load_checkpoint_weights",
     "load_training_state",
     "save_checkpoint",
+    "seeded",
     "train_task",
     "verify_checkpoint",
 ]

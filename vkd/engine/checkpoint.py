@@ -8,8 +8,11 @@ Layout of ``checkpoints/checkpoint-{step}/``::
     meta.json              # step, sha256 of every file above; written last, so its presence marks completeness
 
 A checkpoint is assembled in a hidden temporary directory and renamed into place, so a crash or a full
-disk never leaves a half-written ``checkpoint-{step}`` and never touches the previous one. Nothing is
-ever unpickled beyond tensors and plain containers (``torch.load(weights_only=True)``).
+disk never leaves a half-written ``checkpoint-{step}`` and never touches the previous one. Old
+checkpoints are likewise renamed to a hidden name before they are deleted, so a process killed while
+pruning never leaves a ``checkpoint-{step}`` with some of its files gone; :func:`remove_stale` deletes
+such hidden leftovers. Nothing is ever unpickled beyond tensors and plain containers
+(``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ __all__ = [
     "CHECKPOINT_RE",
     "list_checkpoints",
     "latest_checkpoint",
+    "latest_valid_checkpoint",
+    "remove_stale",
     "save_checkpoint",
     "load_checkpoint_weights",
     "load_training_state",
@@ -117,6 +122,45 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def latest_valid_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that passes :func:`verify_checkpoint`, and the newer ones that did not.
+
+    Returns:
+        ``(path or None, [(corrupt checkpoint, reason), ...])``.
+    """
+    run_dir = Path(run_dir)
+    base = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    corrupt: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(base)):
+        try:
+            verify_checkpoint(path)
+        except DataError as err:
+            corrupt.append((path, str(err)))
+            continue
+        return path, corrupt
+    return None, corrupt
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory: renamed to a hidden name first (atomic), then removed."""
+    hidden = path.with_name(f".old-{path.name}-{os.getpid()}")
+    try:
+        path.rename(hidden)
+    except OSError:
+        hidden = path
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def remove_stale(checkpoint_dir: str | Path) -> None:
+    """Remove what a killed process left behind: half-written ``.tmp-checkpoint-*`` and half-deleted
+    ``.old-checkpoint-*`` directories. Complete ``checkpoint-{step}`` directories are never touched."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        return
+    for stale in list(checkpoint_dir.glob(".tmp-checkpoint-*")) + list(checkpoint_dir.glob(".old-checkpoint-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
                     training_state: dict[str, Any], ema_state: dict[str, torch.Tensor] | None = None,
                     keep_last: int = 0, extra_meta: dict[str, Any] | None = None) -> Path:
@@ -170,7 +214,7 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict[str
         raise CheckpointWriteError(f"could not write checkpoint-{step} in {checkpoint_dir}: {err}") from err
     if keep_last > 0:
         for _, path in list_checkpoints(checkpoint_dir)[:-keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
     return final
 
 

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -32,9 +31,11 @@ from vkd.config import TaskConfig, TrainConfig, save_config
 from vkd.engine.checkpoint import (
     CheckpointWriteError,
     latest_checkpoint,
+    latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint_weights,
     load_training_state,
+    remove_stale,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -42,9 +43,9 @@ from vkd.engine.checkpoint import (
 )
 from vkd.engine.ema import EMA
 from vkd.engine.task import DistillationTask
-from vkd.errors import NonFiniteError, TrainingInterrupted, UserError
+from vkd.errors import DataError, NonFiniteError, TrainingInterrupted, UserError
 
-__all__ = ["Trainer", "train_task", "GlobalBatchSampler", "step_seed"]
+__all__ = ["Trainer", "train_task", "GlobalBatchSampler", "step_seed", "seeded"]
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -57,6 +58,21 @@ def _seed_everything(value: int) -> None:
     random.seed(value)
     np.random.seed(value % (2**32))
     torch.manual_seed(value)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy and torch from ``seed`` for a block and restore the previous RNG states afterwards.
+
+    Tasks build their models inside it, so that the initial weights are a function of ``run.seed`` alone and
+    not of whatever the process drew before (an earlier run in the same process, a data generator, a test).
+    """
+    state = rng_state()
+    _seed_everything(seed)
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 class GlobalBatchSampler:
@@ -239,9 +255,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "samples").mkdir(exist_ok=True)
-            if ckpt_dir.is_dir():  # leftovers of a process killed while writing a checkpoint
-                for stale in ckpt_dir.glob(".tmp-checkpoint-*"):
-                    shutil.rmtree(stale, ignore_errors=True)
+            remove_stale(ckpt_dir)  # leftovers of a process killed while writing or pruning checkpoints
 
         task = self.task.to(acc.device)
 
@@ -249,7 +263,13 @@ class Trainer:
         start_step = 0
         resume_path: Path | None = None
         if resume == "latest":
-            resume_path = latest_checkpoint(self.run_dir)
+            # the newest checkpoint that verifies: one damaged after it was written (disk fault, a user's copy)
+            # costs the steps since the previous checkpoint instead of the whole run
+            resume_path, corrupt = latest_valid_checkpoint(self.run_dir)
+            if resume_path is None and corrupt:
+                raise DataError(f"no intact checkpoint to resume from: {corrupt[0][1]}")
+            for path, reason in corrupt:
+                acc.print(f"vkd: warning: skipping corrupt checkpoint {path.name}: {reason}", file=sys.stderr)
         elif resume is not None:
             resume_path = Path(resume)
             if not resume_path.is_dir():
@@ -331,7 +351,15 @@ class Trainer:
                                 raise TypeError("task.forward must return a dict with a 'loss' entry")
                             loss = outputs["loss"]
                             self._check_finite(acc, loss, step, "loss", outputs, last_ckpt)
-                            acc.backward(loss / cfg.grad_accum)
+                            try:
+                                acc.backward(loss / cfg.grad_accum)
+                            except RuntimeError as err:
+                                # anomaly mode raises in backward at the op that made a NaN (torch has just
+                                # printed that op's forward traceback): the same exit 3 as without it
+                                if not (cfg.detect_anomaly and "nan values" in str(err)):
+                                    raise
+                                first = str(err).strip().splitlines()[0]
+                                self._stop_non_finite(acc, step, f"gradient ({first})", outputs, last_ckpt)
                         for key, value in outputs.items():
                             if torch.is_tensor(value) and value.numel() == 1:
                                 sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum
@@ -440,17 +468,21 @@ class Trainer:
         if acc.num_processes > 1:
             bad = acc.reduce(bad.to(acc.device), reduction="sum")
         if float(bad) > 0:
-            parts = ""
-            if outputs:
-                parts = " (" + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in outputs.items()
-                                         if torch.is_tensor(v) and v.numel() == 1) + ")"
-            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            message = f"non-finite {what} at step {step + 1}{parts}; training stopped, {where}"
-            if acc.is_main_process:
-                _write_json(self.run_dir / "summary.json",
-                            {"status": "non-finite", "step": step + 1, "message": message,
-                             "checkpoint": str(last_ckpt) if last_ckpt else None})
-            raise NonFiniteError(message, step=step + 1)
+            self._stop_non_finite(acc, step, what, outputs, last_ckpt)
+
+    def _stop_non_finite(self, acc: Any, step: int, what: str, outputs: dict[str, Any] | None,
+                         last_ckpt: Path | None) -> None:
+        parts = ""
+        if outputs:
+            parts = " (" + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in outputs.items()
+                                     if torch.is_tensor(v) and v.numel() == 1) + ")"
+        where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+        message = f"non-finite {what} at step {step + 1}{parts}; training stopped, {where}"
+        if acc.is_main_process:
+            _write_json(self.run_dir / "summary.json",
+                        {"status": "non-finite", "step": step + 1, "message": message,
+                         "checkpoint": str(last_ckpt) if last_ckpt else None})
+        raise NonFiniteError(message, step=step + 1)
 
     def _should_stop(self, acc: Any) -> bool:
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=acc.device)

@@ -118,6 +118,15 @@ def build_field(cfg: Feature3DGSConfig, scene: Scene, teacher_dim: int) -> Gauss
     if not m.decoder and m.render_dim != teacher_dim:
         raise ConfigError(f"model.render_dim={m.render_dim} must equal the teacher width {teacher_dim} when "
                           "model.decoder=false")
+    # The 1x1 decoder takes its default init from the global RNG: seed it here, so that the initial field is a
+    # function of run.seed alone (not of whatever the process drew before, e.g. generating the scene).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return _init_field(cfg, scene, teacher_dim)
+
+
+def _init_field(cfg: Feature3DGSConfig, scene: Scene, teacher_dim: int) -> GaussianField:
+    m = cfg.model
     gen = torch.Generator().manual_seed(cfg.run.seed)
     use_points = m.init == "points" or (m.init == "auto" and scene.points is not None)
     if use_points:

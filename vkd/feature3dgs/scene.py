@@ -14,6 +14,7 @@ with all-zero distortion): undistort other models first (``colmap image_undistor
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 from dataclasses import dataclass, field
@@ -24,11 +25,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vkd.data.files import image_size, open_image, resolve_inside
 from vkd.errors import DataError
 from vkd.feature3dgs.ply import read_ply
 
 __all__ = ["Camera", "Scene", "load_scene", "load_colmap", "load_transforms", "read_colmap_model",
            "qvec_to_rotmat", "split_indices", "COLMAP_MODELS"]
+
+log = logging.getLogger(__name__)
 
 # COLMAP camera models: id -> (name, number of parameters) (COLMAP's src/colmap/sensor/models.h).
 COLMAP_MODELS: dict[int, tuple[str, int]] = {
@@ -124,28 +128,24 @@ class Scene:
             return None
         if not cam.label_path.is_file():
             raise DataError(f"label map not found: {cam.label_path}")
-        with Image.open(cam.label_path) as im:
+        with open_image(cam.label_path) as im:
             if im.size != (cam.width, cam.height):
                 im = im.resize((cam.width, cam.height), Image.NEAREST)
             return torch.from_numpy(np.array(im, dtype=np.int64))
 
 
 def _read_rgb(path: Path, size: tuple[int, int], background: tuple[float, float, float]) -> Tensor:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                bg = Image.new("RGBA", im.size, tuple(int(round(c * 255)) for c in background) + (255,))
-                im = Image.alpha_composite(bg, im)
-            im = im.convert("RGB")
-            if im.size != size:
-                im = im.resize(size, Image.LANCZOS if im.size[0] > size[0] else Image.BICUBIC)
-            arr = np.array(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except OSError as err:
-        raise DataError(f"cannot read image {path}: {err}") from None
+    # vkd's guarded opener: missing, empty, non-image, truncated and decompression-bomb files are DataErrors
+    with open_image(path) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, tuple(int(round(c * 255)) for c in background) + (255,))
+            im = Image.alpha_composite(bg, im)
+        im = im.convert("RGB")
+        if im.size != size:
+            im = im.resize(size, Image.LANCZOS if im.size[0] > size[0] else Image.BICUBIC)
+        arr = np.array(im, dtype=np.uint8)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # [3, H, W] uint8
 
 
@@ -210,6 +210,9 @@ def _cameras_txt(path: Path) -> dict[int, dict]:
         model = tok[1]
         if model not in _MODEL_PARAMS:
             raise DataError(f"{path}: unknown COLMAP camera model {model}")
+        if len(tok) - 4 != _MODEL_PARAMS[model]:
+            raise DataError(f"{path}: a {model} camera has {_MODEL_PARAMS[model]} parameters, got {len(tok) - 4}: "
+                            f"{line.strip()}")
         cams[int(tok[0])] = {"model": model, "width": int(tok[2]), "height": int(tok[3]),
                              "params": [float(v) for v in tok[4:]]}
     return cams
@@ -253,20 +256,25 @@ def _images_txt(path: Path) -> dict[int, dict]:
     return images
 
 
-def _points_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    xyz, rgb = [], []
+def _points_bin(path: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    xyz, rgb, tracks = [], [], []
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         (num,) = _read(fh, "Q")
         for _ in range(num):
             _pid, x, y, z, r, g, b, _err, track = _read(fh, "QdddBBBdQ")
-            fh.seek(8 * track, 1)
+            if 8 * track > size - fh.tell():  # a corrupt length must not allocate gigabytes
+                raise EOFError
+            # (image_id int32, point2D_idx int32) per observation
+            tracks.append(np.frombuffer(fh.read(8 * track), dtype="<i4")[0::2])
             xyz.append((x, y, z))
             rgb.append((r, g, b))
-    return np.asarray(xyz, dtype=np.float32).reshape(-1, 3), np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)
+    return (np.asarray(xyz, dtype=np.float32).reshape(-1, 3), np.asarray(rgb, dtype=np.uint8).reshape(-1, 3),
+            tracks)
 
 
-def _points_txt(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    xyz, rgb = [], []
+def _points_txt(path: Path) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    xyz, rgb, tracks = [], [], []
     for line in path.read_text().splitlines():
         tok = line.split()
         if not tok or tok[0].startswith("#"):
@@ -275,11 +283,16 @@ def _points_txt(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{path}: malformed point line: {line.strip()}")
         xyz.append([float(v) for v in tok[1:4]])
         rgb.append([int(v) for v in tok[4:7]])
-    return np.asarray(xyz, dtype=np.float32).reshape(-1, 3), np.asarray(rgb, dtype=np.uint8).reshape(-1, 3)
+        tracks.append(np.asarray([int(v) for v in tok[8::2]], dtype=np.int64))  # (IMAGE_ID, POINT2D_IDX) pairs
+    return (np.asarray(xyz, dtype=np.float32).reshape(-1, 3), np.asarray(rgb, dtype=np.uint8).reshape(-1, 3),
+            tracks)
 
 
 def read_colmap_model(sparse_dir: str | Path) -> tuple[dict[int, dict], dict[int, dict], np.ndarray, np.ndarray]:
     """Read ``cameras``, ``images`` and ``points3D`` (``.bin`` preferred, else ``.txt``) from a sparse model dir.
+
+    Points whose track refers to an image id that ``images`` does not hold (an inconsistent model) are dropped,
+    counted and logged.
 
     Returns:
         (cameras by id, images by id, points xyz ``[P, 3]`` float32, colours ``[P, 3]`` uint8).
@@ -300,14 +313,30 @@ def read_colmap_model(sparse_dir: str | Path) -> tuple[dict[int, dict], dict[int
                 break
         else:
             raise DataError(f"COLMAP model in {d} has no {stem}.bin or {stem}.txt")
-    return out[0], out[1], out[2][0], out[2][1]
+    images = out[1]
+    xyz, rgb, tracks = out[2]
+    if tracks:
+        lengths = np.fromiter((len(t) for t in tracks), dtype=np.int64, count=len(tracks))
+        observed = np.concatenate(tracks).astype(np.int64)
+        unknown = ~np.isin(observed, np.asarray(sorted(images), dtype=np.int64))
+        bad = np.zeros(len(tracks), dtype=bool)
+        bad[np.repeat(np.arange(len(tracks)), lengths)[unknown]] = True
+        if bad.any():
+            log.warning("%s: dropped %d of %d points3D entries whose tracks refer to image ids missing from "
+                        "images.%s", d, int(bad.sum()), len(bad), "bin" if (d / "images.bin").is_file() else "txt")
+            xyz, rgb = xyz[~bad], rgb[~bad]
+    return out[0], images, xyz, rgb
 
 
 def _pinhole_K(model: str, params: list[float], where: str) -> tuple[float, float, float, float]:
-    if model == "SIMPLE_PINHOLE":
-        f, cx, cy = params[:3]
-        return f, f, cx, cy
-    if model == "PINHOLE":
+    if model in ("SIMPLE_PINHOLE", "PINHOLE"):
+        need = _MODEL_PARAMS[model]
+        if len(params) < need or not all(math.isfinite(v) for v in params[:need]) or params[0] <= 0:
+            raise DataError(f"{where}: {model} camera needs {need} finite parameters with a positive focal "
+                            f"length, got {params}")
+        if model == "SIMPLE_PINHOLE":
+            f, cx, cy = params[:3]
+            return f, f, cx, cy
         return tuple(params[:4])  # type: ignore[return-value]
     raise DataError(f"{where}: camera model {model} is not supported (only PINHOLE and SIMPLE_PINHOLE); "
                     "undistort the images first, e.g. `colmap image_undistorter`")
@@ -375,6 +404,11 @@ def load_colmap(root: str | Path, downscale: int = 1, test_every: int = 8, test_
         if im["camera_id"] not in cams:
             raise DataError(f"{sparse}: image {im['name']} refers to unknown camera {im['camera_id']}")
         cam = cams[im["camera_id"]]
+        if not all(math.isfinite(v) for v in (*im["qvec"], *im["tvec"])) or not any(im["qvec"]):
+            raise DataError(f"{sparse}: image {im['name']} has a non-finite or zero pose (qvec {im['qvec']}, "
+                            f"tvec {im['tvec']})")
+        if cam["width"] < 1 or cam["height"] < 1:
+            raise DataError(f"{sparse}: camera {im['camera_id']} has size {cam['width']}x{cam['height']}")
         fx, fy, cx, cy = _pinhole_K(cam["model"], cam["params"], str(sparse))
         w, h = _scaled_size(cam["width"], cam["height"], downscale)
         sx, sy = w / cam["width"], h / cam["height"]
@@ -382,9 +416,9 @@ def load_colmap(root: str | Path, downscale: int = 1, test_every: int = 8, test_
         viewmat = torch.eye(4, dtype=torch.float64)
         viewmat[:3, :3] = qvec_to_rotmat(torch.tensor(im["qvec"], dtype=torch.float64))
         viewmat[:3, 3] = torch.tensor(im["tvec"], dtype=torch.float64)
-        path = img_dir / im["name"]
+        path = _inside(img_dir, im["name"], f"{sparse}/images")
         if prescaled and not path.is_file():
-            path = root / images_dir / im["name"]
+            path = _inside(root / images_dir, im["name"], f"{sparse}/images")
         cameras.append(Camera(im["name"], path, viewmat.float(), K, w, h))
     _check_images(cameras, root)
     if require_points:
@@ -407,8 +441,17 @@ def _c2w_opengl_to_viewmat(c2w: Tensor) -> Tensor:
     return torch.linalg.inv(c2w)
 
 
-def _resolve_frame_path(base: Path, file_path: str) -> Path:
-    p = base / file_path
+def _inside(root: Path, relative: str, where: str) -> Path:
+    """``root / relative`` for a path read from a scene file; ``..`` and absolute paths leaving the scene are
+    refused (symlinks inside the scene, e.g. a linked ``images/`` folder, are kept)."""
+    try:
+        return resolve_inside(root, relative, follow_symlinks=False)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+
+
+def _resolve_frame_path(base: Path, file_path: str, where: str = "transforms") -> Path:
+    p = _inside(base, file_path, where)
     if p.suffix == "" or not p.is_file():
         for ext in _IMAGE_EXTS:
             cand = p.with_name(p.name + ext)
@@ -421,6 +464,15 @@ _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 
 
 def _frame_intrinsics(meta: dict, frame: dict, path: Path, where: str) -> tuple[float, float, float, float, int, int]:
+    try:
+        return _frame_intrinsics_unchecked(meta, frame, path, where)
+    except (TypeError, ValueError, ZeroDivisionError) as err:  # "fl_x": "abc", "w": [1], angle 0, ...
+        raise DataError(f"{where}: malformed camera intrinsics for {frame.get('file_path')}: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def _frame_intrinsics_unchecked(meta: dict, frame: dict, path: Path, where: str
+                                ) -> tuple[float, float, float, float, int, int]:
     def get(key):
         return frame.get(key, meta.get(key))
 
@@ -432,14 +484,10 @@ def _frame_intrinsics(meta: dict, frame: dict, path: Path, where: str) -> tuple[
                         "undistort the images first")
     w, h = get("w"), get("h")
     if w is None or h is None:
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except FileNotFoundError:
-            raise DataError(f"image not found: {path}") from None
-        except OSError as err:
-            raise DataError(f"cannot read image {path}: {err}") from None
+        w, h = image_size(path)  # header only; DataError for missing, empty, non-image and bomb files
     w, h = int(w), int(h)
+    if w < 1 or h < 1:
+        raise DataError(f"{where}: image size {w}x{h} of {frame.get('file_path')} is not positive")
     if get("fl_x") is not None:
         fx = float(get("fl_x"))
         fy = float(get("fl_y") if get("fl_y") is not None else fx)
@@ -450,6 +498,9 @@ def _frame_intrinsics(meta: dict, frame: dict, path: Path, where: str) -> tuple[
         raise DataError(f"{where}: no focal length (fl_x or camera_angle_x)")
     cx = float(get("cx")) if get("cx") is not None else w / 2
     cy = float(get("cy")) if get("cy") is not None else h / 2
+    if not all(math.isfinite(v) for v in (fx, fy, cx, cy)) or fx <= 0 or fy <= 0:
+        raise DataError(f"{where}: focal length / principal point of {frame.get('file_path')} must be finite and "
+                        f"positive, got fx={fx}, fy={fy}, cx={cx}, cy={cy}")
     return fx, fy, cx, cy, w, h
 
 
@@ -499,20 +550,23 @@ def load_transforms(root: str | Path, downscale: int = 1, test_every: int = 8, t
     if not records:
         raise DataError(f"{root}: transforms file lists no frames")
     if "vkd_background" in meta_main:
-        background = tuple(float(c) for c in meta_main["vkd_background"])  # type: ignore[assignment]
+        try:
+            background = tuple(float(c) for c in meta_main["vkd_background"])  # type: ignore[assignment]
+        except (TypeError, ValueError):
+            raise DataError(f"{root}: vkd_background must be three numbers") from None
 
     cameras, splits = [], []
     for meta, frame, split, jpath in records:
-        if "file_path" not in frame or "transform_matrix" not in frame:
+        if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
             raise DataError(f"{jpath}: every frame needs file_path and transform_matrix")
         rel = str(frame["file_path"])
-        path = _resolve_frame_path(root, rel)
+        path = _resolve_frame_path(root, rel, str(jpath))
         fx, fy, cx, cy, w0, h0 = _frame_intrinsics(meta, frame, path, str(jpath))
         w, h = _scaled_size(w0, h0, downscale)
         if downscale > 1:
             parent = Path(rel).parent
-            scaled = _resolve_frame_path(root, str(parent.with_name(parent.name + f"_{downscale}") / Path(rel).name)) \
-                if parent.name else None
+            scaled = _resolve_frame_path(root, str(parent.with_name(parent.name + f"_{downscale}") / Path(rel).name),
+                                         str(jpath)) if parent.name else None
             if scaled is not None and scaled.is_file():
                 path = scaled
         sx, sy = w / w0, h / h0
@@ -525,7 +579,7 @@ def load_transforms(root: str | Path, downscale: int = 1, test_every: int = 8, t
             c2w = torch.cat([c2w, torch.tensor([[0, 0, 0, 1]], dtype=torch.float64)])
         if c2w.shape != (4, 4) or not torch.isfinite(c2w).all():
             raise DataError(f"{jpath}: transform_matrix of {rel} must be a finite 4x4 matrix")
-        label = root / frame["label_path"] if frame.get("label_path") else None
+        label = _inside(root, str(frame["label_path"]), str(jpath)) if frame.get("label_path") else None
         name = rel if Path(rel).suffix else str(Path(rel).with_suffix(path.suffix))
         cameras.append(Camera(name, path, _c2w_opengl_to_viewmat(c2w).float(), K, w, h, label))
         splits.append(split)
@@ -550,11 +604,12 @@ def load_transforms(root: str | Path, downscale: int = 1, test_every: int = 8, t
 
     points = colors = None
     if meta_main.get("ply_file_path"):
-        ply = read_ply(root / meta_main["ply_file_path"])
+        ply_path = _inside(root, str(meta_main["ply_file_path"]), "ply_file_path")
+        ply = read_ply(ply_path)
         if not all(k in ply for k in ("x", "y", "z")):
-            raise DataError(f"{root / meta_main['ply_file_path']} has no x, y, z vertex properties")
+            raise DataError(f"{ply_path} has no x, y, z vertex properties")
         xyz = np.stack([ply["x"], ply["y"], ply["z"]], -1).astype(np.float32)
-        _check_points(xyz, root / meta_main["ply_file_path"])
+        _check_points(xyz, ply_path)
         points = torch.from_numpy(xyz)
         if all(k in ply for k in ("red", "green", "blue")):
             rgb = np.stack([ply["red"], ply["green"], ply["blue"]], -1).astype(np.float32)

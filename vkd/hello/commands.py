@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vkd.config import load_config
-from vkd.engine import train_task
+from vkd.engine import seeded, train_task
 from vkd.errors import ConfigError, DataError
 from vkd.hello.config import HelloConfig, HelloTeacherConfig
 from vkd.hello.data import LabelledImages, class_subset, load_split, prompt_names
@@ -50,7 +50,8 @@ def run_teacher(cfg: HelloTeacherConfig, resume: str | None = None) -> dict:
     """Train the teacher (``vkd distill hello-teacher``); writes ``teacher.safetensors`` + snapshots."""
     train = load_split(cfg.data, "train")
     test = load_split(cfg.data, "test")
-    task = HelloTeacherTask(cfg, train, test, cfg.run_dir())
+    with seeded(cfg.run.seed):  # initial weights from run.seed alone
+        task = HelloTeacherTask(cfg, train, test, cfg.run_dir())
     summary = train_task(cfg, task, train.dataset(), resume=resume)
     summary["skipped_images"] = train.skipped + test.skipped
     return summary

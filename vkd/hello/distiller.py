@@ -83,6 +83,13 @@ class HelloTeacherTask(DistillationTask):
                                                device=next(self.model.parameters()).device)
             self.model.train(was)
 
+    def extra_state_dict(self) -> dict[str, Any]:
+        # the snapshots' accuracies end up in teacher.json: a resumed run must not forget the earlier ones
+        return {"snapshot_acc": {int(k): float(v) for k, v in self.snapshot_acc.items()}}
+
+    def load_extra_state_dict(self, state: dict[str, Any]) -> None:
+        self.snapshot_acc = {int(k): float(v) for k, v in state.get("snapshot_acc", {}).items()}
+
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         was = self.model.training

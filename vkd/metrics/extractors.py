@@ -21,6 +21,7 @@ import hashlib
 import os
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -105,10 +106,21 @@ class InceptionExtractor(nn.Module):
                                     "and pass --inception-weights PATH") from None
                 finally:
                     socket.setdefaulttimeout(old)
+        # torch-fidelity reads the file with torch.load(weights_only=False), which would run any code pickled
+        # into it: read it here with weights_only=True and hand torch-fidelity the checked state dict instead
         try:
-            self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                     feature_extractor_weights_path=str(path))
-        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError for anything beyond tensors and containers, corrupt files
+            text = str(err).strip()
+            raise UserError(f"refusing to load Inception weights from {path}: "
+                            f"{text.splitlines()[0] if text else type(err).__name__}") from None
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise UserError(f"{path} does not hold an Inception state dict")
+        try:
+            with mock.patch.object(torch, "load", lambda *args, **kwargs: state):
+                self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                         feature_extractor_weights_path=str(path))
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError) as err:
             raise UserError(f"cannot load Inception weights from {path}: {str(err).splitlines()[0]}") from None
         self.weights_path = str(path)
         self.name = "inception-v3-compat (torch-fidelity, pool3 2048)"

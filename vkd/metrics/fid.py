@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vkd.data.files import check_finite_array
 from vkd.errors import DataError, UserError
 
 __all__ = [
@@ -184,10 +185,16 @@ def load_reference(path: str | Path) -> ReferenceStats:
                         meta[k] = json.loads(text)
                     except ValueError:
                         meta[k] = text
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read reference statistics {path}: {str(err).splitlines()[0]}") from None
+    except DataError:
+        raise
+    except Exception as err:  # empty or truncated file (EOFError, BadZipFile), pickled arrays, bad shapes, ...
+        text = str(err).strip()
+        raise DataError(f"cannot read reference statistics {path}: "
+                        f"{text.splitlines()[0] if text else type(err).__name__}") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise DataError(f"{path}: mu {mu.shape} / sigma {sigma.shape} are not [d] / [d, d]")
+    check_finite_array(mu, f"{path}: mu")
+    check_finite_array(sigma, f"{path}: sigma")
     if num is not None and num < 0:
         num = None
     if num is not None and num < 2:

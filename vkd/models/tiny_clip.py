@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -281,7 +282,9 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
     try:
         model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
         tokenizer = open_clip.get_tokenizer(model_name)
-    except (RuntimeError, FileNotFoundError, ValueError, OSError) as err:
+    except (RuntimeError, FileNotFoundError, ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
+        # UnpicklingError: open_clip reads weights with torch.load(weights_only=True), which refuses any pickle
+        # beyond tensors and plain containers (a malicious or foreign file)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load open_clip model '{model_name}' (pretrained={pretrained!r}): {first[:300]}; "
                         "weights must be cached locally when offline") from None

@@ -25,12 +25,13 @@ def _eval_sets(cfg: Any) -> dict[str, Any]:
 
 def run_teacher(cfg: SKTTeacherConfig, resume: str | None = None) -> dict:
     """Train a CSRNet on ground-truth densities (``vkd distill skt-teacher``)."""
-    from vkd.engine import train_task
+    from vkd.engine import seeded, train_task
     from vkd.skt.datasets import build_train_dataset, pad_collate
     from vkd.skt.distiller import CSRNetTask
 
     train_set = build_train_dataset(cfg.data)
-    task = CSRNetTask(cfg, _eval_sets(cfg))
+    with seeded(cfg.run.seed):  # initial weights from run.seed alone
+        task = CSRNetTask(cfg, _eval_sets(cfg))
     return train_task(cfg, task, train_set, resume=resume, collate_fn=pad_collate)
 
 
@@ -54,13 +55,14 @@ def load_teacher(cfg: SKTConfig) -> CSRNet:
 
 def run_skt(cfg: SKTConfig, resume: str | None = None) -> dict:
     """Train the student with structured knowledge transfer (``vkd distill skt``)."""
-    from vkd.engine import train_task
+    from vkd.engine import seeded, train_task
     from vkd.skt.datasets import build_train_dataset, pad_collate
     from vkd.skt.distiller import SKTTask
 
     teacher = load_teacher(cfg) if cfg.loss.uses_teacher else None
     train_set = build_train_dataset(cfg.data)
-    task = SKTTask(cfg, teacher, _eval_sets(cfg))
+    with seeded(cfg.run.seed):  # initial weights from run.seed alone
+        task = SKTTask(cfg, teacher, _eval_sets(cfg))
     return train_task(cfg, task, train_set, resume=resume, collate_fn=pad_collate)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from vkd.data.files import SkipLog
 from vkd.errors import DataError, UserError
 from vkd.skt.datasets import IMAGE_EXTENSIONS, load_image, to_tensor
 from vkd.skt.evaluate import load_run, predict
@@ -72,8 +74,12 @@ def count_images(run_dir: Path, inputs: list[str], out: Path | None = None, over
     ``eval.tile_size`` of the run's config. Writes ``<out>/counts.csv`` (image, count, width, height, tiles,
     overlay) and ``<out>/<stem>_density.png`` overlays; ``out`` defaults to ``<run_dir>/count``.
 
+    An unreadable image (truncated, empty, not an image, a decompression bomb) among several is skipped,
+    counted and reported on stderr instead of discarding the counts of the others; when no image can be read
+    at all, the first reason is raised as :class:`~vkd.errors.DataError`.
+
     Returns:
-        ``{"images": N, "total": Σ counts, "mean": mean count, "csv": path, "out": dir}``.
+        ``{"images": N, "total": Σ counts, "mean": mean count, "skipped": S, "csv": path, "out": dir}``.
     """
     run_dir = Path(run_dir)
     cfg, model = load_run(run_dir)
@@ -82,8 +88,16 @@ def count_images(run_dir: Path, inputs: list[str], out: Path | None = None, over
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     used_names: set[str] = set()
+    skips = SkipLog()
     for path in images:
-        image, _ = load_image(path, min_size=cfg.data.min_size)
+        try:
+            image, _ = load_image(path, min_size=cfg.data.min_size)
+        except DataError as err:
+            if len(images) == 1:
+                raise
+            skips.add(path, str(err))
+            print(f"vkd: warning: skipping {err}", file=sys.stderr, flush=True)
+            continue
         pred = predict(model, to_tensor(image), cfg.eval.tile_size, cfg.eval.tile_overlap)
         overlay_path = ""
         if overlays:
@@ -99,6 +113,8 @@ def count_images(run_dir: Path, inputs: list[str], out: Path | None = None, over
                      "height": image.shape[0], "tiles": pred.tiles, "overlay": overlay_path})
         if echo:
             print(f"{path}\t{pred.count:.1f}", flush=True)
+    if not rows:
+        raise DataError(f"none of the {len(images)} images could be read; {skips.summary()}")
     csv_path = out / "counts.csv"
     with open(csv_path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -106,4 +122,5 @@ def count_images(run_dir: Path, inputs: list[str], out: Path | None = None, over
         writer.writerows(rows)
     total = float(sum(r["count"] for r in rows))
     # Per-image counts are printed above and written to the CSV; the summary stays one screen long.
-    return {"images": len(rows), "total": total, "mean": total / len(rows), "csv": str(csv_path), "out": str(out)}
+    return {"images": len(rows), "total": total, "mean": total / len(rows), "skipped": len(skips),
+            "csv": str(csv_path), "out": str(out)}

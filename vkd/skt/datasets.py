@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vkd.data.files import image_size, open_image
 from vkd.errors import DataError
 from vkd.skt.density import DensityCache, KernelSpec, downsample_density
 
@@ -57,6 +58,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _POINT_EXTENSIONS = (".json", ".csv", ".txt", ".npy", ".mat")
+# Crowd photos can be huge (``vkd count`` tiles any size): only PIL's own decompression-bomb limit (~179 MP)
+# applies, not the 64 MP default of vkd.data.files.
+MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 Layout = Literal["shanghaitech", "ucf-qnrf", "generic"]
 
 
@@ -196,9 +200,10 @@ def read_points(path: str | Path) -> np.ndarray:
         return _read_txt(path)
     if suffix == ".npy":
         try:
-            return _as_points(np.load(path, allow_pickle=False), str(path))
-        except (OSError, ValueError):
-            raise DataError(f"cannot read annotation {path}") from None
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:  # empty, truncated, pickled objects, not an .npy
+            raise DataError(f"cannot read annotation {path}: {type(err).__name__}") from None
+        return _as_points(arr, str(path))
     raise DataError(f"{path}: unknown annotation format (use .mat, .json, .csv, .txt or .npy)")
 
 
@@ -219,21 +224,17 @@ def load_image(path: str | Path, min_size: int = 8) -> tuple[np.ndarray, str | N
         when the image was converted, else ``None``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in img.info):
-                # Composite over black rather than keeping arbitrary colours under transparent pixels.
-                rgba = img.convert("RGBA")
-                base = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-                rgb = Image.alpha_composite(base, rgba).convert("RGB")
-            else:
-                rgb = img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {type(err).__name__}") from None
+    # vkd's guarded opener: empty files, non-images, decompression bombs and truncated data are DataErrors
+    with open_image(path, MAX_IMAGE_PIXELS) as img:
+        img.load()
+        mode = img.mode
+        if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in img.info):
+            # Composite over black rather than keeping arbitrary colours under transparent pixels.
+            rgba = img.convert("RGBA")
+            base = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            rgb = Image.alpha_composite(base, rgba).convert("RGB")
+        else:
+            rgb = img.convert("RGB")
     arr = np.asarray(rgb, dtype=np.uint8)
     h, w = arr.shape[:2]
     if min(h, w) < min_size:
@@ -358,11 +359,7 @@ def list_records(root: str | Path, layout: Layout, split: str, max_side: int = 0
     total_dropped = 0
     for img_path, ann_path in pairs:
         points = read_points(ann_path)
-        try:
-            with Image.open(img_path) as img:
-                width, height = img.size
-        except (OSError, ValueError):
-            raise DataError(f"cannot read image {img_path}") from None
+        width, height = image_size(img_path, MAX_IMAGE_PIXELS)  # header only: truncated data fails at decode
         if min(width, height) < min_size:
             raise DataError(f"image {img_path} is {width}x{height} pixels; the counter needs at least {min_size} "
                             f"pixels per side")

@@ -28,6 +28,7 @@ __all__ = [
     "count_metrics",
     "evaluate_model",
     "load_run",
+    "measure_latency",
     "RUN_EXPORT",
 ]
 
@@ -203,9 +204,7 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     model = CSRNet(model_cfg.width_div, model_cfg.ceil_mode)
     export = run_dir / RUN_EXPORT
     if export.is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(export))
+        state = load_checkpoint_weights(export)  # DataError (one line) for a corrupt or truncated file
     else:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
@@ -226,3 +225,30 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def measure_latency(models: dict[str, nn.Module], shape: tuple[int, int, int, int] = (1, 3, 576, 864),
+                    repeats: int = 3) -> dict[str, list[float]]:
+    """Forward wall times in seconds per model, interleaved so machine load affects all models alike.
+
+    Args:
+        models: name → network (put in eval mode here).
+        shape: input ``[B, 3, H, W]``.
+        repeats: timed forwards per model, after one untimed warm-up each.
+
+    Returns:
+        name → ``repeats`` wall times.
+    """
+    import time
+
+    x = torch.randn(shape)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up (allocator, oneDNN primitive cache)
+            model.eval()(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - t0)
+    return times
