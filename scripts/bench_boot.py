@@ -43,10 +43,8 @@ def timed(fn):
 def main() -> int:
     from vkd.boot.commands import run_boot, run_teacher
     from vkd.boot.config import BootConfig, BootTeacherConfig
-    from vkd.boot.distiller import DigitsFID
-    from vkd.boot.sample import ddim_sample, load_run, noise_for_indices, student_sample, to_uint8
+    from vkd.boot.evaluate import compare_generators
     from vkd.config import load_config
-    from vkd.metrics.fid import frechet_distance, stats_from_batches
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_boot")
@@ -99,31 +97,12 @@ def main() -> int:
         result["train_total"] = {"wall_s": tt["wall_s"] + bt["wall_s"], "cpu_s": tt["cpu_s"] + bt["cpu_s"]}
 
     # ---- 3. FID and throughput, same noise for every generator -------------------------------------
-    _, student, teacher = load_run(bcfg.run_dir(), need_teacher=True)
-    fid = DigitsFID(teacher.sample_shape[-1])
-    result["extractor"] = fid.info["extractor"]
-    result["extractor_sha256"] = fid.info.get("extractor_sha256")
-    result["num_reference"] = fid.num_reference
-    shape, ncls = teacher.sample_shape, teacher.num_classes
-    generators = {"boot_student_1step": (1, lambda e, c: student_sample(student, e, c))}
-    for k in (int(v) for v in args.ddim.split(",")):
-        generators[f"teacher_ddim{k}"] = (k, lambda e, c, k=k: ddim_sample(teacher, e, c, k))
-    rows = {}
-    for name, (nfe, fn) in generators.items():
-        gen_time = 0.0
-        batches = []
-        for start in range(0, args.num_samples, args.batch_size):
-            eps, labels = noise_for_indices(range(start, min(args.num_samples, start + args.batch_size)), args.seed,
-                                            shape, ncls)
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                x = fn(eps, labels)
-                gen_time += time.perf_counter() - t0
-            batches.append(to_uint8(x))
-        stats = stats_from_batches(batches, fid.extractor)
-        score = frechet_distance(stats.mu, stats.sigma, fid.real.mu, fid.real.sigma)
-        rows[name] = {"nfe": nfe, "fid": score, "images_per_s": args.num_samples / gen_time, "gen_s": gen_time}
-        print(f"  {name:<20s} FID {score:8.3f}   {args.num_samples / gen_time:10.1f} img/s", flush=True)
+    cmp = compare_generators(bcfg.run_dir(), args.num_samples, [int(v) for v in args.ddim.split(",")], args.seed,
+                             args.batch_size, grid_dir=out / "grids", progress=lambda line: print("  " + line,
+                                                                                                 flush=True))
+    rows = cmp["generators"]
+    result.update(extractor=cmp["extractor"], extractor_sha256=cmp["extractor_sha256"],
+                  num_reference=cmp["num_reference"], grids=cmp["grids"])
     result["generators"] = rows
     s, d50, d1 = rows["boot_student_1step"], rows.get("teacher_ddim50"), rows.get("teacher_ddim1")
     targets = {}
@@ -143,7 +122,7 @@ def main() -> int:
     (out / "bench_boot.json").write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"\nBOOT benchmark (embedded digits default; FID with {result['extractor']}, "
-          f"{args.num_samples} samples vs {fid.num_reference} held-out digits)")
+          f"{args.num_samples} samples vs {result['num_reference']} held-out digits)")
     print(f"{'generator':<22s}{'NFE':>5s}{'FID':>10s}{'img/s':>12s}")
     for name, r in rows.items():
         print(f"{name:<22s}{r['nfe']:>5d}{r['fid']:>10.3f}{r['images_per_s']:>12.1f}")

@@ -32,6 +32,7 @@ from vkd.config import load_config  # noqa: E402
 from vkd.skt.commands import run_skt, run_teacher  # noqa: E402
 from vkd.skt.config import SKTConfig, SKTTeacherConfig  # noqa: E402
 from vkd.skt.datasets import resolve_root  # noqa: E402
+from vkd.skt.evaluate import measure_latency  # noqa: E402
 from vkd.skt.models import CSRNet, count_macs, count_parameters  # noqa: E402
 
 
@@ -45,21 +46,6 @@ def flop_counter_macs(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         meta(torch.empty(shape, device="meta"))
     return counter.get_total_flops() / 2
-
-
-def latency(models: dict[str, torch.nn.Module], shape: tuple[int, ...], repeats: int) -> dict[str, list[float]]:
-    """Forward wall times, models interleaved so that machine load affects all of them alike."""
-    x = torch.randn(shape)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for model in models.values():  # warm-up (allocator, oneDNN primitive cache)
-            model.eval()(x)
-        for _ in range(repeats):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                model(x)
-                times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def main() -> None:
@@ -132,10 +118,10 @@ def main() -> None:
     result["runs"] = runs
 
     # ---- latency ---------------------------------------------------------------------------------
-    times = latency({"teacher": teacher_net, "student": student_net}, shape, args.latency_repeats)
+    times = measure_latency({"teacher": teacher_net, "student": student_net}, shape, args.latency_repeats)
     lat = {k: {"median_s": statistics.median(v), "all_s": v} for k, v in times.items()}
     lat["speedup_median"] = lat["teacher"]["median_s"] / lat["student"]["median_s"]
-    lat["speedup_per_pair"] = [t / s for t, s in zip(times["teacher"], times["student"])]
+    lat["speedup_per_pair"] = [t / s for t, s in zip(times["teacher"], times["student"], strict=True)]
     result["latency"] = lat
     result["machine"]["load_avg_end"] = list(os.getloadavg())
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import yaml
@@ -21,7 +21,7 @@ class Inner:
     mode: Literal["a", "b"] = "a"
     tags: list[str] = field(default_factory=lambda: ["x"])
     pair: tuple[int, int] = (1, 2)
-    maybe: Optional[float] = None
+    maybe: float | None = None
     flag: bool = False
 
 

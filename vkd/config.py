@@ -173,7 +173,7 @@ def _convert(value: Any, tp: Any, key: str, from_string: bool = False) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {value!r}")
-            return tuple(_convert(v, a, f"{key}[{i}]", from_string) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(v, a, f"{key}[{i}]", from_string) for i, (v, a) in enumerate(zip(value, args, strict=True)))
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, f"{key}[{i}]", from_string) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

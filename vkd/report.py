@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Section", "write_report", "bar_chart"]
+__all__ = ["Section", "write_report", "bar_chart", "montage"]
 
 
 @dataclass
@@ -77,11 +77,17 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_report(out_dir: Path, title: str, intro: list[str], sections: list[Section]) -> tuple[Path, Path]:
+def write_report(out_dir: Path, title: str, intro: list[str], sections: list[Section],
+                 intro_images: list[tuple[str, Path]] | None = None) -> tuple[Path, Path]:
     """Write ``report.md`` and a self-contained ``report.html`` into ``out_dir``."""
     out_dir = Path(out_dir)
     md = [f"# {title}", "", *intro, ""]
     parts = [f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(p)}</p>" for p in intro]
+    for caption, path in intro_images or []:
+        if Path(path).is_file():
+            md += [f"![{caption}]({_rel(path, out_dir)})", f"*{caption}*", ""]
+            parts.append(f"<figure><img src='{_data_uri(path)}' alt='{html.escape(caption)}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     for sec in sections:
         md += [f"## {sec.title}", "", f"Status: **{sec.status}**", ""]
         parts.append(f"<h2>{html.escape(sec.title)} <span class='{sec.status}'>{sec.status}</span></h2>")
@@ -131,7 +137,7 @@ def bar_chart(path: Path, labels: list[str], values: list[float], title: str, yl
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=110)
     bars = ax.bar(labels, values, yerr=errors, capsize=4, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52",
                                                                  "#8172b3", "#937860"][: len(labels)])
-    for bar, value in zip(bars, values):
+    for bar, value in zip(bars, values, strict=True):
         ax.annotate(_fmt(float(value)), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
                     va="bottom", fontsize=8)
     ax.set_title(title)
@@ -141,4 +147,35 @@ def bar_chart(path: Path, labels: list[str], values: list[float], title: str, yl
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    return path
+
+
+def montage(path: Path, panels: list[tuple[str, Path]], height: int = 200) -> Path | None:
+    """One PNG with the given images side by side, each scaled to ``height`` pixels and titled above.
+
+    Returns ``None`` when none of the panels exists.
+    """
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for title, p in panels:
+        if not Path(p).is_file():
+            continue
+        img = Image.open(p).convert("RGB")
+        width = max(1, round(img.width * height / img.height))
+        tiles.append((title, img.resize((width, height), Image.NEAREST if img.height < height else Image.LANCZOS)))
+    if not tiles:
+        return None
+    pad, title_h = 8, 18
+    canvas = Image.new("RGB", (sum(t.width for _, t in tiles) + pad * (len(tiles) + 1), height + title_h + 2 * pad),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for title, tile in tiles:
+        draw.text((x, pad // 2), title, fill=(0, 0, 0))
+        canvas.paste(tile, (x, pad + title_h))
+        x += tile.width + pad
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
     return path

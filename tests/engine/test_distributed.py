@@ -53,5 +53,5 @@ def test_two_processes_match_single_process(tmp_path):
 
     la, lb = losses(single_dir), losses(ddp_dir)
     assert [s for s, _ in la] == [s for s, _ in lb] == [3, 6, 9, 12]
-    for (_, x), (_, y) in zip(la, lb):
+    for (_, x), (_, y) in zip(la, lb, strict=True):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x))

@@ -46,13 +46,13 @@ def test_zero_loss_for_identical_features():
 
 def test_cosine_matches_formula_and_reductions():
     s, t = _items(3, 1), _items(3, 2)
-    ref = sum((1 - F.cosine_similarity(a, b, dim=1)).sum() for a, b in zip(s[:-1], t[:-1]))
+    ref = sum((1 - F.cosine_similarity(a, b, dim=1)).sum() for a, b in zip(s[:-1], t[:-1], strict=True))
     assert torch.allclose(cosine_transfer_loss(s[:-1], t[:-1]), ref, rtol=1e-5)
     per = cosine_transfer_loss(s[:-1], t[:-1], reduction="none")
     assert per.shape == (3,)
     assert torch.allclose(per.sum(), ref, rtol=1e-5)
     mean = cosine_transfer_loss(s[:-1], t[:-1], reduction="mean")
-    ref_mean = sum((1 - F.cosine_similarity(a, b, dim=1)).mean() for a, b in zip(s[:-1], t[:-1]))
+    ref_mean = sum((1 - F.cosine_similarity(a, b, dim=1)).mean() for a, b in zip(s[:-1], t[:-1], strict=True))
     assert torch.allclose(mean, ref_mean, rtol=1e-5)
     assert torch.allclose(CosineTransferLoss()(s[:-1], t[:-1]), ref, rtol=1e-5)
 
@@ -60,7 +60,7 @@ def test_cosine_matches_formula_and_reductions():
 def _reference_fsp_batch1(s: list[torch.Tensor], t: list[torch.Tensor]) -> torch.Tensor:
     """The reference: MaxPool(8/4/2), InstanceNorm, gram of element 0, MSE(sum) over all pairs, written out."""
     def prep(items):
-        pooled = [F.max_pool2d(x, k, k, ceil_mode=True) if k > 1 else x for x, k in zip(items, (8, 4, 2, 1, 1, 1, 1))]
+        pooled = [F.max_pool2d(x, k, k, ceil_mode=True) if k > 1 else x for x, k in zip(items, (8, 4, 2, 1, 1, 1, 1), strict=True)]
         return [F.instance_norm(x, eps=1e-5) for x in pooled]
 
     def gram(a, b):

@@ -69,7 +69,7 @@ def test_reference_student_checkpoint_roundtrip(tmp_path):
     convs = [m for m in src.frontend if isinstance(m, torch.nn.Conv2d)]
     back = [m for m in src.backend if isinstance(m, torch.nn.Conv2d)]
     state = {}
-    for name, conv in zip(names[0] + names[1], convs + back):
+    for name, conv in zip(names[0] + names[1], convs + back, strict=True):
         state[f"{name}.0.weight"], state[f"{name}.0.bias"] = conv.weight, conv.bias
     state["conv5_0.weight"], state["conv5_0.bias"] = src.output_layer.weight, src.output_layer.bias
     state["transform0_0.0.weight"] = torch.zeros(64, 16, 1, 1)

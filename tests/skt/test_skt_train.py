@@ -12,7 +12,7 @@ from vkd.config import load_config
 from vkd.errors import UserError
 from vkd.skt.commands import SKT, SKT_TEACHER, count, evaluate, run_skt
 from vkd.skt.config import SKTConfig, SKTTeacherConfig
-from vkd.skt.datasets import build_eval_dataset, build_train_dataset
+from vkd.skt.datasets import build_train_dataset
 from vkd.skt.distiller import SKTTask
 from vkd.skt.evaluate import RUN_EXPORT
 from vkd.skt.models import count_parameters

@@ -157,10 +157,7 @@ class BootTeacherRef:
 @dataclass
 class BootStudentConfig:
     parameterization: Literal["teacher_to_x0", "sample"] = "teacher_to_x0"
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        pass
+    gradient_checkpointing: bool = False  # diffusers UNet gradient checkpointing (memory for compute)
 
 
 @dataclass
@@ -175,15 +172,12 @@ class BootLossConfig:
     boundary_weight: float = 0.1
     clean_endpoint: bool = True
     time_sampling: Literal["discrete", "continuous"] = "discrete"
-    max_weight: float = 0.0  # cap of the per-sample L_BS weight (0 = no cap)
 
     def __post_init__(self) -> None:
         if self.delta < 1:
             raise ConfigError(f"loss.delta must be >= 1, got {self.delta}")
         if self.boundary_weight < 0:
             raise ConfigError(f"loss.boundary_weight must be >= 0, got {self.boundary_weight}")
-        if self.max_weight < 0:
-            raise ConfigError(f"loss.max_weight must be >= 0, got {self.max_weight}")
 
 
 @dataclass

@@ -34,8 +34,8 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
         summary = json.loads((run_dir / "summary.json").read_text())
     m = evaluate_run(run_dir, [], None)
     frames = 12 if quick else 36
-    orbit = render(run_dir, "orbit", frames, "red sphere", None, None, out / "orbit", "gif")
-    extract = render(run_dir, "orbit", frames, "red sphere", "extract", None, out / "orbit_extract", "gif")
+    orbit = render(run_dir, "orbit", frames, "red sphere", None, None, out / "orbit", "mp4")
+    extract = render(run_dir, "orbit", frames, "red sphere", "extract", None, out / "orbit_extract", "mp4")
     test = render(run_dir, "test", 3, None, None, None, out / "test_views", "png")
 
     def f(key: str, digits: int = 3) -> str:
@@ -61,7 +61,13 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
                           "training (s)": round(t.get("training", float("nan")), 1)}]
     names = {"rgb": "RGB", "depth": "depth", "features": "PCA of the decoded features"}
     sec.images = [(f"Held-out view: {names[s]}", Path(test["outputs"][s]) / "frame_00000.png")
-                  for s in ("rgb", "depth", "features")]
+                  for s in ("features", "rgb", "depth")]
+    mid = f"frame_{frames // 3:05d}.png"  # one orbit frame per stream (the videos are linked below)
+    orbit_dir = Path(orbit["out"])
+    sec.images += [("Orbit frame: RGB", orbit_dir / "rgb" / mid),
+                   ("Orbit frame: PCA features", orbit_dir / "features" / mid),
+                   ("Orbit frame: relevancy heat map of 'red sphere'", orbit_dir / "relevancy" / mid),
+                   ("Orbit frame: 'red sphere' extracted", Path(extract["out"]) / "rgb" / mid)]
     sec.links = [
         ("orbit: RGB", Path(orbit["outputs"]["rgb"])),
         ("orbit: PCA features", Path(orbit["outputs"]["features"])),

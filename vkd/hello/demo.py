@@ -46,7 +46,9 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
                padding=2, pad_value=1.0)
 
     def acc(name: str) -> str:
-        return f"{s[f'acc_{name}_mean']:.3f} ± {s[f'acc_{name}_std']:.3f}"
+        if len(result["seeds"]) < 2:  # one seed has no spread to show
+            return f"{s[f'acc_{name}_mean']:.3f} (1 seed)"
+        return f"{s[f'acc_{name}_mean']:.3f} ± {s[f'acc_{name}_std']:.3f} ({len(result['seeds'])} seeds)"
 
     sec = Section(title="HeLlO")
     sec.headline = [

@@ -7,7 +7,7 @@ on ShanghaiTech A / UCF-QNRF lives in the YAML presets under ``configs/skt/``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from vkd.config import TaskConfig, TrainConfig
 from vkd.errors import ConfigError
@@ -86,7 +86,7 @@ class DensityConfig:
     truncate: float = 4.0
     downsample: Literal["sum_pool", "bicubic_x64"] = "sum_pool"
     cache: bool = True
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -151,10 +151,10 @@ class CrowdDataConfig:
     """
 
     dataset: Literal["synthetic", "shanghaitech", "ucf-qnrf", "generic"] = "synthetic"
-    root: Optional[str] = None
+    root: str | None = None
     train_split: str = "train"
     test_split: str = "test"
-    val_split: Optional[str] = None
+    val_split: str | None = None
     density: DensityConfig = field(default_factory=DensityConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     crop: Literal["ratio", "fixed", "none"] = "none"
@@ -201,7 +201,7 @@ class CrowdEvalConfig:
         max_images: evaluate only the first N images (0: all).
     """
 
-    split: Optional[str] = None
+    split: str | None = None
     tile_size: int = 512
     tile_overlap: int = 0
     max_images: int = 0
@@ -271,7 +271,7 @@ class SKTTrainConfig(TrainConfig):
     reference recipe lives in the real-data presets: SGD lr 1e-7 for the teacher, Adam lr 1e-4 for SKT).
     """
 
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 4
     lr: float = 5e-4
     weight_decay: float = 5e-4
@@ -287,9 +287,9 @@ class SKTTrainConfig(TrainConfig):
 @dataclass
 class SKTStudentTrainConfig(SKTTrainConfig):
     """Training defaults of ``skt`` on the embedded default: AdamW (decoupled weight decay, which stays
-    negligible when ``loss.reduction=mean`` makes the gradients small), 400 steps."""
+    negligible when ``loss.reduction=mean`` makes the gradients small), 800 steps."""
 
-    steps: int = 400
+    steps: int = 800
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
 
 

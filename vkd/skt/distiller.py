@@ -17,7 +17,13 @@ from vkd.engine import DistillationTask
 from vkd.skt.config import CSRNetConfig, SKTConfig, SKTTeacherConfig
 from vkd.skt.evaluate import RUN_EXPORT, evaluate_model
 from vkd.skt.losses import SKTLoss, density_loss
-from vkd.skt.models import CSRNet, count_parameters, load_reference_checkpoint, load_vgg16_imagenet, make_adapters
+from vkd.skt.models import (
+    CSRNet,
+    count_parameters,
+    load_reference_checkpoint,
+    load_vgg16_imagenet,
+    make_adapters,
+)
 
 __all__ = ["build_csrnet", "CSRNetTask", "SKTTask", "export_model"]
 
@@ -162,7 +168,7 @@ class SKTTask(_EvalMixin, DistillationTask):
             with torch.no_grad():
                 t_items = [t.detach() for t in self.teacher(x, return_features=True)]
         if len(self.adapters):
-            s_items = [a(f) for a, f in zip(self.adapters, s_items[:-1])] + [s_items[-1]]
+            s_items = [a(f) for a, f in zip(self.adapters, s_items[:-1], strict=True)] + [s_items[-1]]
         out = self.criterion(s_items, t_items, batch["density"])
         out["count_abs_err"] = (s_items[-1].detach().flatten(1).sum(1) - batch["count"]).abs().mean()
         return out

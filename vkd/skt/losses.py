@@ -44,7 +44,7 @@ DEFAULT_POOL_FACTORS = (8, 4, 2, 1, 1, 1, 1)
 def _check_pairs(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], name: str) -> None:
     if len(student) != len(teacher):
         raise ValueError(f"{name}: got {len(student)} student and {len(teacher)} teacher features")
-    for i, (s, t) in enumerate(zip(student, teacher)):
+    for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
         if s.shape != t.shape or s.ndim != 4:
             raise ValueError(f"{name}: feature {i} must be matching [B, C, H, W] tensors, got student "
                              f"{tuple(s.shape)} and teacher {tuple(t.shape)}")
@@ -78,7 +78,7 @@ def cosine_transfer_loss(student: Sequence[torch.Tensor], teacher: Sequence[torc
     """
     _check_pairs(student, teacher, "cosine_transfer_loss")
     total = None
-    for s, t in zip(student, teacher):
+    for s, t in zip(student, teacher, strict=True):
         per_pixel = 1.0 - F.cosine_similarity(s, t, dim=1, eps=eps)  # [B, H, W]
         term = per_pixel.flatten(1).sum(1)
         if reduction == "mean":
@@ -92,7 +92,7 @@ def scale_to_eighth(features: Sequence[torch.Tensor], factors: Sequence[int] = D
     """Max-pool each item by its factor (``ceil_mode=True``) so all items share the 1/8 grid."""
     if len(features) != len(factors):
         raise ValueError(f"got {len(features)} features but {len(factors)} pool factors")
-    return [f if k == 1 else F.max_pool2d(f, kernel_size=k, stride=k, ceil_mode=True) for f, k in zip(features, factors)]
+    return [f if k == 1 else F.max_pool2d(f, kernel_size=k, stride=k, ceil_mode=True) for f, k in zip(features, factors, strict=True)]
 
 
 def instance_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -149,8 +149,8 @@ def dense_fsp_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tens
     with torch.no_grad():
         g_t = _fsp_set([t.detach() for t in teacher], factors, eps)
     total = None
-    for row_s, row_t in zip(g_s, g_t):
-        for gs, gt in zip(row_s, row_t):
+    for row_s, row_t in zip(g_s, g_t, strict=True):
+        for gs, gt in zip(row_s, row_t, strict=True):
             term = (gs - gt).pow(2).flatten(1).sum(1)  # [B]
             if reduction == "mean":
                 term = term / gs[0].numel()

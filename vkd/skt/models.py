@@ -139,7 +139,7 @@ def make_adapters(student_channels: tuple[int, ...], teacher_channels: tuple[int
     if len(student_channels) != len(teacher_channels):
         raise ValueError(f"student_channels {student_channels} and teacher_channels {teacher_channels} differ in length")
     adapters = nn.ModuleList()
-    for cs, ct in zip(student_channels, teacher_channels):
+    for cs, ct in zip(student_channels, teacher_channels, strict=True):
         conv = nn.Conv2d(cs, ct, kernel_size=1)
         nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(conv.bias)
