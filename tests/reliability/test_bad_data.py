@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli as _cli
+from cli_helpers import set_args as _sets
 from PIL import Image
 
-from vkd.cli import main
 from vkd.errors import DataError
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(180)]
@@ -486,26 +487,12 @@ def test_fid_bad_statistics_files(bad_stats):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _cli(capsys, *args) -> tuple[int, str]:
-    """``vkd.cli.main`` in this process; the stderr handler its ``logging.basicConfig`` adds is removed after the
-    call, so that it never writes to a later test's (closed) captured stream."""
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    try:
-        code = main([str(a) for a in args])
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-    return code, capsys.readouterr().err
 
 
 SKT_TINY = ["train.steps=2", "train.batch_size=2", "train.log_every=1", "model.width_div=4", "eval.tile_size=0",
             "data.dataset=generic", "data.crop=none"]
 
 
-def _sets(*items: str) -> list[str]:
-    return [x for item in items for x in ("--set", item)]
 
 
 @pytest.mark.parametrize("name", bad_image_ids())

@@ -12,14 +12,13 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
-import logging
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
-
-from vkd.cli import main
+from cli_helpers import run_cli as _cli
+from cli_helpers import set_args as _sets
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.timeout(180)]
 
@@ -74,22 +73,8 @@ def refused(code: int, err: str, marker: Path, *fragments: str) -> None:
         assert fragment in errors[0], errors[0]
 
 
-def _cli(capsys, *args) -> tuple[int, str]:
-    """``vkd.cli.main`` in this process; the stderr handler its ``logging.basicConfig`` adds is removed after the
-    call, so that it never writes to a later test's (closed) captured stream."""
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    try:
-        code = main([str(a) for a in args])
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-    return code, capsys.readouterr().err
 
 
-def _sets(*items: str) -> list[str]:
-    return [x for item in items for x in ("--set", item)]
 
 
 SKT_TINY = ["train.steps=1", "train.batch_size=2", "data.synthetic.num_train=2", "data.synthetic.num_test=1",

@@ -15,9 +15,9 @@ __all__ = ["demo_stage"]
 def demo_stage(out: Path, quick: bool = False) -> Section:
     """Run the embedded SKT pipeline in ``out`` and describe it as a report section.
 
-    Full mode trains the teacher, the SKT student and the same student without transfer (the control) for 300
-    steps each (the presets train 600 / 800 steps; ``scripts/bench_skt.py`` runs those); ``quick`` trains 50
-    steps on fewer images and skips the control.
+    Full mode trains the teacher 250 steps, the SKT student and the same student without transfer (the control)
+    200 steps each (the presets train 600 / 800 steps; ``scripts/bench_skt.py`` runs those); ``quick`` trains 50
+    steps each on fewer images and skips the control.
     """
     from vkd.skt.commands import run_skt, run_teacher
     from vkd.skt.config import SKTConfig, SKTTeacherConfig
@@ -29,10 +29,12 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
     out = Path(out)
     common = [f"run.output_dir={out / 'runs'}", f"data.root={out / 'data'}"]
     # shorter than the presets (which scripts/bench_skt.py runs) so that the whole demo fits in ~15 minutes
-    short = (["train.steps=50", "data.synthetic.num_train=100", "data.synthetic.num_test=20"] if quick
-             else ["train.steps=300"])
-    tcfg = load_config(SKTTeacherConfig, find_preset("skt", "synthetic-teacher"), common + short, task="skt-teacher")
-    scfg = load_config(SKTConfig, find_preset("skt", "synthetic"), common + short, task="skt")
+    short = ["data.synthetic.num_train=100", "data.synthetic.num_test=20"] if quick else []
+    teacher_steps = ["train.steps=50"] if quick else ["train.steps=250"]
+    student_steps = ["train.steps=50"] if quick else ["train.steps=200"]
+    tcfg = load_config(SKTTeacherConfig, find_preset("skt", "synthetic-teacher"), common + short + teacher_steps,
+                       task="skt-teacher")
+    scfg = load_config(SKTConfig, find_preset("skt", "synthetic"), common + short + student_steps, task="skt")
 
     def finished(cfg) -> dict:
         path = cfg.run_dir() / "summary.json"
@@ -45,8 +47,9 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
     runs = {"teacher": (tcfg, run_teacher), "student_skt": (scfg, run_skt)}
     if not quick:
         control = load_config(SKTConfig, find_preset("skt", "synthetic"),
-                              common + short + ["run.name=no-transfer", "loss.teacher_weight=0", "loss.cos_weight=0",
-                                        "loss.fsp_weight=0"], task="skt")
+                              common + short + student_steps
+                              + ["run.name=no-transfer", "loss.teacher_weight=0", "loss.cos_weight=0",
+                                 "loss.fsp_weight=0"], task="skt")
         runs["student_no_transfer"] = (control, run_skt)
     results = {}
     for name, (cfg, fn) in runs.items():
