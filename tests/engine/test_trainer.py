@@ -18,6 +18,7 @@ from vkd.engine import (
     load_checkpoint_weights,
     load_training_state,
     save_checkpoint,
+    torch_threads,
     train_task,
     verify_checkpoint,
 )
@@ -187,3 +188,17 @@ def test_malicious_pickle_is_refused(tmp_path):
         pickle.dump({"optimizers": _Evil()}, handle)
     with pytest.raises(DataError, match="refusing to load"):
         load_training_state(path)
+
+
+def test_torch_threads_restores_the_process_setting():
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("a failing task")
+    assert torch.get_num_threads() == before
+    with torch_threads(0):  # 0 = leave torch's setting, but still restore whatever the block changes
+        assert torch.get_num_threads() == before
+        torch.set_num_threads(1)
+    assert torch.get_num_threads() == before

@@ -77,7 +77,10 @@ def test_train_eval_render(tmp_path, stub_teacher):
     task, dataset, prep = build_task(cfg, progress=False)
     before = task.evaluator.evaluate(task.student, fps=False)
     assert len(dataset) == 6 and before["num_views"] == 2
+    torch.set_num_threads(2)
     summary = run(cfg)
+    # compute.cpu_threads=1 applies inside run() only: a later task in the same process keeps its threads
+    assert torch.get_num_threads() == 2
     after = summary["eval"]
     # Training improves held-out feature similarity substantially over the zero-initialised features.
     assert after["feature_cosine"] > 0.9
@@ -94,6 +97,7 @@ def test_train_eval_render(tmp_path, stub_teacher):
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["feature_cosine"] == pytest.approx(
         metrics["feature_cosine"])
     assert metrics["feature_cosine"] == pytest.approx(after["feature_cosine"], abs=1e-4)
+    assert torch.get_num_threads() == 2
 
     # Test views as PNG frames.
     out = render(run_dir, "test", 0, None, None, None, tmp_path / "r_test", "png")
@@ -111,6 +115,7 @@ def test_train_eval_render(tmp_path, stub_teacher):
         assert (tmp_path / "r_orbit" / f"{stream}.gif").stat().st_size > 0
         assert len(list((tmp_path / "r_orbit" / stream).glob("frame_*.png"))) == 3
     assert json.loads((tmp_path / "r_orbit" / "render.json").read_text())["edit"] == "extract"
+    assert torch.get_num_threads() == 2
     with pytest.raises(UserError, match="needs --query"):
         render(run_dir, "test", 0, None, "delete", None, None, "png")
     with pytest.raises(UserError, match="unknown views"):

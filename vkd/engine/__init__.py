@@ -10,7 +10,7 @@ from vkd.engine.checkpoint import (
 )
 from vkd.engine.ema import EMA
 from vkd.engine.task import DistillationTask
-from vkd.engine.trainer import GlobalBatchSampler, Trainer, build_optimizer, seeded, train_task
+from vkd.engine.trainer import GlobalBatchSampler, Trainer, build_optimizer, seeded, torch_threads, train_task
 
 __all__ = [
     "DistillationTask",
@@ -24,6 +24,7 @@ __all__ = [
     "load_training_state",
     "save_checkpoint",
     "seeded",
+    "torch_threads",
     "train_task",
     "verify_checkpoint",
 ]

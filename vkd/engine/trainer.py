@@ -75,6 +75,22 @@ def seeded(seed: int) -> Iterator[None]:
         set_rng_state(state)
 
 
+@contextlib.contextmanager
+def torch_threads(num_threads: int) -> Iterator[None]:
+    """Use ``num_threads`` intra-op CPU threads for a block (0: leave torch's setting) and restore the previous count.
+
+    ``torch.set_num_threads`` is process-wide: a task that wants 1 thread (many small ops) must not leave a later
+    task in the same process (``vkd demo``, a notebook) running its large convolutions on one core.
+    """
+    previous = torch.get_num_threads()
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class GlobalBatchSampler:
     """Yields this process's share of each global batch, forever, starting at ``start_step``.
 

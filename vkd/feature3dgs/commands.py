@@ -15,46 +15,38 @@ __all__ = ["FEATURE3DGS", "run", "evaluate", "render"]
 log = logging.getLogger(__name__)
 
 
-def apply_compute(cfg: Feature3DGSConfig) -> None:
-    """Apply ``compute.cpu_threads`` (process-wide ``torch.set_num_threads``) when it is set."""
-    if cfg.compute.cpu_threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.compute.cpu_threads)
-
-
 def run(cfg: Feature3DGSConfig, resume: str | None = None) -> dict:
     """Build scene, teacher cache and Gaussian field, train with the shared engine, return the summary.
 
     The summary adds ``teacher`` (kind, model, whether it is randomly initialised), ``timings_s`` (scene, teacher,
     training) and, for a random teacher, a loud ``warning``.
     """
-    from vkd.engine import train_task
+    from vkd.engine import torch_threads, train_task
     from vkd.feature3dgs.distiller import build_task
     from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, save_teacher_for_queries
 
-    apply_compute(cfg)
-    t0 = time.perf_counter()
-    task, dataset, prep = build_task(cfg)
-    t_prep = time.perf_counter() - t0
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    info = save_teacher_for_queries(prep.teacher_info, run_dir)
-    if info.get("random_init"):
-        log.warning(RANDOM_INIT_WARNING)
-    t1 = time.perf_counter()
-    summary = train_task(cfg, task, dataset, resume=resume)
-    summary["teacher"] = {k: info.get(k) for k in ("kind", "model", "pretrained", "random_init", "feature_shape",
-                                                   "tiny_clip_zero_shot")}
-    summary["timings_s"] = {"scene_and_teacher": t_prep, "training": time.perf_counter() - t1}
-    summary["num_gaussians"] = task.student.num_gaussians
-    if info.get("random_init"):
-        summary["warning"] = RANDOM_INIT_WARNING
-        log.warning(RANDOM_INIT_WARNING)
-    path = run_dir / "summary.json"
-    if path.is_file():
-        path.write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    with torch_threads(cfg.compute.cpu_threads):  # restored afterwards: the setting is process-wide
+        t0 = time.perf_counter()
+        task, dataset, prep = build_task(cfg)
+        t_prep = time.perf_counter() - t0
+        run_dir = cfg.run_dir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = save_teacher_for_queries(prep.teacher_info, run_dir)
+        if info.get("random_init"):
+            log.warning(RANDOM_INIT_WARNING)
+        t1 = time.perf_counter()
+        summary = train_task(cfg, task, dataset, resume=resume)
+        summary["teacher"] = {k: info.get(k) for k in ("kind", "model", "pretrained", "random_init", "feature_shape",
+                                                       "tiny_clip_zero_shot")}
+        summary["timings_s"] = {"scene_and_teacher": t_prep, "training": time.perf_counter() - t1}
+        summary["num_gaussians"] = task.student.num_gaussians
+        if info.get("random_init"):
+            summary["warning"] = RANDOM_INIT_WARNING
+            log.warning(RANDOM_INIT_WARNING)
+        path = run_dir / "summary.json"
+        if path.is_file():
+            path.write_text(json.dumps(summary, indent=2, default=str))
+        return summary
 
 
 def evaluate(run_dir: Path, overrides: list[str], out_dir: Path | None) -> dict:

@@ -248,13 +248,15 @@ def evaluate_run(run_dir: Path, overrides: list[str], out_dir: Path | None) -> d
 
     Writes ``eval.json`` under ``out_dir`` (default: the run dir) and returns the metrics.
     """
+    from vkd.engine import torch_threads
     from vkd.feature3dgs.runs import load_run
 
     run = load_run(run_dir, overrides)
-    metrics = run.evaluator().evaluate(run.field)
-    if run.teacher_info.get("random_init"):
-        metrics["teacher_random_init"] = 1.0
-    out = Path(out_dir) if out_dir is not None else Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    with torch_threads(run.cfg.compute.cpu_threads):  # restored afterwards: process-wide setting
+        metrics = run.evaluator().evaluate(run.field)
+        if run.teacher_info.get("random_init"):
+            metrics["teacher_random_init"] = 1.0
+        out = Path(out_dir) if out_dir is not None else Path(run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+        return metrics

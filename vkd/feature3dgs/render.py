@@ -136,6 +136,7 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
                edit: str | None = None, threshold: float | None = None, out: Path | None = None,
                fmt: str = "mp4", fps: int = 24, progress: bool = True) -> dict:
     """Render a trained run (see module docstring). Returns a summary dict (also written as ``render.json``)."""
+    from vkd.engine import torch_threads
     from vkd.feature3dgs.query import edit_opacity_mask, relevancy
     from vkd.feature3dgs.runs import load_run
     from vkd.feature3dgs.visualize import colormap, save_png, to_uint8, write_video
@@ -147,60 +148,61 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
     if edit is not None and not query:
         raise UserError(f"--{edit} needs --query")
     run = load_run(run_dir)
-    field, scene = run.field, run.scene
-    device = field.params["means"].device
-    viewmats, Ks, W, H, names = camera_path(scene, views, frames)
-    viewmats, Ks = viewmats.to(device), Ks.to(device)
-    q = _query_setup(run, query, edit, threshold) if query else None
-    if q is not None:
-        q["text"] = q["text"].to(device)
-    mask = edit_opacity_mask(q["selected"], edit) if q is not None and edit is not None else None
-    bg = torch.tensor(run.cfg.model.background if run.cfg.model.background is not None else scene.background,
-                      dtype=torch.float32, device=device)
-    backend = run.cfg.model.backend
-
-    # Fixed colour mappings, fitted once per scene.
-    pca = fit_scene_pca(field, scene, backend)
-    streams = ["rgb", "depth", "features"] + (["relevancy"] if q is not None else [])
-    out_dir = Path(out) if out is not None else Path(run_dir) / "renders" / (views + (f"-{edit}" if edit else ""))
-    for s in streams:
-        (out_dir / s).mkdir(parents=True, exist_ok=True)
-    videos: dict[str, list] = {s: [] for s in streams}
-    depth_range: tuple[float, float] | None = None
-    bar = tqdm(range(len(names)), desc=f"render {views}", disable=not progress or None)
-    for k in bar:
-        r = field.render(viewmats[k:k + 1], Ks[k:k + 1], W, H, background=bg, features=True, depth=True,
-                         opacity_mask=mask, backend=backend)
-        rgb = r["rgb"][0].clamp(0, 1).cpu()
-        alpha = r["alpha"][0, ..., 0].cpu()
-        depth = r["depth"][0, ..., 0].cpu()
-        if depth_range is None:
-            valid = depth[alpha > 0.5]
-            valid = valid if valid.numel() > 10 else depth.flatten()
-            depth_range = (float(torch.quantile(valid, 0.02)), float(torch.quantile(valid, 0.98)) + 1e-6)
-        decoded = field.decode(r["features"].permute(0, 3, 1, 2)).cpu()  # [1, M, H, W] teacher space
-        frames_k = {"rgb": rgb, "depth": colormap(depth, *depth_range, name="turbo") * alpha[..., None],
-                    "features": pca(decoded)[0] * alpha[..., None]}
+    with torch_threads(run.cfg.compute.cpu_threads):  # restored afterwards: process-wide setting
+        field, scene = run.field, run.scene
+        device = field.params["means"].device
+        viewmats, Ks, W, H, names = camera_path(scene, views, frames)
+        viewmats, Ks = viewmats.to(device), Ks.to(device)
+        q = _query_setup(run, query, edit, threshold) if query else None
         if q is not None:
-            text = q["text"].cpu()
-            rel = relevancy(decoded, text[0], text[1:], run.cfg.query.temperature)[0]
-            frames_k["relevancy"] = colormap(rel, 0.0, 1.0, name="turbo")
-        for s, img in frames_k.items():
-            save_png(img, out_dir / s / f"frame_{k:05d}.png")
-            if fmt != "png":
-                videos[s].append(to_uint8(img))
-    outputs = {s: str(out_dir / s) for s in streams}
-    if fmt != "png":
+            q["text"] = q["text"].to(device)
+        mask = edit_opacity_mask(q["selected"], edit) if q is not None and edit is not None else None
+        bg = torch.tensor(run.cfg.model.background if run.cfg.model.background is not None else scene.background,
+                          dtype=torch.float32, device=device)
+        backend = run.cfg.model.backend
+
+        # Fixed colour mappings, fitted once per scene.
+        pca = fit_scene_pca(field, scene, backend)
+        streams = ["rgb", "depth", "features"] + (["relevancy"] if q is not None else [])
+        out_dir = Path(out) if out is not None else Path(run_dir) / "renders" / (views + (f"-{edit}" if edit else ""))
         for s in streams:
-            outputs[s] = str(write_video(videos[s], out_dir / f"{s}.{fmt}", fps=fps))
-    summary = {"out": str(out_dir), "views": views, "frames": len(names), "width": W, "height": H,
-               "outputs": outputs, "checkpoint": str(run.checkpoint), "num_gaussians": field.num_gaussians}
-    if q is not None:
-        summary.update(query=q["query"], label_set=q["label_set"])
-    if mask is not None:
-        summary.update(edit=edit, threshold=threshold, selected_gaussians=int(q["selected"].sum()),
-                       kept_gaussians=int(mask.sum()))
-    if run.teacher_info.get("random_init"):
-        summary["warning"] = "teacher was randomly initialised: relevancy maps carry no semantics"
-    (out_dir / "render.json").write_text(json.dumps(summary, indent=1))
-    return summary
+            (out_dir / s).mkdir(parents=True, exist_ok=True)
+        videos: dict[str, list] = {s: [] for s in streams}
+        depth_range: tuple[float, float] | None = None
+        bar = tqdm(range(len(names)), desc=f"render {views}", disable=not progress or None)
+        for k in bar:
+            r = field.render(viewmats[k:k + 1], Ks[k:k + 1], W, H, background=bg, features=True, depth=True,
+                             opacity_mask=mask, backend=backend)
+            rgb = r["rgb"][0].clamp(0, 1).cpu()
+            alpha = r["alpha"][0, ..., 0].cpu()
+            depth = r["depth"][0, ..., 0].cpu()
+            if depth_range is None:
+                valid = depth[alpha > 0.5]
+                valid = valid if valid.numel() > 10 else depth.flatten()
+                depth_range = (float(torch.quantile(valid, 0.02)), float(torch.quantile(valid, 0.98)) + 1e-6)
+            decoded = field.decode(r["features"].permute(0, 3, 1, 2)).cpu()  # [1, M, H, W] teacher space
+            frames_k = {"rgb": rgb, "depth": colormap(depth, *depth_range, name="turbo") * alpha[..., None],
+                        "features": pca(decoded)[0] * alpha[..., None]}
+            if q is not None:
+                text = q["text"].cpu()
+                rel = relevancy(decoded, text[0], text[1:], run.cfg.query.temperature)[0]
+                frames_k["relevancy"] = colormap(rel, 0.0, 1.0, name="turbo")
+            for s, img in frames_k.items():
+                save_png(img, out_dir / s / f"frame_{k:05d}.png")
+                if fmt != "png":
+                    videos[s].append(to_uint8(img))
+        outputs = {s: str(out_dir / s) for s in streams}
+        if fmt != "png":
+            for s in streams:
+                outputs[s] = str(write_video(videos[s], out_dir / f"{s}.{fmt}", fps=fps))
+        summary = {"out": str(out_dir), "views": views, "frames": len(names), "width": W, "height": H,
+                   "outputs": outputs, "checkpoint": str(run.checkpoint), "num_gaussians": field.num_gaussians}
+        if q is not None:
+            summary.update(query=q["query"], label_set=q["label_set"])
+        if mask is not None:
+            summary.update(edit=edit, threshold=threshold, selected_gaussians=int(q["selected"].sum()),
+                           kept_gaussians=int(mask.sum()))
+        if run.teacher_info.get("random_init"):
+            summary["warning"] = "teacher was randomly initialised: relevancy maps carry no semantics"
+        (out_dir / "render.json").write_text(json.dumps(summary, indent=1))
+        return summary

@@ -116,8 +116,6 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(Feature3DGSConfig, run_dir / "config.yaml", list(overrides), task="feature3dgs")
-    if cfg.compute.cpu_threads > 0:
-        torch.set_num_threads(cfg.compute.cpu_threads)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise UserError(f"{run_dir} has no checkpoint yet")

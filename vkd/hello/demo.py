@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from vkd.config import find_preset, load_config
-from vkd.report import Section
+from vkd.report import Section, bar_chart
 
 __all__ = ["demo_stage"]
 
@@ -64,7 +64,14 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
     sec.tables["Student test accuracy per label source"] = [
         {"source": k, **{f"seed {seed}": f"{v:.3f}" for seed, v in zip(result["seeds"], vals, strict=True)},
          "mean ± std": acc(k)} for k, vals in per.items()]
-    sec.images = [("The distilled set: RDED-selected real digits, one row per class (IPC 10)", grid)]
+    names = {"hard": "hard labels", "teacher": "teacher online", "projector": "projector online",
+             "random": "random images\n+ projector"}
+    keys = [k for k in ("hard", "teacher", "projector", "random") if f"acc_{k}_mean" in s]
+    chart = bar_chart(out / "accuracy_chart.png", [names[k] for k in keys], [s[f"acc_{k}_mean"] for k in keys],
+                      "Student test accuracy by label source (IPC 10)", "accuracy",
+                      errors=[s[f"acc_{k}_std"] for k in keys] if len(result["seeds"]) > 1 else None)
+    sec.images = [("The distilled set: RDED-selected real digits, one row per class (IPC 10)", grid),
+                  ("Student accuracy per label source (mean ± std over seeds)", chart)]
     sec.text = [
         f"Teacher test accuracy {s['teacher_test_acc']:.3f}; projector (tiny CLIP + LoRA) test accuracy "
         f"{s['projector_test_acc']:.3f}. The projector ships as {int(s['adapter_params'])} LoRA parameters "
