@@ -75,7 +75,6 @@ def _section_from_json(data: dict[str, Any]) -> Section:
 
 def run_demo(out: Path, quick: bool = False, force: bool = False, only: list[str] | None = None) -> int:
     """Run the stages, write ``report.html`` and ``report.md`` into ``out``; return the exit code."""
-    from vkd.engine import torch_threads
     from vkd.errors import TrainingInterrupted, UserError
 
     out = Path(out)
@@ -105,8 +104,7 @@ def run_demo(out: Path, quick: bool = False, force: bool = False, only: list[str
             shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
         try:
-            with torch_threads(0):  # a stage that changes the CPU thread count must not slow the next ones
-                sec = fn(stage_dir, quick)
+            sec = fn(stage_dir, quick)
             sec.title = title
             sec.text.append(f"Stage wall time: {time.time() - start:.0f} s on this machine ({mode} mode).")
             tmp = marker.with_suffix(".json.tmp")
