@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from vkd.config import load_config  # noqa: E402
+from vkd.engine import native_bf16  # noqa: E402
 from vkd.skt.commands import run_skt, run_teacher  # noqa: E402
 from vkd.skt.config import SKTConfig, SKTTeacherConfig  # noqa: E402
 from vkd.skt.datasets import resolve_root  # noqa: E402
@@ -69,6 +70,7 @@ def main() -> None:
     result: dict = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                                "native_bf16": native_bf16("cpu"),
                                 "load_avg_start": list(os.getloadavg())}}
 
     # ---- size ------------------------------------------------------------------------------------

@@ -58,12 +58,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)
+    fused_optimizer: bool = False  # adam/adamw: torch's fused kernel (faster on CPU and CUDA; float params only)
     momentum: float = 0.9  # sgd only
     scheduler: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     grad_accum: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"  # auto: bf16 where the device has it natively
     ema_decay: float = 0.0  # 0 disables the EMA copy of the student
     log_every: int = 10
     checkpoint_every: int = 500  # also saved at the last step

@@ -106,3 +106,90 @@ def test_image_update_lowers_g_keeps_encoder_and_range():
     # factor 1: nothing to recover, G starts at 0
     _, info1 = image_update(encoder, targets, targets, steps=2)
     assert info1["g_before"] == 0.0
+
+
+class TwoModeTeacher(nn.Module):
+    """Confidence from channel means; its penultimate features also carry which half of the image is lit."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.head.weight[:, :3] = 10 * torch.eye(3)
+
+    def forward(self, x):
+        half = x.shape[-1] // 2
+        side = x[..., :half].mean(dim=(1, 2, 3)) - x[..., half:].mean(dim=(1, 2, 3))  # [B] > 0: left lit
+        return self.head(torch.cat([x.mean(dim=(2, 3)), 20 * side[:, None]], dim=1))
+
+
+class MarkedOnlyLabeller(nn.Module):
+    """A label model that is right only on images whose top-right pixel is lit (the mark), wrong elsewhere."""
+
+    def __init__(self, teacher: nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x):
+        logits = self.teacher(x)
+        marked = x[:, :, 0, -1].mean(1) > 0.9  # [B]
+        return torch.where(marked[:, None], logits, logits.roll(1, dims=1))
+
+
+def _two_mode_data():
+    # each class: 8 bright "left" images (most confident) and 4 dimmer "right" ones, the last of which is marked
+    gen = torch.Generator().manual_seed(0)
+    xs, ys, modes = [], [], []
+    for c in range(3):
+        for mode, n, level in (("left", 8, 0.9), ("right", 4, 0.7)):
+            x = 0.05 + 0.02 * torch.rand(n, 3, 16, 16, generator=gen)
+            cols = slice(0, 8) if mode == "left" else slice(8, 16)
+            x[:, c, :, cols] = level + 0.05 * torch.rand(n, 16, 8, generator=gen)
+            if mode == "right":
+                x[-1, :, 0, -1] = 1.0
+            xs.append(x)
+            ys.append(torch.full((n,), c))
+            modes += [mode] * n
+    return torch.cat(xs), torch.cat(ys), modes
+
+
+def test_cluster_selection_covers_both_modes_of_a_class():
+    x, y, modes = _two_mode_data()
+    teacher = TwoModeTeacher().eval()
+    kwargs = dict(ipc=2, factor=1, mipc=100, num_crop=1, crop_scale=(1.0, 1.0), seed=0)
+    plain = rded_select(x, y, teacher, 3, **kwargs)
+    clustered = rded_select(x, y, teacher, 3, strategy="cluster", **kwargs)
+    again = rded_select(x, y, teacher, 3, strategy="cluster", **kwargs)
+    assert torch.equal(clustered.images, again.images) and clustered.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    for c in range(3):
+        assert {modes[i] for i in plain.source_index[plain.labels == c].tolist()} == {"left"}
+        picked = clustered.source_index[clustered.labels == c].tolist()
+        assert sorted(modes[i] for i in picked) == ["left", "right"]
+    # the picks are scored like RDED's (teacher CE of the kept crop) and listed lowest CE first
+    with torch.no_grad():
+        ce = F.cross_entropy(teacher(clustered.images), clustered.labels, reduction="none")
+    torch.testing.assert_close(ce, clustered.scores, atol=1e-5, rtol=1e-5)
+    assert all(clustered.scores[2 * c] <= clustered.scores[2 * c + 1] for c in range(3))
+    with pytest.raises(ValueError, match="strategy"):
+        rded_select(x, y, teacher, 3, strategy="herding", **kwargs)
+
+
+def test_cluster_selection_with_a_label_model_keeps_only_images_it_labels_right():
+    x, y, modes = _two_mode_data()
+    teacher = TwoModeTeacher().eval()
+    kwargs = dict(ipc=2, factor=1, mipc=100, num_crop=1, crop_scale=(1.0, 1.0), seed=0, strategy="cluster")
+    marked = {i for i in range(len(y)) if x[i, :, 0, -1].mean() > 0.9}
+    assert len(marked) == 3
+    without = rded_select(x, y, teacher, 3, **kwargs)
+    with_labeller = rded_select(x, y, teacher, 3, label_model=MarkedOnlyLabeller(teacher).eval(), **kwargs)
+    assert any(i not in marked for i in without.source_index.tolist() if modes[i] == "right")
+    for c in range(3):
+        right = [i for i in with_labeller.source_index[with_labeller.labels == c].tolist() if modes[i] == "right"]
+        assert len(right) == 1 and right[0] in marked  # the only right-mode image the labeller gets right
+    # the left clusters hold no image the labeller gets right: their picks fall back to the plain ones
+    for sel in (without, with_labeller):
+        assert sum(modes[i] == "left" for i in sel.source_index.tolist()) == 3
+    left = lambda sel: sorted(i for i in sel.source_index.tolist() if modes[i] == "left")  # noqa: E731
+    assert left(without) == left(with_labeller)

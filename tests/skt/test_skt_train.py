@@ -117,3 +117,34 @@ def test_task_entries_and_presets():
     assert load_config(SKTConfig, find_preset("skt", "synthetic"), [], task="skt") == load_config(SKTConfig, None, [], task="skt")
     assert (load_config(SKTTeacherConfig, find_preset("skt", "synthetic-teacher"), [], task="skt-teacher")
             == load_config(SKTTeacherConfig, None, [], task="skt-teacher"))
+
+
+@pytest.mark.parametrize(("precision", "native", "expected"), [
+    ("fp32", True, torch.float32), ("bf16", False, torch.bfloat16),
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32)])
+def test_teacher_precision_only_changes_the_frozen_teachers_forward(monkeypatch, precision, native, expected):
+    import vkd.skt.distiller as distiller
+    from vkd.config import apply_overrides
+    from vkd.skt.models import CSRNet
+
+    monkeypatch.setattr(distiller, "native_bf16", lambda device: native)
+    cfg = apply_overrides(SKTConfig(), [f"teacher.precision={precision}"])
+    torch.manual_seed(0)
+    teacher = CSRNet(2)
+    teacher_dtypes, student_dtypes = [], []
+    teacher.frontend[0].register_forward_hook(lambda m, i, o: teacher_dtypes.append(o.dtype))
+    task = SKTTask(cfg, teacher)
+    task.student.frontend[0].register_forward_hook(lambda m, i, o: student_dtypes.append(o.dtype))
+    batch = {"image": torch.rand(2, 3, 32, 32), "density": torch.rand(2, 1, 4, 4), "count": torch.rand(2)}
+    out = task(batch)
+    assert teacher_dtypes == [expected] and student_dtypes == [torch.float32]
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in task.student.parameters())
+    assert all(p.grad is None for p in task.teacher.parameters())
+    # bf16 teacher features are close to fp32 ones: the loss moves by far less than its size
+    reference = SKTTask(apply_overrides(SKTConfig(), ["teacher.precision=fp32"]), teacher)
+    reference.student.load_state_dict(task.student.state_dict())
+    reference.adapters.load_state_dict(task.adapters.state_dict())
+    with torch.no_grad():
+        assert float(reference(batch)["loss"]) == pytest.approx(float(out["loss"]), rel=0.05)

@@ -9,6 +9,7 @@ from vkd.engine.checkpoint import (
     verify_checkpoint,
 )
 from vkd.engine.ema import EMA
+from vkd.engine.precision import native_bf16, resolve_mixed_precision
 from vkd.engine.task import DistillationTask
 from vkd.engine.trainer import GlobalBatchSampler, Trainer, build_optimizer, seeded, torch_threads, train_task
 
@@ -22,6 +23,8 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint_weights",
     "load_training_state",
+    "native_bf16",
+    "resolve_mixed_precision",
     "save_checkpoint",
     "seeded",
     "torch_threads",

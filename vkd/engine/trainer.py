@@ -42,6 +42,7 @@ from vkd.engine.checkpoint import (
     verify_checkpoint,
 )
 from vkd.engine.ema import EMA
+from vkd.engine.precision import resolve_mixed_precision
 from vkd.engine.task import DistillationTask
 from vkd.errors import DataError, NonFiniteError, TrainingInterrupted, UserError
 
@@ -184,7 +185,10 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    # train.fused_optimizer: torch's fused kernel (CPU and CUDA), the same update with reassociated arithmetic;
+    # on a 2-core CPU one Adam step over CSRNet's 16 M parameters takes a fraction of the per-tensor default's
+    fused = cfg.fused_optimizer and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def _as_dict(obj: Any, name: str = "main") -> dict[str, Any]:
@@ -232,7 +236,9 @@ class Trainer:
             raise UserError("train.device=cuda but no CUDA device is available")
         log_with = ["tensorboard"] if is_tensorboard_available() else None
         kwargs = [DistributedDataParallelKwargs(find_unused_parameters=self.task.find_unused_parameters)]
-        return Accelerator(cpu=cpu, mixed_precision=self.cfg.mixed_precision, log_with=log_with,
+        device = "cpu" if cpu else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        precision = resolve_mixed_precision(self.cfg.mixed_precision, device)
+        return Accelerator(cpu=cpu, mixed_precision=precision, log_with=log_with,
                            project_dir=str(self.run_dir), kwargs_handlers=kwargs)
 
     def _install_signal_handlers(self) -> dict[int, Any]:
@@ -445,6 +451,7 @@ class Trainer:
             "eval": eval_metrics,
             "wall_time_s": time.time() - t_start,
             "resumed_from": str(resume_path) if resume_path else None,
+            "mixed_precision": str(acc.mixed_precision),  # what train.mixed_precision=auto resolved to
             "checkpoint": str(last_ckpt) if last_ckpt else None,
             "world_size": world,
             "device": str(acc.device),

@@ -174,6 +174,11 @@ class SelectionConfig:
     # area range of the scored crops; None: (1, 1) (whole images) at factor 1, RDED's (0.08, 1) at factor >= 2.
     # Measured on digits (IPC 10, factor 1): (0.5, 1) crops cost 1-3 points of student accuracy vs whole images.
     crop_scale: tuple[float, float] | None = None
+    # lowest_ce: RDED (most confident crops); cluster: the crop nearest the centroid of each of IPC·f² k-means
+    # clusters of the teacher's penultimate features (coverage of the class instead of near-copies of its mode)
+    strategy: Literal["lowest_ce", "cluster"] = "lowest_ce"
+    # cluster only: a pick must also be labelled right (p > 1/2) by the projector that will label the set
+    projector_agreement: bool = True
 
     def __post_init__(self) -> None:
         if self.ipc < 1 or self.mipc < 1 or self.num_crop < 1 or self.factor < 0:

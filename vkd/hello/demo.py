@@ -70,7 +70,9 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
     chart = bar_chart(out / "accuracy_chart.png", [names[k] for k in keys], [s[f"acc_{k}_mean"] for k in keys],
                       "Student test accuracy by label source (IPC 10)", "accuracy",
                       errors=[s[f"acc_{k}_std"] for k in keys] if len(result["seeds"]) > 1 else None)
-    sec.images = [("The distilled set: RDED-selected real digits, one row per class (IPC 10)", grid),
+    chosen = {"cluster": "real digits nearest the centres of k-means clusters of the teacher's features",
+              "lowest_ce": "the real digits the teacher is most confident on (RDED)"}[cfg.selection.strategy]
+    sec.images = [(f"The distilled set: {chosen}, one row per class (IPC {manifest['ipc']})", grid),
                   ("Student accuracy per label source (mean ± std over seeds)", chart)]
     sec.text = [
         f"Teacher test accuracy {s['teacher_test_acc']:.3f}; projector (tiny CLIP + LoRA) test accuracy "

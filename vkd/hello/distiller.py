@@ -249,7 +249,9 @@ class ProjectorFitTask(DistillationTask):
             ((1.0, 1.0) if self.factor == 1 else (0.08, 1.0))
         sel = rded_select(self.train_data.images, self.train_data.labels, self.teacher[-1],
                           self.train_data.num_classes, cfg.selection.ipc, self.factor, cfg.selection.mipc,
-                          cfg.selection.num_crop, crop_scale, seed=cfg.run.seed)
+                          cfg.selection.num_crop, crop_scale, seed=cfg.run.seed,
+                          strategy=cfg.selection.strategy,
+                          label_model=self.projector if cfg.selection.projector_agreement else None)
         t_sel = time.perf_counter() - t0
         update: dict[str, Any] = {"g_before": 0.0, "g_after": 0.0}
         images = sel.images

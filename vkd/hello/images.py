@@ -4,7 +4,8 @@ Selection (hello.md §5.1, after RDED): per class, ``mipc`` real images → ``nu
 RandomResizedCrops each at ``S // factor`` → score each crop by the teacher's CE on its class (crops
 resized to full size) → keep each image's best crop → keep the ``IPC·factor²`` lowest-CE crops →
 stitch ``factor × factor`` crops per image. Crops are cut with ``torchvision.ops.roi_align``
-(bilinear crop-and-resize of many boxes in one call).
+(bilinear crop-and-resize of many boxes in one call). ``strategy="cluster"`` (vkd) replaces the
+lowest-CE cut by one crop per k-means cluster (scikit-learn) of the teacher's penultimate features.
 
 Image update (§5.2, vkd's reading): the stored variable is the low-resolution patch ``z`` (``S //
 factor`` px), initialised to ``down(p)``; it minimises ``G = MSE(E_I(p), E_I(up(z)))`` with the
@@ -14,6 +15,7 @@ down-sampling, so ``G`` starts at 0 and the update is a no-op.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,22 +97,69 @@ def unstitch(images: torch.Tensor, factor: int) -> torch.Tensor:
     return x.reshape(m * factor * factor, c, s, s)
 
 
+def _last_linear(teacher: nn.Module) -> nn.Linear | None:
+    linears = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 @torch.no_grad()
 def _teacher_ce(teacher: nn.Module, crops: torch.Tensor, labels: torch.Tensor, size: int,
-                batch_size: int) -> torch.Tensor:
-    out = []
+                batch_size: int, with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-crop CE ``[K]`` and, with ``with_features``, the teacher's embedding ``[K, D]``: the input of its
+    last ``nn.Linear`` (the penultimate features of a classifier head), or its logits when it has none."""
+    ces, feats = [], []
     device = next(teacher.parameters()).device
-    for s in range(0, crops.shape[0], batch_size):
-        x = crops[s:s + batch_size].to(device)
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        out.append(F.cross_entropy(teacher(x), labels[s:s + batch_size].to(device), reduction="none").cpu())
-    return torch.cat(out)
+    head = _last_linear(teacher) if with_features else None
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].flatten(1))) if head else None
+    try:
+        for s in range(0, crops.shape[0], batch_size):
+            x = crops[s:s + batch_size].to(device)
+            if x.shape[-1] != size:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            logits = teacher(x)
+            ces.append(F.cross_entropy(logits, labels[s:s + batch_size].to(device), reduction="none").cpu())
+            if with_features:
+                feats.append((captured.pop() if head is not None else logits).float().cpu())
+                captured.clear()
+    finally:
+        if hook is not None:
+            hook.remove()
+    return torch.cat(ces), (torch.cat(feats) if with_features else None)
+
+
+def _cluster_pick(features: torch.Tensor, ce: torch.Tensor, k: int, seed: int,
+                  eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """One image per k-means cluster of ``features [n, D]``: the member nearest its centroid, among the
+    ``eligible [n]`` members when the cluster has any. Returned in increasing ``ce [n]``."""
+    from sklearn.cluster import KMeans
+
+    if k >= features.shape[0]:
+        return torch.argsort(ce, stable=True)
+    x = F.normalize(features.double(), dim=1)  # cosine geometry: scale-free
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(x.numpy())
+    assign = torch.from_numpy(km.labels_).long()
+    dist = (x - torch.from_numpy(km.cluster_centers_)[assign]).pow(2).sum(1)  # [n] to own centroid
+    picks = []
+    for cluster in range(k):
+        members = (assign == cluster).nonzero().flatten()
+        if eligible is not None and eligible[members].any():
+            members = members[eligible[members]]
+        if members.numel():
+            picks.append(members[torch.argmin(dist[members])])
+    chosen = torch.stack(picks)
+    if chosen.numel() < k:  # k-means left a cluster empty: fill with the lowest-CE images not yet taken
+        rest = torch.ones_like(ce, dtype=torch.bool)
+        rest[chosen] = False
+        extra = rest.nonzero().flatten()
+        chosen = torch.cat([chosen, extra[torch.argsort(ce[extra], stable=True)[:k - chosen.numel()]]])
+    return chosen[torch.argsort(ce[chosen], stable=True)]
 
 
 def rded_select(images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module, num_classes: int, ipc: int,
                 factor: int = 1, mipc: int = 300, num_crop: int = 5, crop_scale: tuple[float, float] = (0.5, 1.0),
-                seed: int = 0, batch_size: int = 256) -> Selection:
+                seed: int = 0, batch_size: int = 256, strategy: str = "lowest_ce",
+                label_model: nn.Module | None = None) -> Selection:
     """RDED selection of real patches by teacher confidence, stitched ``factor × factor``.
 
     Args:
@@ -125,6 +174,12 @@ def rded_select(images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module, 
         crop_scale: area fraction range of the square crops.
         seed: selection seed; the result is a pure function of the inputs and the seed.
         batch_size: teacher batch size.
+        strategy: ``lowest_ce`` (RDED: the ``IPC·f²`` most confident crops of each class) or ``cluster``
+            (vkd: k-means with ``IPC·f²`` clusters on the teacher's penultimate features of each image's best
+            crop, then from each cluster the crop nearest its centroid among those the teacher gives its class
+            probability > 1/2: the class's modes instead of ``IPC`` near-copies of its most typical sample).
+        label_model: ``cluster`` only: the model that will label the set (HeLlO's projector); a cluster's
+            pick must then also get class probability > 1/2 from it, where the cluster has such a member.
 
     Returns:
         :class:`Selection` with ``C·IPC`` images labelled in class order.
@@ -136,6 +191,8 @@ def rded_select(images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module, 
         raise ValueError(f"images must be [N, 3, S, S], got {tuple(images.shape)}")
     if labels.shape != (images.shape[0],):
         raise ValueError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
+    if strategy not in ("lowest_ce", "cluster"):
+        raise ValueError(f"strategy must be 'lowest_ce' or 'cluster', got {strategy!r}")
     size = images.shape[-1]
     if size % factor:
         raise DataError(f"image size {size} is not divisible by the stitch factor {factor}")
@@ -155,9 +212,20 @@ def rded_select(images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module, 
         sub = images[idx]  # convert per class: a uint8 ImageFolder set may not fit in RAM as float
         sub = sub.float() / 255.0 if sub.dtype == torch.uint8 else sub.float()
         crops_small = crop_boxes(sub, boxes, which, small)  # [n·k, 3, s, s]
-        ce = _teacher_ce(teacher, crops_small, torch.full((n * num_crop,), c), size, batch_size).view(n, num_crop)
+        ce, feats = _teacher_ce(teacher, crops_small, torch.full((n * num_crop,), c), size, batch_size,
+                                with_features=strategy == "cluster")
+        ce = ce.view(n, num_crop)
         best_ce, best_k = ce.min(dim=1)  # each image's best crop
-        order = torch.argsort(best_ce, stable=True)[:need]  # lowest CE first
+        if strategy == "cluster":
+            assert feats is not None
+            best = torch.arange(n) * num_crop + best_k
+            eligible = best_ce < math.log(2.0)  # p(class) > 1/2: the teacher's argmax is the class
+            if label_model is not None:
+                label_ce, _ = _teacher_ce(label_model, crops_small[best], torch.full((n,), c), size, batch_size)
+                eligible &= label_ce < math.log(2.0)
+            order = _cluster_pick(feats[best], best_ce, need, seed + c, eligible)
+        else:
+            order = torch.argsort(best_ce, stable=True)[:need]  # lowest CE first
         chosen = order * num_crop + best_k[order]
         patches.append(crops_small[chosen])
         sources.append(crop_boxes(sub, boxes[chosen], which[chosen], size))

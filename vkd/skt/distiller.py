@@ -6,14 +6,16 @@ of :class:`vkd.skt.datasets.CrowdTrainDataset` collated by :func:`vkd.skt.datase
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vkd.engine import DistillationTask
+from vkd.engine import DistillationTask, native_bf16
 from vkd.skt.config import CSRNetConfig, SKTConfig, SKTTeacherConfig
 from vkd.skt.evaluate import RUN_EXPORT, evaluate_model
 from vkd.skt.losses import SKTLoss, density_loss
@@ -26,6 +28,8 @@ from vkd.skt.models import (
 )
 
 __all__ = ["build_csrnet", "CSRNetTask", "SKTTask", "export_model"]
+
+log = logging.getLogger(__name__)
 
 
 def build_csrnet(cfg: CSRNetConfig) -> CSRNet:
@@ -153,6 +157,7 @@ class SKTTask(_EvalMixin, DistillationTask):
                                  cfg.loss.fsp_weight, cfg.loss.reduction, per_sample_fsp=cfg.loss.fsp == "per_sample")
         self.eval_sets = dict(eval_sets or {})
         self._teacher_metrics: dict[str, float] | None = None
+        self._announced_precision = False
 
     def train(self, mode: bool = True) -> SKTTask:
         super().train(mode)
@@ -165,13 +170,23 @@ class SKTTask(_EvalMixin, DistillationTask):
         s_items = self.student(x, return_features=True)  # 6 taps + density [B, 1, h, w]
         t_items = None
         if self.teacher is not None and self.cfg.loss.uses_teacher:
-            with torch.no_grad():
-                t_items = [t.detach() for t in self.teacher(x, return_features=True)]
+            with torch.no_grad(), self._teacher_autocast(x.device):
+                t_items = [t.detach().float() for t in self.teacher(x, return_features=True)]
         if len(self.adapters):
             s_items = [a(f) for a, f in zip(self.adapters, s_items[:-1], strict=True)] + [s_items[-1]]
         out = self.criterion(s_items, t_items, batch["density"])
         out["count_abs_err"] = (s_items[-1].detach().flatten(1).sum(1) - batch["count"]).abs().mean()
         return out
+
+    def _teacher_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        precision = self.cfg.teacher.precision
+        bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+        if not self._announced_precision:
+            self._announced_precision = True
+            log.info("SKT: frozen teacher forward in %s (teacher.precision=%s)", "bf16" if bf16 else "fp32", precision)
+        if not bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
