@@ -157,7 +157,7 @@ class SKTTask(_EvalMixin, DistillationTask):
                                  cfg.loss.fsp_weight, cfg.loss.reduction, per_sample_fsp=cfg.loss.fsp == "per_sample")
         self.eval_sets = dict(eval_sets or {})
         self._teacher_metrics: dict[str, float] | None = None
-        self._announced_precision = False
+        self._teacher_bf16: bool | None = None  # teacher.precision resolved on the first step's device
 
     def train(self, mode: bool = True) -> SKTTask:
         super().train(mode)
@@ -179,12 +179,12 @@ class SKTTask(_EvalMixin, DistillationTask):
         return out
 
     def _teacher_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        precision = self.cfg.teacher.precision
-        bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
-        if not self._announced_precision:
-            self._announced_precision = True
-            log.info("SKT: frozen teacher forward in %s (teacher.precision=%s)", "bf16" if bf16 else "fp32", precision)
-        if not bf16:
+        if self._teacher_bf16 is None:
+            precision = self.cfg.teacher.precision
+            self._teacher_bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+            log.info("SKT: frozen teacher forward in %s (teacher.precision=%s)",
+                     "bf16" if self._teacher_bf16 else "fp32", precision)
+        if not self._teacher_bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
