@@ -214,14 +214,18 @@ class StudentConfig:
     beta_ce: float = 0.1
     temperature: float = 4.0  # label_loss="kl" only
     crop_scale_min: float = 0.5  # RandomResizedCrop(scale=(crop_scale_min, 1)) (RDED uses 1/factor)
+    # stitched sets (factor > 1): probability that a view is one tile of the mosaic, up-sampled to full size,
+    # before the crop. RDED's views always span several tiles (0); a small teacher cannot read those.
+    tile_views: float = 0.0
     hflip: bool = False
     cutmix: float = 0.0  # probability of CutMix per batch
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
             raise ConfigError("student.steps, batch_size, lr and temperature must be > 0")
-        if not 0.0 < self.crop_scale_min <= 1.0 or not 0.0 <= self.cutmix <= 1.0:
-            raise ConfigError("student.crop_scale_min must be in (0, 1] and cutmix in [0, 1]")
+        if not 0.0 < self.crop_scale_min <= 1.0 or not 0.0 <= self.cutmix <= 1.0 \
+                or not 0.0 <= self.tile_views <= 1.0:
+            raise ConfigError("student.crop_scale_min must be in (0, 1], cutmix and tile_views in [0, 1]")
 
 
 @dataclass

@@ -68,6 +68,19 @@ def _shuffle_patches(x: torch.Tensor, factor: int) -> torch.Tensor:
     return stitch(p.reshape(-1, *p.shape[2:]), factor)
 
 
+def _tile_views(x: torch.Tensor, factor: int, prob: float) -> torch.Tensor:
+    """With probability ``prob`` per image, replace it by one random tile of its f×f mosaic, up-sampled to full
+    size: a view the teacher can read on low-resolution data, where it is at chance on whole mosaics."""
+    if factor <= 1 or prob <= 0:
+        return x
+    b, c, size, _ = x.shape
+    tiles = unstitch(x, factor).view(b, factor * factor, c, size // factor, size // factor)
+    pick = tiles[torch.arange(b), torch.randint(factor * factor, (b,))]  # [B, 3, s, s]
+    up = F.interpolate(pick, size=(size, size), mode="bilinear", align_corners=False)
+    use = (torch.rand(b) < prob).to(x.device)[:, None, None, None]
+    return torch.where(use, up, x)
+
+
 def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: StudentConfig, factor: int = 1,
                   augmenter: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """The student pipeline on a batch (global torch RNG).
@@ -76,14 +89,14 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: StudentConfig, factor: 
         x: ``[B, 3, S, S]`` in [0, 1].
         y: ``[B]`` hard labels.
         cfg: crop scale, flip, CutMix probability.
-        factor: stitch factor (ShufflePatches when > 1).
+        factor: stitch factor (ShufflePatches, and tile views with probability ``cfg.tile_views``, when > 1).
         augmenter: a cached kornia pipeline (built when ``None``).
 
     Returns:
         ``(views [B, 3, S, S], y_a [B], y_b [B], lam)``: for CutMix the hard-label CE is
         ``lam·CE(y_a) + (1−lam)·CE(y_b)``; without CutMix ``y_b = y_a`` and ``lam = 1``.
     """
-    x = _shuffle_patches(x, factor)
+    x = _tile_views(_shuffle_patches(x, factor), factor, cfg.tile_views)
     aug = augmenter or make_augmenter(cfg, x.shape[-1])
     if aug is not None:
         x = aug(x)
