@@ -1,8 +1,10 @@
 """Student view pipeline on stitched sets: ShufflePatches and tile views."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from vkd.errors import ConfigError
 from vkd.hello.config import StudentConfig
 from vkd.hello.evaluate import augment_batch
 from vkd.hello.images import stitch, unstitch
@@ -62,3 +64,9 @@ def test_tile_view_of_a_lossless_mosaic_restores_the_source_image():
     cfg = StudentConfig(crop_scale_min=1.0, hflip=False, tile_views=1.0)
     views, _, _, _ = augment_batch(mosaic, torch.zeros(1, dtype=torch.long), cfg, factor=2)
     assert min(float((views[0] - full[i]).abs().max()) for i in range(4)) < 1e-6
+
+
+def test_tile_views_outside_unit_interval_is_a_config_error():
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="tile_views"):
+            StudentConfig(tile_views=bad)
