@@ -123,11 +123,11 @@ def test_task_entries_and_presets():
     ("fp32", True, torch.float32), ("bf16", False, torch.bfloat16),
     ("auto", True, torch.bfloat16), ("auto", False, torch.float32)])
 def test_teacher_precision_only_changes_the_frozen_teachers_forward(monkeypatch, precision, native, expected):
-    import vkd.skt.distiller as distiller
+    import vkd.engine.precision as precision_module
     from vkd.config import apply_overrides
     from vkd.skt.models import CSRNet
 
-    monkeypatch.setattr(distiller, "native_bf16", lambda device: native)
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
     cfg = apply_overrides(SKTConfig(), [f"teacher.precision={precision}"])
     torch.manual_seed(0)
     teacher = CSRNet(2)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vkd.engine import DistillationTask, native_bf16
+from vkd.engine import DistillationTask, resolve_mixed_precision
 from vkd.skt.config import CSRNetConfig, SKTConfig, SKTTeacherConfig
 from vkd.skt.evaluate import RUN_EXPORT, evaluate_model
 from vkd.skt.losses import SKTLoss, density_loss
@@ -181,7 +181,7 @@ class SKTTask(_EvalMixin, DistillationTask):
     def _teacher_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self._teacher_bf16 is None:
             precision = self.cfg.teacher.precision
-            self._teacher_bf16 = precision == "bf16" or (precision == "auto" and native_bf16(device))
+            self._teacher_bf16 = resolve_mixed_precision(precision, device) == "bf16"
             log.info("SKT: frozen teacher forward in %s (teacher.precision=%s)",
                      "bf16" if self._teacher_bf16 else "fp32", precision)
         if not self._teacher_bf16:
