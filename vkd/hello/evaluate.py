@@ -59,12 +59,17 @@ def storage_report(adapter: dict[str, int], num_images: int, num_classes: int, e
 # ----------------------------------------------------------------------------------------------
 
 
+def _tiles(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``[B, 3, S, S]`` mosaics → their tiles ``[B, f², 3, S/f, S/f]`` (row-major, as :func:`stitch` lays them)."""
+    b, c, size, _ = x.shape
+    return unstitch(x, factor).view(b, factor * factor, c, size // factor, size // factor)
+
+
 def _shuffle_patches(x: torch.Tensor, factor: int) -> torch.Tensor:
     """RDED's ShufflePatches: permute the f×f stitched patches of each image (same permutation per batch)."""
     if factor <= 1:
         return x
-    p = unstitch(x, factor).view(x.shape[0], factor * factor, *x.shape[1:2], x.shape[-1] // factor, -1)
-    p = p[:, torch.randperm(factor * factor)]
+    p = _tiles(x, factor)[:, torch.randperm(factor * factor)]
     return stitch(p.reshape(-1, *p.shape[2:]), factor)
 
 
@@ -73,9 +78,8 @@ def _tile_views(x: torch.Tensor, factor: int, prob: float) -> torch.Tensor:
     size: a view the teacher can read on low-resolution data, where it is at chance on whole mosaics."""
     if factor <= 1 or prob <= 0:
         return x
-    b, c, size, _ = x.shape
-    tiles = unstitch(x, factor).view(b, factor * factor, c, size // factor, size // factor)
-    pick = tiles[torch.arange(b), torch.randint(factor * factor, (b,))]  # [B, 3, s, s]
+    b, size = x.shape[0], x.shape[-1]
+    pick = _tiles(x, factor)[torch.arange(b), torch.randint(factor * factor, (b,))]  # [B, 3, s, s]
     up = F.interpolate(pick, size=(size, size), mode="bilinear", align_corners=False)
     use = (torch.rand(b) < prob).to(x.device)[:, None, None, None]
     return torch.where(use, up, x)
