@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from vkd.cache import build_once
 from vkd.feature3dgs.ply import write_ply
 
 __all__ = ["Primitive", "SCENE_OBJECTS", "LABEL_NAMES", "camera_poses", "cast_rays", "render_view",
@@ -376,13 +377,18 @@ def ensure_synthetic_scene(root: str | Path, num_views: int = 48, resolution: in
     params = _params(num_views, resolution, supersample, num_points, seed, test_every, test_offset)
     out = Path(root) if exact_dir else Path(root) / f"synthetic-{scene_hash(params)}"
     meta_path = out / "transforms.json"
-    if meta_path.is_file():
+
+    def ready() -> bool:
+        if not meta_path.is_file():
+            return False
         try:
             meta = json.loads(meta_path.read_text())
-            if {k: v for k, v in meta.get("vkd_generator", {}).items() if k != "name"} == json.loads(
-                    json.dumps(params)):
-                return out
         except (OSError, ValueError):
-            pass
-    generate_scene(out, num_views, resolution, supersample, num_points, seed, test_every, test_offset)
+            return False
+        return {k: v for k, v in meta.get("vkd_generator", {}).items() if k != "name"} == json.loads(
+            json.dumps(params))
+
+    # one process renders, a concurrent one waits for it and reuses the scene
+    build_once(out, ready, lambda: generate_scene(out, num_views, resolution, supersample, num_points, seed,
+                                                   test_every, test_offset))
     return out

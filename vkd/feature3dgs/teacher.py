@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from vkd.cache import atomic_write_text, build_lock, tmp_path
 from vkd.errors import DataError, UserError
 
 __all__ = [
@@ -304,12 +305,13 @@ class FeatureCache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.manifest: dict = {}
-        if (self.root / "manifest.json").is_file():
-            try:
-                self.manifest = json.loads((self.root / "manifest.json").read_text())
-            except (OSError, ValueError):
-                self.manifest = {}
+        self.manifest: dict = self._read_manifest()
+
+    def _read_manifest(self) -> dict:
+        try:
+            return json.loads((self.root / "manifest.json").read_text())
+        except (OSError, ValueError):  # absent or torn: the cache is incomplete
+            return {}
 
     def file(self, index: int) -> Path:
         return self.root / self.manifest["files"][index]
@@ -347,6 +349,14 @@ class FeatureCache:
         """
         if self.is_complete(expected):
             return
+        with build_lock(self.root):  # a concurrent process may have filled it while this one waited
+            self.manifest = self._read_manifest()
+            if not self.is_complete(expected):
+                self._build(teacher, load_image, names, expected, batch_size, device, progress)
+
+    @torch.no_grad()
+    def _build(self, teacher: Callable[[Tensor], Tensor], load_image: Callable[[int], Tensor], names: list[str],
+               expected: dict, batch_size: int, device: str | torch.device, progress: bool) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         files = [f"{i:05d}_{_safe_stem(n)}.npy" for i, n in enumerate(names)]
         shape = None
@@ -368,16 +378,14 @@ class FeatureCache:
                         shape = tuple(f.shape)
                     elif f.shape[0] != shape[0]:
                         raise DataError(f"teacher feature width changed between images: {shape} vs {tuple(f.shape)}")
-                    tmp = self.root / (files[chunk[j]] + ".tmp.npy")
+                    tmp = tmp_path(self.root / files[chunk[j]])
                     np.save(tmp, f.numpy().astype(np.float16))
                     os.replace(tmp, self.root / files[chunk[j]])
             bar.update(len(chunk))
         bar.close()
         self.manifest = {"version": self.VERSION, **expected, "files": files, "shape": list(shape or ()),
                          "dtype": "float16", "complete": True}
-        tmp = self.root / "manifest.json.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(tmp, self.root / "manifest.json")
+        atomic_write_text(self.root / "manifest.json", json.dumps(self.manifest, indent=1))
 
 
 def _safe_stem(name: str) -> str:

@@ -18,7 +18,6 @@ size) attributes.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vkd.cache import atomic_torch_save, build_once, cache_dir, training_mode
 from vkd.errors import DataError, UserError
 
 __all__ = [
@@ -55,14 +55,6 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def cache_dir() -> Path:
-    """``$VKD_CACHE_DIR`` or ``$XDG_CACHE_HOME/vkd`` or ``~/.cache/vkd``."""
-    if os.environ.get("VKD_CACHE_DIR"):
-        return Path(os.environ["VKD_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vkd"
 
 
 def _check_images(x: torch.Tensor) -> None:
@@ -225,6 +217,7 @@ def _load_classifier_checkpoint(path: Path) -> ClassifierExtractor:
     return ClassifierExtractor(model, name, str(path))
 
 
+@training_mode()  # trains: gradients on whatever the caller's mode
 def train_digits_cnn(seed: int = 0, epochs: int = 30, batch_size: int = 64) -> tuple[DigitsCNN, float]:
     """Train :class:`DigitsCNN` on the digits train split (16×16, uint8-quantised like PNGs). Deterministic on a
     given machine (fixed seed, single thread order). Returns ``(model, test accuracy)``."""
@@ -267,13 +260,15 @@ def digits_extractor(cache: str | Path | None = None) -> ClassifierExtractor:
         cache: checkpoint path (default ``cache_dir()/digits-cnn-v1.pt``).
     """
     path = Path(cache) if cache is not None else cache_dir() / DIGITS_CACHE_FILE
-    if not path.is_file():
+
+    def build() -> None:
         model, acc = train_digits_cnn()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        torch.save({"format": "vkd-classifier", "arch": "digits-cnn", "arch_kwargs": {},
-                    "name": DIGITS_EXTRACTOR_NAME, "state_dict": model.state_dict(), "test_accuracy": acc}, str(tmp))
-        tmp.replace(path)  # atomic: concurrent processes never read a half-written file
+        atomic_torch_save({"format": "vkd-classifier", "arch": "digits-cnn", "arch_kwargs": {},
+                           "name": DIGITS_EXTRACTOR_NAME, "state_dict": model.state_dict(), "test_accuracy": acc},
+                          path)
+
+    # trains with gradients even when the first use is a no_grad evaluation; one process builds, others wait
+    build_once(path, path.is_file, build)
     ext = _load_classifier_checkpoint(path)
     ext.name = DIGITS_EXTRACTOR_NAME
     return ext

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vkd.cache import build_lock, build_once, training_mode
+from vkd.cache import cache_dir as vkd_cache_dir
 from vkd.errors import ConfigError, DataError, UserError
 
 __all__ = [
@@ -155,8 +157,8 @@ def build_tiny_clip(cfg: TinyClipConfig) -> nn.Module:
 
 
 def default_cache_dir() -> Path:
-    """``$VKD_CACHE_DIR`` or ``~/.cache/vkd``."""
-    return Path(os.environ.get("VKD_CACHE_DIR", Path.home() / ".cache" / "vkd"))
+    """The vkd cache root (:func:`vkd.cache.cache_dir`)."""
+    return vkd_cache_dir()
 
 
 def tiny_clip_name(path: str | Path) -> str:
@@ -359,9 +361,6 @@ def pretrain_tiny_clip(images: torch.Tensor, captions: Sequence[str], cfg: TinyC
         ``vkd_tiny_clip.json`` (recipe, final loss, zero-shot accuracy on the training captions).
         Load it with ``load_clip(tiny_clip_name(path))``.
     """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
     cfg = cfg or TinyClipConfig()
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
@@ -372,8 +371,26 @@ def pretrain_tiny_clip(images: torch.Tensor, captions: Sequence[str], cfg: TinyC
     captions = [str(c) for c in captions]
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out = root / "tiny_clip" / _cache_key(images, captions, cfg)
-    if not force and (out / _WEIGHTS_FILE).is_file() and (out / _CONFIG_FILE).is_file():
-        return out
+
+    def ready() -> bool:
+        return (out / _WEIGHTS_FILE).is_file() and (out / _CONFIG_FILE).is_file()
+
+    def build() -> None:
+        _pretrain(images, captions, cfg, out, progress, device)
+
+    if force:
+        with build_lock(out), training_mode():
+            build()
+    else:  # trains with gradients even under the caller's no_grad; one process builds, others wait and reuse
+        build_once(out, ready, build)
+    return out
+
+
+def _pretrain(images: torch.Tensor, captions: list[str], cfg: TinyClipConfig, out: Path, progress: bool,
+              device: str | torch.device) -> None:
+    """Train the tiny CLIP and write it to ``out`` (temporary directory, then rename)."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_tiny_clip(cfg).to(device).train()
@@ -384,7 +401,7 @@ def pretrain_tiny_clip(images: torch.Tensor, captions: Sequence[str], cfg: TinyC
     cap_index = {c: i for i, c in enumerate(unique)}
     cap_ids = torch.tensor([cap_index[c] for c in captions])
     all_tokens = tokenizer(unique)  # [U, L]
-    x_all = images.detach().float().cpu()
+    x_all = images.detach().float().cpu().clone()  # a clone is a normal tensor even if made in inference mode
     if tuple(x_all.shape[-2:]) != (cfg.image_size, cfg.image_size):
         x_all = F.interpolate(x_all, size=(cfg.image_size, cfg.image_size), mode="bilinear",
                               align_corners=False, antialias=x_all.shape[-1] > cfg.image_size).clamp(0, 1)
@@ -456,17 +473,11 @@ def pretrain_tiny_clip(images: torch.Tensor, captions: Sequence[str], cfg: TinyC
     (tmp / _CONFIG_FILE).write_text(json.dumps({"model_cfg": tiny_clip_model_cfg(cfg),
                                                 "preprocess_cfg": _preprocess_cfg(cfg)}, indent=2))
     (tmp / _INFO_FILE).write_text(json.dumps(info, indent=2))
-    if out.exists():  # forced retrain or a concurrent writer: replace atomically enough for a cache
+    if out.exists():  # forced retrain (the build lock is held): replace the old result
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process won the race; its result is equivalent
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    tmp.rename(out)
 
 
 def _random_resized_crop(x: torch.Tensor, scale_min: float, hflip: bool, gen: torch.Generator) -> torch.Tensor:

@@ -133,7 +133,7 @@ class CrowdDataConfig:
     Attributes:
         dataset: ``synthetic`` (embedded default, generated on first use), ``shanghaitech``, ``ucf-qnrf`` or
             ``generic`` (image + JSON/CSV/TXT/NPY head points).
-        root: data set root (for ``synthetic``: where to generate; default ``$VKD_CACHE/skt/synthetic-<hash>``).
+        root: data set root (for ``synthetic``: where to generate; default ``$VKD_CACHE_DIR/skt/synthetic-<hash>``).
         train_split: training split (``train`` → ``train_data`` / ``Train`` / ``train``).
         test_split: split of ``vkd eval`` and of the end-of-training evaluation.
         val_split: optional held-out split also evaluated during training (never a subset of train).

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from vkd.cache import atomic_write_text, build_once
+
 __all__ = ["CrowdSpec", "generate_crowd", "write_crowd_dataset"]
 
 _FORMAT_VERSION = 2
@@ -279,23 +281,27 @@ def write_crowd_dataset(root: str | Path, num_train: int, num_test: int, spec: C
     root = Path(root)
     meta = {"format": _FORMAT_VERSION, "num_train": num_train, "num_test": num_test, "seed": seed, **asdict(spec)}
     meta_path = root / "meta.json"
-    if meta_path.is_file():
+
+    def ready() -> bool:
         try:
-            if json.loads(meta_path.read_text()) == meta:
-                return root
+            return json.loads(meta_path.read_text()) == meta
         except (OSError, ValueError):
-            pass
-    for split_id, (split, num) in enumerate((("train", num_train), ("test", num_test))):
-        out = root / split
-        out.mkdir(parents=True, exist_ok=True)
-        for old in list(out.glob("img_*")):
-            old.unlink()
-        for i in range(num):
-            rng = np.random.default_rng(np.random.SeedSequence([seed, split_id, i]))
-            image, points = generate_crowd(rng, spec)
-            image.save(out / f"img_{i:05d}.png")
-            # Rounded for a compact file, kept strictly inside the image (95.9996 must not become 96.0).
-            points = np.minimum(np.round(points, 3), [spec.width - 1e-3, spec.height - 1e-3])
-            (out / f"img_{i:05d}.json").write_text(json.dumps({"points": points.tolist()}))
-    meta_path.write_text(json.dumps(meta, indent=1))
+            return False
+
+    def build() -> None:
+        for split_id, (split, num) in enumerate((("train", num_train), ("test", num_test))):
+            out = root / split
+            out.mkdir(parents=True, exist_ok=True)
+            for old in list(out.glob("img_*")):
+                old.unlink()
+            for i in range(num):
+                rng = np.random.default_rng(np.random.SeedSequence([seed, split_id, i]))
+                image, points = generate_crowd(rng, spec)
+                image.save(out / f"img_{i:05d}.png")
+                # Rounded for a compact file, kept strictly inside the image (95.9996 must not become 96.0).
+                points = np.minimum(np.round(points, 3), [spec.width - 1e-3, spec.height - 1e-3])
+                (out / f"img_{i:05d}.json").write_text(json.dumps({"points": points.tolist()}))
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
+
+    build_once(root, ready, build)  # a concurrent process waits, then reuses the finished set
     return root

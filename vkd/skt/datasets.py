@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vkd.cache import cache_dir
 from vkd.data.files import image_size, open_image
 from vkd.errors import DataError
 from vkd.skt.density import DensityCache, KernelSpec, downsample_density
@@ -545,16 +546,14 @@ def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 
 
 def synthetic_root(data_cfg: Any) -> Path:
-    """Where the embedded synthetic crowds live: ``data.root`` or ``$VKD_CACHE/skt/synthetic-<hash>``."""
+    """Where the embedded synthetic crowds live: ``data.root`` or ``<vkd cache>/skt/synthetic-<hash>``."""
     import hashlib
-    import os
     from dataclasses import asdict
 
     if data_cfg.root:
         return Path(data_cfg.root).expanduser()
     digest = hashlib.sha1(json.dumps(asdict(data_cfg.synthetic), sort_keys=True).encode()).hexdigest()[:10]
-    base = Path(os.environ.get("VKD_CACHE", Path.home() / ".cache" / "vkd")).expanduser()
-    return base / "skt" / f"synthetic-{digest}"
+    return cache_dir() / "skt" / f"synthetic-{digest}"
 
 
 def resolve_root(data_cfg: Any) -> Path:
