@@ -162,6 +162,26 @@ def test_float32_close_to_float64():
     assert (a32.double() - a64).abs().max() < 2e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_region_renders_in_float32(dtype):
+    """A training step under bf16/fp16 mixed precision renders exactly the float32 image with float32 gradients
+    (the torch compositor used to fail on bf16 accumulators: found by scripts/gpu_check.py's bf16 steps)."""
+    W, H = 24, 18
+    m, q, s, o, f = (t.float() for t in random_scene(120, 8, seed=5))
+    vm, K = (t.float() for t in cameras(2, W, H))
+    ref, ref_alpha, _ = rasterization(m, q, s, o, f, vm, K, W, H, backend="torch")
+    leaf = f.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=dtype):
+        colors = leaf @ torch.eye(8)  # computed under autocast: arrives in the low precision
+        assert colors.dtype == dtype
+        img, alpha, _ = rasterization(m, q, s, o, colors, vm, K, W, H, backend="torch")
+    assert img.dtype == torch.float32
+    torch.testing.assert_close(alpha, ref_alpha, rtol=0, atol=0)
+    torch.testing.assert_close(img, ref, rtol=0, atol=1e-2)  # the colours themselves were rounded to dtype
+    img.sum().backward()
+    assert leaf.grad.dtype == torch.float32 and torch.isfinite(leaf.grad).all()
+
+
 def test_per_camera_colors_and_sh():
     W, H, C = 16, 12, 2
     m, q, s, o, _ = random_scene(40, 3, seed=11)

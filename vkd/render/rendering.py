@@ -204,6 +204,15 @@ def rasterization(
         raise ValueError("sparse_grad=True is not supported by vkd.render.rasterization")
     if camera_model != "pinhole":
         raise ValueError(f"camera_model must be 'pinhole', got {camera_model!r}")
+    # Both backends composite in the parameters' precision (gsplat's kernels and the torch compositor's
+    # accumulators are float32): inside a bf16/fp16 autocast region, colours computed under autocast are cast back
+    # and autocast is off for the rasterization itself.
+    low = (torch.bfloat16, torch.float16)
+    if isinstance(means, Tensor) and means.dtype not in low:
+        if isinstance(colors, Tensor) and colors.dtype in low:
+            colors = colors.to(means.dtype)
+        if isinstance(backgrounds, Tensor) and backgrounds.dtype in low:
+            backgrounds = backgrounds.to(means.dtype)
     N, C, D = _validate(
         means,
         quats,
@@ -242,7 +251,13 @@ def rasterization(
         render_mode=render_mode,
         rasterize_mode=rasterize_mode,
     )
-    tensors = [means, quats, scales, opacities, colors, viewmats, Ks, backgrounds]
+    with torch.autocast(means.device.type, enabled=False):
+        return _dispatch(backend, channel_chunk, args)
+
+
+def _dispatch(backend: str, channel_chunk: int, args: dict) -> tuple[Tensor, Tensor, dict]:
+    """gsplat when asked for or eligible (falling back to torch when its first build fails), else torch."""
+    tensors = [args[k] for k in ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks", "backgrounds")]
     if backend in ("auto", "gsplat"):
         ok, why = _gs.gsplat_eligible(tensors)
         if backend == "gsplat":
