@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 # Tiny, fast settings per training task (the same sizes as the kill-and-resume tests); "{work}" is this check's
-# working directory, "{dev}" the device. Every task of vkd.registry.DISTILL_TASKS must have an entry
+# working directory, "{dev}" the device. Every task of vkd.registry.task_names() must have an entry
 # (tests/test_gpu_check.py holds the list to the registry).
 TASK_SETS: dict[str, list[str]] = {
     "toy": [],
@@ -190,10 +190,10 @@ def run_task(work: Path, task: str, precision: str, device: str) -> dict[str, An
 
 
 def plan(scenes: list[tuple[int, int, int, int]]) -> list[str]:
-    from vkd.registry import DISTILL_TASKS
+    from vkd.registry import task_names
 
     names = ["env", "gsplat_build", "pytest_gpu", f"parity ({len(scenes)} scenes)"]
-    return names + [f"task:{t}:{p}" for t in DISTILL_TASKS for p in PRECISIONS]
+    return names + [f"task:{t}:{p}" for t in task_names() for p in PRECISIONS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from vkd.registry import DISTILL_TASKS
+    from vkd.registry import task_names
 
     def wanted(name: str) -> bool:
         return not any(name.startswith(s) for s in args.skip)
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 check.step(name, fn)
     if gpu or args.device != "cuda":
         args.work.mkdir(parents=True, exist_ok=True)
-        for task in DISTILL_TASKS:
+        for task in task_names():
             for precision in PRECISIONS:
                 name = f"task:{task}:{precision}"
                 if wanted(name):

@@ -36,6 +36,8 @@ __all__ = [
     "save_config",
     "dump_config",
     "find_preset",
+    "check_positive",
+    "check_nonnegative",
 ]
 
 
@@ -76,8 +78,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def __post_init__(self) -> None:
-        _check_positive(self, ["steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"])
-        _check_nonnegative(self, ["lr", "weight_decay", "warmup_steps", "grad_clip", "keep_last",
+        check_positive(self, ["steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"])
+        check_nonnegative(self, ["lr", "weight_decay", "warmup_steps", "grad_clip", "keep_last",
                                   "sample_every", "eval_every", "num_workers"])
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
@@ -95,13 +97,15 @@ class TaskConfig:
         return Path(self.run.output_dir) / self.task / self.run.name
 
 
-def _check_positive(obj: Any, names: list[str]) -> None:
+def check_positive(obj: Any, names: list[str]) -> None:
+    """``ConfigError`` unless every field ``names`` of ``obj`` is > 0 (for ``__post_init__`` of config sections)."""
     for name in names:
         if getattr(obj, name) <= 0:
             raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {getattr(obj, name)}")
 
 
-def _check_nonnegative(obj: Any, names: list[str]) -> None:
+def check_nonnegative(obj: Any, names: list[str]) -> None:
+    """``ConfigError`` unless every field ``names`` of ``obj`` is >= 0."""
     for name in names:
         if getattr(obj, name) < 0:
             raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {getattr(obj, name)}")

@@ -18,6 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from vkd import registry
+from vkd.errors import TrainingInterrupted, UserError
 from vkd.report import Section, montage, write_report
 
 __all__ = ["run_demo", "STAGES"]
@@ -25,36 +27,9 @@ __all__ = ["run_demo", "STAGES"]
 log = logging.getLogger("vkd.demo")
 
 
-def _stage_boot(out: Path, quick: bool) -> Section:
-    from vkd.boot.demo import demo_stage
-
-    return demo_stage(out, quick)
-
-
-def _stage_feature3dgs(out: Path, quick: bool) -> Section:
-    from vkd.feature3dgs.demo import demo_stage
-
-    return demo_stage(out, quick)
-
-
-def _stage_hello(out: Path, quick: bool) -> Section:
-    from vkd.hello.demo import demo_stage
-
-    return demo_stage(out, quick)
-
-
-def _stage_skt(out: Path, quick: bool) -> Section:
-    from vkd.skt.demo import demo_stage
-
-    return demo_stage(out, quick)
-
-
+# stage name -> (title, stage function), from the methods that declare a demo stage (vkd.registry)
 STAGES: dict[str, tuple[str, Callable[[Path, bool], Section]]] = {
-    "boot": ("BOOT: data-free one-step diffusion distillation", _stage_boot),
-    "feature3dgs": ("Feature 3DGS: CLIP feature field", _stage_feature3dgs),
-    "hello": ("HeLlO: dataset distillation with a CLIP + LoRA label projector", _stage_hello),
-    "skt": ("SKT: crowd-counting distillation", _stage_skt),
-}
+    spec.name: (spec.title, spec.demo) for spec in registry.demo_methods() if spec.demo is not None}
 
 
 def _section_to_json(sec: Section) -> dict[str, Any]:
@@ -75,8 +50,6 @@ def _section_from_json(data: dict[str, Any]) -> Section:
 
 def run_demo(out: Path, quick: bool = False, force: bool = False, only: list[str] | None = None) -> int:
     """Run the stages, write ``report.html`` and ``report.md`` into ``out``; return the exit code."""
-    from vkd.errors import TrainingInterrupted, UserError
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = only or list(STAGES)

@@ -1,89 +1,93 @@
-"""Where the CLI finds each task. Entries are imported lazily so ``vkd --help`` stays fast and a
-module that has not landed yet is reported as "not implemented yet" instead of crashing."""
+"""The registration table: which methods vkd has. Adding a method is one line here (or an entry point).
+
+Each entry names a :class:`~vkd.method.MethodSpec` as ``"module:attribute"``. Installed packages can add their own
+through the ``vkd.methods`` entry-point group, e.g. in their ``pyproject.toml``::
+
+    [project.entry-points."vkd.methods"]
+    mymethod = "mypkg:METHOD"
+
+Everything else (CLI subcommands and task lists, ``vkd config list``, ``vkd demo`` stages, ``vkd fid`` run
+generators) is derived from the declarations by the functions below.
+"""
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import functools
+from importlib.metadata import entry_points
 
 from vkd.errors import UserError
+from vkd.method import FidGenerator, MethodSpec, Ref, TaskSpec, VerbSpec
 
-__all__ = ["TaskEntry", "DISTILL_TASKS", "EVAL_TASKS", "get_task", "resolve"]
+__all__ = ["METHODS", "ENTRY_POINT_GROUP", "methods", "tasks", "task_names", "get_task", "verbs",
+           "demo_methods", "fid_generators"]
 
-
-@dataclass(frozen=True)
-class TaskEntry:
-    """A trainable task as the CLI sees it.
-
-    Attributes:
-        name: the CLI name (``vkd distill <name>``).
-        config_cls: the task's config dataclass (a ``vkd.config.TaskConfig`` subclass).
-        preset_dir: folder under ``configs/`` holding its YAML presets.
-        run: ``run(cfg, resume) -> summary`` trains and returns the summary dict.
-        evaluate: ``evaluate(run_dir, overrides, out_dir) -> metrics`` or ``None``.
-        description: one line for ``--help``.
-        default_preset: preset used when ``--config`` is not given (``None``: dataclass defaults).
-    """
-
-    name: str
-    config_cls: type
-    preset_dir: str
-    run: Callable[[Any, str | None], dict]
-    evaluate: Callable[[Path, list[str], Path | None], dict] | None = None
-    description: str = ""
-    default_preset: str | None = None
-
-
-# name -> "module:attribute" of its TaskEntry.
-DISTILL_TASKS: dict[str, str] = {
-    "toy": "vkd.engine.toy:TOY",
-    "boot-teacher": "vkd.boot.commands:BOOT_TEACHER",
-    "boot": "vkd.boot.commands:BOOT",
-    "feature3dgs": "vkd.feature3dgs.commands:FEATURE3DGS",
-    "hello-teacher": "vkd.hello.commands:HELLO_TEACHER",
-    "hello": "vkd.hello.commands:HELLO",
-    "skt-teacher": "vkd.skt.commands:SKT_TEACHER",
-    "skt": "vkd.skt.commands:SKT",
+# name -> "module:attribute" of its MethodSpec, in the order of `vkd --help` and of the demo.
+METHODS: dict[str, str] = {
+    "toy": "vkd.toy:METHOD",
+    "boot": "vkd.boot:METHOD",
+    "feature3dgs": "vkd.feature3dgs:METHOD",
+    "hello": "vkd.hello:METHOD",
+    "skt": "vkd.skt:METHOD",
 }
-
-DESCRIPTIONS: dict[str, str] = {
-    "toy": "tiny MLP student distilled from a fixed MLP teacher (engine smoke test)",
-    "boot-teacher": "train the embedded DDPM teacher on scikit-learn digits (diffusers UNet2DModel)",
-    "boot": "BOOT: data-free one-step distillation of a diffusers teacher",
-    "feature3dgs": "Feature 3DGS: distil dense CLIP features into a 3D Gaussian feature field",
-    "hello-teacher": "train the HeLlO soft-label teacher (small CNN or ResNet-18) with weak-teacher snapshots",
-    "hello": "HeLlO: dataset distillation with a CLIP + LoRA label projector",
-    "skt-teacher": "train the CSRNet crowd-counting teacher",
-    "skt": "SKT: CSRNet -> 1/4-CSRNet with intra- and inter-layer knowledge transfer",
-}
-
-EVAL_TASKS: dict[str, str] = {
-    "toy": "toy",
-    "boot": "boot",
-    "feature3dgs": "feature3dgs",
-    "hello": "hello",
-    "skt": "skt",
-}
+ENTRY_POINT_GROUP = "vkd.methods"
 
 
-def resolve(target: str, what: str) -> Any:
-    """Import ``module:attribute``; a missing module means the feature has not landed yet."""
-    module_name, attr = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and (err.name == module_name or module_name.startswith(err.name + ".")):
-            raise UserError(f"{what} is not implemented yet") from None
-        raise
-    if not hasattr(module, attr):
-        raise UserError(f"{what} is not implemented yet")
-    return getattr(module, attr)
+@functools.cache
+def methods() -> dict[str, MethodSpec]:
+    """Every registered method: the table, then installed entry points (a name clash is an error)."""
+    found: dict[str, MethodSpec] = {}
+    targets = dict(METHODS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in targets:
+            raise UserError(f"entry point '{ep.name}' ({ep.value}) clashes with a built-in method")
+        targets[ep.name] = ep.value
+    for name, target in targets.items():
+        spec = Ref[MethodSpec](target).resolve()
+        if not isinstance(spec, MethodSpec) or spec.name != name:
+            raise UserError(f"{target} is not the MethodSpec of '{name}'")
+        found[name] = spec
+    seen: dict[str, str] = {}
+    for spec in found.values():
+        for task in spec.tasks:
+            if task.name in seen:
+                raise UserError(f"task '{task.name}' is declared by both {seen[task.name]} and {spec.name}")
+            seen[task.name] = spec.name
+    return found
 
 
-def get_task(name: str) -> TaskEntry:
-    if name not in DISTILL_TASKS:
-        raise UserError(f"unknown task '{name}'; tasks: {', '.join(DISTILL_TASKS)}")
-    return resolve(DISTILL_TASKS[name], f"task '{name}'")
+def tasks() -> dict[str, TaskSpec]:
+    """``task name -> TaskSpec`` over all methods."""
+    return {t.name: t for spec in methods().values() for t in spec.tasks}
+
+
+def task_names() -> list[str]:
+    return list(tasks())
+
+
+def get_task(name: str) -> TaskSpec:
+    found = tasks()
+    if name not in found:
+        raise UserError(f"unknown task '{name}'; tasks: {', '.join(found)}")
+    return found[name]
+
+
+def verbs() -> dict[str, VerbSpec]:
+    """``subcommand -> VerbSpec`` (one method per verb)."""
+    out: dict[str, VerbSpec] = {}
+    owner: dict[str, str] = {}
+    for spec in methods().values():
+        for verb in spec.verbs:
+            if verb.name in out:
+                raise UserError(f"verb '{verb.name}' is declared by both {owner[verb.name]} and {spec.name}")
+            out[verb.name], owner[verb.name] = verb, spec.name
+    return out
+
+
+def demo_methods() -> list[MethodSpec]:
+    """The methods with a demo stage, in table order."""
+    return [spec for spec in methods().values() if spec.demo is not None]
+
+
+def fid_generators() -> dict[str, Ref[FidGenerator]]:
+    """``task name -> image generator`` for ``vkd fid --fake RUN``."""
+    return {task: gen for spec in methods().values() for task, gen in spec.fid_generators.items()}

@@ -10,7 +10,7 @@ import torch
 from boot_helpers import save_tiny_teacher
 from PIL import Image
 
-from vkd.boot.commands import BOOT, BOOT_TEACHER, run_boot, run_teacher, sample
+from vkd.boot.commands import run_boot, run_teacher, sample
 from vkd.boot.config import BootConfig, BootTeacherConfig
 from vkd.boot.distiller import draw_boot_inputs
 from vkd.boot.student import load_student
@@ -18,7 +18,9 @@ from vkd.boot.teacher import load_diffusers_teacher
 from vkd.config import load_config
 from vkd.engine import latest_checkpoint, load_checkpoint_weights
 from vkd.errors import ConfigError, UserError
+from vkd.registry import get_task
 
+BOOT, BOOT_TEACHER = get_task("boot"), get_task("boot-teacher")
 
 def test_inputs_depend_only_on_seed_and_index():
     """Two processes holding halves of a global batch draw exactly the single-process inputs."""

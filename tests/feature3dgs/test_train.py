@@ -11,12 +11,15 @@ import torch
 
 from vkd.config import load_config
 from vkd.errors import UserError
-from vkd.feature3dgs.commands import FEATURE3DGS, evaluate, render, run
+from vkd.feature3dgs.commands import evaluate, render, run
 from vkd.feature3dgs.config import Feature3DGSConfig
 from vkd.feature3dgs.distiller import build_task
+from vkd.registry import get_task
 
 # A text-aligned stand-in teacher: per-patch colour features, and "text" embeddings of the colour words. It is
 # imported through teacher.target exactly like a user's plug-in.
+FEATURE3DGS = get_task("feature3dgs")
+
 STUB = textwrap.dedent('''
     import torch
     import torch.nn.functional as F

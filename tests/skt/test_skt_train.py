@@ -10,13 +10,15 @@ import torch
 
 from vkd.config import load_config
 from vkd.errors import UserError
-from vkd.skt.commands import SKT, SKT_TEACHER, count, evaluate, run_skt
+from vkd.registry import get_task
+from vkd.skt.commands import count, evaluate, run_skt
 from vkd.skt.config import SKTConfig, SKTTeacherConfig
 from vkd.skt.datasets import build_train_dataset
 from vkd.skt.distiller import SKTTask
 from vkd.skt.evaluate import RUN_EXPORT
 from vkd.skt.models import count_parameters
 
+SKT, SKT_TEACHER = get_task("skt"), get_task("skt-teacher")
 
 def _tiny(tmp_path, steps):
     return [f"run.output_dir={tmp_path / 'runs'}", "run.name=tiny", f"data.root={tmp_path / 'syn'}",

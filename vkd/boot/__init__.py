@@ -1,1 +1,45 @@
-"""vkd.boot."""
+"""BOOT: data-free distillation of a diffusion teacher into a one-step generator (Gu et al., arXiv 2306.05544).
+
+Files: ``config`` (typed configs), ``teacher`` (diffusers teachers of every prediction type), ``schedule`` (noise
+schedules), ``student`` (the one-step generator), ``losses`` (bootstrap and boundary losses), ``distiller`` (the
+engine tasks), ``sample`` (sampling, DDIM, image files), ``runs`` (reopen a run), ``evaluate`` (FID and speed of a
+run), ``commands`` (CLI adapters), ``demo`` (the ``vkd demo`` stage).
+"""
+
+from pathlib import Path
+
+from vkd.method import Arg, MethodSpec, Ref, TaskSpec, VerbSpec
+
+__all__ = ["METHOD"]
+
+METHOD = MethodSpec(
+    name="boot",
+    title="BOOT: data-free one-step diffusion distillation",
+    tasks=(
+        TaskSpec(name="boot-teacher",
+                 description="train the embedded DDPM teacher on scikit-learn digits (diffusers UNet2DModel)",
+                 config=Ref("vkd.boot.config:BootTeacherConfig"), run=Ref("vkd.boot.commands:run_teacher"),
+                 preset_dir="boot", default_preset="digits-teacher"),
+        TaskSpec(name="boot", description="BOOT: data-free one-step distillation of a diffusers teacher",
+                 config=Ref("vkd.boot.config:BootConfig"), run=Ref("vkd.boot.commands:run_boot"),
+                 evaluate=Ref("vkd.boot.commands:evaluate_boot"), preset_dir="boot", default_preset="digits"),
+    ),
+    demo=Ref("vkd.boot.demo:demo_stage"),
+    verbs=(
+        VerbSpec(
+            name="sample", help="sample images from a distilled generator (BOOT)",
+            args=(Arg("task", choices=["boot"], metavar="TASK", help="boot"),
+                  Arg("--run", required=True, type=Path, help="BOOT run directory"),
+                  Arg("--num", type=int, default=64, help="number of images"),
+                  Arg("--out", type=Path, required=True, help="output directory for PNGs and a grid"),
+                  Arg("--teacher-steps", type=int, default=None, metavar="K",
+                      help="sample the teacher with K DDIM steps instead of the one-step student"),
+                  Arg("--seed", type=int, default=0),
+                  Arg("--batch-size", type=int, default=256)),
+            run=Ref("vkd.boot.commands:sample_command"),
+            examples="""examples:
+  vkd sample boot --run runs/boot/digits --num 64 --out samples/
+  vkd sample boot --run runs/boot/digits --num 64 --out samples/ --teacher-steps 50"""),
+    ),
+    fid_generators={"boot": Ref("vkd.boot.sample:run_image_batches")},
+)

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 from vkd.boot.config import BootConfig, BootTeacherConfig
+from vkd.engine.runs import check_run_dir
 from vkd.errors import DataError, UserError
-from vkd.registry import TaskEntry
 
-__all__ = ["BOOT_TEACHER", "BOOT", "run_teacher", "run_boot", "evaluate_boot", "sample"]
+__all__ = ["run_teacher", "run_boot", "evaluate_boot", "sample", "sample_command"]
 
 
 def run_teacher(cfg: BootTeacherConfig, resume: str | None = None) -> dict:
@@ -84,11 +85,8 @@ def sample(run_dir: Path, num: int, out: Path, teacher_steps: int | None = None,
     return _sample(Path(run_dir), num, Path(out), teacher_steps, seed, batch_size)
 
 
-BOOT_TEACHER = TaskEntry(
-    name="boot-teacher", config_cls=BootTeacherConfig, preset_dir="boot", run=run_teacher, evaluate=None,
-    description="train the embedded DDPM teacher on scikit-learn digits (diffusers UNet2DModel)",
-    default_preset="digits-teacher")
-
-BOOT = TaskEntry(
-    name="boot", config_cls=BootConfig, preset_dir="boot", run=run_boot, evaluate=evaluate_boot,
-    description="BOOT: data-free one-step distillation of a diffusers teacher", default_preset="digits")
+def sample_command(args: argparse.Namespace) -> dict:
+    """``vkd sample boot``: the arguments declared in :data:`vkd.boot.METHOD`."""
+    if args.num < 1:
+        raise UserError("--num must be at least 1")
+    return sample(check_run_dir(args.run), args.num, args.out, args.teacher_steps, args.seed, args.batch_size)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from vkd.errors import DataError
 
@@ -74,8 +75,6 @@ def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator
     Raises:
         DataError: missing, empty, not an image, too large, or broken.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path}")
@@ -107,23 +106,40 @@ def image_size(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[in
         return img.size
 
 
-def read_image(path: str | Path, mode: str = "RGB", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def read_image(path: str | Path, mode: str = "RGB", max_pixels: int = MAX_IMAGE_PIXELS,
+               background: tuple[float, float, float] | None = None) -> np.ndarray:
     """Decode an image file fully and convert it to ``mode``.
 
     Args:
         path: the file.
-        mode: a PIL mode; ``"RGB"`` converts greyscale, palette and RGBA (alpha dropped).
+        mode: a PIL mode; ``"RGB"`` converts greyscale, palette and RGBA.
         max_pixels: refuse images with more pixels than this, before decoding them.
+        background: RGB in [0, 1] to alpha-composite transparent images (RGBA, LA, palette with transparency) onto
+            before the conversion; ``None`` drops the alpha channel as it is.
 
     Returns:
         ``uint8`` array ``[H, W, 3]`` for RGB (``[H, W]`` for ``"L"``).
 
     Raises:
         DataError: missing, empty, truncated, not an image, or too large.
+
+    Examples:
+        >>> rgb = read_image("scene/images/frame_00000.png", background=(1.0, 1.0, 1.0))  # doctest: +SKIP
+        >>> rgb.shape, rgb.dtype  # doctest: +SKIP
+        ((64, 64, 3), dtype('uint8'))
     """
     with open_image(path, max_pixels) as img:
         img.load()  # decode now: truncated files fail here, not later in a worker
+        if background is not None and has_alpha(img):
+            rgba = img.convert("RGBA")
+            base = Image.new("RGBA", rgba.size, tuple(int(round(c * 255)) for c in background) + (255,))
+            img = Image.alpha_composite(base, rgba)
         return np.asarray(img.convert(mode))
+
+
+def has_alpha(img: Any) -> bool:
+    """Whether a PIL image carries transparency (RGBA, LA, or a palette with a transparent entry)."""
+    return img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
 
 
 def list_images(root: str | Path, recursive: bool = True) -> list[Path]:

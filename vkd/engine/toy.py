@@ -2,7 +2,7 @@
 
 It exercises the whole engine (config, data order, checkpoints, resume, distributed) in seconds and is
 the template for a real task: config dataclass, task ``nn.Module`` returning a dict of losses, a
-``run`` function and an ``evaluate`` function registered as a :class:`~vkd.registry.TaskEntry`.
+``run`` function and an ``evaluate`` function declared in :mod:`vkd.toy`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from vkd.engine.checkpoint import latest_checkpoint, load_checkpoint_weights
 from vkd.engine.task import DistillationTask
 from vkd.engine.trainer import train_task
 from vkd.errors import ConfigError, DataError
-from vkd.registry import TaskEntry
 
-__all__ = ["ToyConfig", "ToyTask", "make_toy_data", "TOY"]
+__all__ = ["ToyConfig", "ToyTask", "make_toy_data"]
 
 
 @dataclass
@@ -129,7 +128,3 @@ def evaluate(run_dir: Path, overrides: list[str], out_dir: Path | None = None) -
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-TOY = TaskEntry(name="toy", config_cls=ToyConfig, preset_dir="toy", run=run, evaluate=evaluate,
-                description="tiny MLP student distilled from a fixed MLP teacher (engine smoke test)")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
 from pathlib import Path
 
+from vkd.engine.runs import check_run_dir
+from vkd.errors import UserError
 from vkd.feature3dgs.config import Feature3DGSConfig
-from vkd.registry import TaskEntry
 
-__all__ = ["FEATURE3DGS", "run", "evaluate", "render"]
+__all__ = ["run", "evaluate", "render", "render_command"]
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,9 @@ def render(run_dir: Path, views: str = "test", frames: int = 0, query: str | Non
     return render_run(Path(run_dir), views, frames, query, edit, threshold, out, fmt)
 
 
-FEATURE3DGS = TaskEntry(
-    name="feature3dgs",
-    config_cls=Feature3DGSConfig,
-    preset_dir="feature3dgs",
-    run=run,
-    evaluate=evaluate,
-    description="Feature 3DGS: distil dense CLIP features into a 3D Gaussian feature field",
-    default_preset="synthetic",
-)
+def render_command(args: argparse.Namespace) -> dict:
+    """``vkd render``: the arguments declared in :data:`vkd.feature3dgs.METHOD`."""
+    if args.edit and not args.query:
+        raise UserError("--extract/--delete need --query")
+    return render(check_run_dir(args.run), args.views, args.frames, args.query, args.edit, args.threshold, args.out,
+                  args.fmt)

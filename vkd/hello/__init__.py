@@ -3,5 +3,24 @@
 Modules: ``config`` (typed configs), ``data`` (digits / ImageFolder), ``teacher`` (classifiers, teacher
 artefacts), ``projector`` (CLIP + text-initialised head + peft LoRA), ``images`` (RDED selection, image
 update), ``evaluate`` (students with online labels, storage arithmetic), ``distiller`` (engine tasks, export),
-``commands`` (CLI entry points), ``demo`` (the ``vkd demo`` stage).
+``commands`` (CLI adapters), ``demo`` (the ``vkd demo`` stage).
 """
+
+from vkd.method import MethodSpec, Ref, TaskSpec
+
+__all__ = ["METHOD"]
+
+METHOD = MethodSpec(
+    name="hello",
+    title="HeLlO: dataset distillation with a CLIP + LoRA label projector",
+    tasks=(
+        TaskSpec(name="hello-teacher",
+                 description="train the HeLlO soft-label teacher (small CNN or ResNet-18) with weak-teacher snapshots",
+                 config=Ref("vkd.hello.config:HelloTeacherConfig"), run=Ref("vkd.hello.commands:run_teacher"),
+                 preset_dir="hello", default_preset="digits-teacher"),
+        TaskSpec(name="hello", description="HeLlO: dataset distillation with a CLIP + LoRA label projector",
+                 config=Ref("vkd.hello.config:HelloConfig"), run=Ref("vkd.hello.commands:run_hello"),
+                 evaluate=Ref("vkd.hello.commands:evaluate_hello"), preset_dir="hello", default_preset="digits"),
+    ),
+    demo=Ref("vkd.hello.demo:demo_stage"),
+)

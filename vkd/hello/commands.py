@@ -34,9 +34,8 @@ from vkd.hello.projector import (
     read_adapter_meta,
 )
 from vkd.hello.teacher import Classifier, load_teacher, load_teacher_run
-from vkd.registry import TaskEntry
 
-__all__ = ["HELLO_TEACHER", "HELLO", "run_teacher", "run_hello", "evaluate_hello", "prepare_fit", "evaluate_run",
+__all__ = ["run_teacher", "run_hello", "evaluate_hello", "prepare_fit", "evaluate_run",
            "resolve_teachers"]
 
 
@@ -192,13 +191,3 @@ def evaluate_hello(run_dir: Path, overrides: list[str], out_dir: Path | None = N
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return result["summary"]
-
-
-HELLO_TEACHER = TaskEntry(
-    name="hello-teacher", config_cls=HelloTeacherConfig, preset_dir="hello", run=run_teacher, evaluate=None,
-    description="train the HeLlO soft-label teacher (small CNN or ResNet-18) with weak-teacher snapshots",
-    default_preset="digits-teacher")
-
-HELLO = TaskEntry(
-    name="hello", config_cls=HelloConfig, preset_dir="hello", run=run_hello, evaluate=evaluate_hello,
-    description="HeLlO: dataset distillation with a CLIP + LoRA label projector", default_preset="digits")

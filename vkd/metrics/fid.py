@@ -17,17 +17,22 @@ import importlib
 import json
 import math
 import platform
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch import nn
+from tqdm.auto import tqdm
 
-from vkd.data.files import check_finite_array
+from vkd import registry
+from vkd.data.files import IMAGE_EXTENSIONS, check_finite_array, read_image
+from vkd.engine.runs import run_task_name
 from vkd.errors import DataError, UserError
+from vkd.metrics.extractors import build_extractor, extractor_info
 
 __all__ = [
     "FrechetStats",
@@ -40,14 +45,10 @@ __all__ = [
     "stats_from_images",
     "stats_from_dir",
     "fid_command",
-    "RUN_GENERATORS",
 ]
 
 REPORT_SAMPLES = 50_000  # the count behind published numbers; fewer is a smoke test
 
-# task name (from run_dir/config.yaml) -> "module:function" yielding uint8 sample batches for FID.
-# Resolved lazily so vkd.metrics never imports a method package.
-RUN_GENERATORS: dict[str, str] = {"boot": "vkd.boot.sample:run_image_batches"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,8 +252,6 @@ def scan_image_dir(path: str | Path) -> ImageDirScan:
     decompression bombs are caught); unreadable files are skipped and reported, never silently; mixed
     sizes raise ``DataError``.
     """
-    from vkd.data.files import IMAGE_EXTENSIONS, read_image
-
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image directory not found: {path}")
@@ -281,8 +280,6 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        from vkd.data.files import read_image
-
         return torch.from_numpy(np.ascontiguousarray(read_image(self.files[i], "RGB"))).permute(2, 0, 1)
 
 
@@ -294,8 +291,6 @@ def _features(extractor: nn.Module, images: torch.Tensor, device: torch.device) 
 def stats_from_batches(batches: Iterable[torch.Tensor], extractor: nn.Module, device: str | torch.device = "cpu",
                        progress: str | None = None) -> FrechetStats:
     """Accumulate extractor features of uint8 image batches ``[b, C, H, W]`` (one process)."""
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
     extractor = extractor.to(device).eval()
     stats = FrechetStats()
@@ -329,8 +324,6 @@ def stats_from_dir(path: str | Path, extractor: nn.Module, batch_size: int = 64,
         loader = accelerator.prepare_data_loader(loader)
     stats = FrechetStats()
     extractor = extractor.to(device).eval()
-    from tqdm.auto import tqdm
-
     for batch in tqdm(loader, desc=f"features {Path(path).name}", disable=None, leave=False):
         feats = _features(extractor, batch, device)
         if accelerator is not None and accelerator.num_processes > 1:
@@ -350,17 +343,11 @@ def _is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.yaml").is_file()
 
 
-def _run_generator(run_dir: Path) -> Callable[..., Iterator[torch.Tensor]]:
-    import yaml
-
-    try:
-        task = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("task")
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read {run_dir / 'config.yaml'}: {err}") from None
-    if task not in RUN_GENERATORS:
-        raise UserError(f"{run_dir} is a '{task}' run; FID can sample from runs of: {', '.join(RUN_GENERATORS)}")
-    module, attr = RUN_GENERATORS[task].split(":")
-    return getattr(importlib.import_module(module), attr)
+def _run_generator(run_dir: Path, generators: Mapping[str, Callable[..., Any]]) -> Callable[..., Any]:
+    task = run_task_name(run_dir)
+    if task not in generators:
+        raise UserError(f"{run_dir} is a '{task}' run; FID can sample from runs of: {', '.join(generators)}")
+    return generators[task]
 
 
 def _versions() -> dict[str, str]:
@@ -375,7 +362,8 @@ def _versions() -> dict[str, str]:
 
 def fid_command(real: str, fake: str, extractor: str = "digits", inception_weights: str | None = None,
                 batch_size: int = 64, num: int | None = None, out_json: str | None = None, device: str = "auto",
-                seed: int = 0, save_real_stats: str | None = None) -> dict:
+                seed: int = 0, save_real_stats: str | None = None,
+                run_generators: Mapping[str, Callable[..., Any]] | None = None) -> dict:
     """``vkd fid``: FID between a real set and a fake set.
 
     Args:
@@ -392,12 +380,12 @@ def fid_command(real: str, fake: str, extractor: str = "digits", inception_weigh
         device: ``auto`` | ``cpu`` | ``cuda``.
         seed: sampling seed for run folders.
         save_real_stats: also write the real-set statistics to this ``.npz`` (when ``real`` is a folder).
+        run_generators: ``task -> image generator`` for run folders (default: the methods' declarations,
+            :func:`vkd.registry.fid_generators`).
 
     Returns:
         dict with ``fid``, ``extractor``, ``num_samples``, ``num_reference``, ``skipped_*``, ``line``, ...
     """
-    from accelerate import Accelerator
-
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device must be auto, cpu or cuda, got '{device}'")
     if device == "cuda" and not torch.cuda.is_available():
@@ -414,8 +402,6 @@ def fid_command(real: str, fake: str, extractor: str = "digits", inception_weigh
             raise DataError(f"{flag} must be an image folder, a .npz of statistics or a run folder, got {p}")
     if real_p.is_dir() and _is_run_dir(real_p):
         raise DataError(f"--real is a run folder ({real_p}); it must hold real images or statistics")
-
-    from vkd.metrics.extractors import build_extractor, extractor_info
 
     accelerator = Accelerator(cpu=(device == "cpu"))
     ext = build_extractor(extractor, inception_weights)
@@ -462,7 +448,7 @@ def fid_command(real: str, fake: str, extractor: str = "digits", inception_weigh
         fake_mu, fake_sigma, n_fake = fake_ref.mu, fake_ref.sigma, fake_ref.num
         result.update(fake=str(fake_p), fake_source="npz", skipped_fake=0)
     elif _is_run_dir(fake_p):
-        gen = _run_generator(fake_p)
+        gen = _run_generator(fake_p, registry.fid_generators() if run_generators is None else run_generators)
         n_req = 2000 if num is None else num
         share = rank_share(n_req, accelerator.process_index, accelerator.num_processes)
         batches, fake_size = gen(fake_p, indices=share, seed=seed, batch_size=batch_size, device=accelerator.device)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 from typing import Any
 
+from vkd.engine.runs import check_run_dir
 from vkd.errors import UserError
-from vkd.registry import TaskEntry
 from vkd.skt.config import SKTConfig, SKTTeacherConfig
 from vkd.skt.models import CSRNet
 
-__all__ = ["SKT_TEACHER", "SKT", "run_teacher", "run_skt", "evaluate", "count", "load_teacher"]
+__all__ = ["run_teacher", "run_skt", "evaluate", "count", "count_command", "load_teacher"]
 
 
 def _eval_sets(cfg: Any) -> dict[str, Any]:
@@ -100,10 +101,6 @@ def count(run_dir: Path, inputs: list[str], out: Path | None = None) -> dict:
     return count_images(Path(run_dir), inputs, out)
 
 
-SKT_TEACHER = TaskEntry(
-    name="skt-teacher", config_cls=SKTTeacherConfig, preset_dir="skt", run=run_teacher, evaluate=evaluate,
-    description="train the CSRNet crowd-counting teacher (or, with model.width_div=4, the no-transfer student)")
-
-SKT = TaskEntry(
-    name="skt", config_cls=SKTConfig, preset_dir="skt", run=run_skt, evaluate=evaluate,
-    description="SKT: CSRNet -> 1/4-CSRNet with intra- and inter-layer knowledge transfer")
+def count_command(args: argparse.Namespace) -> dict:
+    """``vkd count``: the arguments declared in :data:`vkd.skt.METHOD`."""
+    return count(check_run_dir(args.run), args.inputs, args.out)
