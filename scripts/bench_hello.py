@@ -28,10 +28,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vkd.config import find_preset, load_config  # noqa: E402
-from vkd.hello.commands import evaluate_run, run_hello, run_teacher  # noqa: E402
+from vkd.hello.commands import run_hello, run_teacher  # noqa: E402
 from vkd.hello.config import HelloConfig, HelloTeacherConfig  # noqa: E402
 from vkd.hello.data import load_split  # noqa: E402
-from vkd.hello.distiller import build_clip  # noqa: E402
+from vkd.hello.evaluate import evaluate_run  # noqa: E402
+from vkd.hello.projector import build_clip  # noqa: E402
 
 SOURCES = ["hard", "teacher", "projector", "random"]
 

@@ -41,5 +41,5 @@ METHOD = MethodSpec(
   vkd sample boot --run runs/boot/digits --num 64 --out samples/
   vkd sample boot --run runs/boot/digits --num 64 --out samples/ --teacher-steps 50"""),
     ),
-    fid_generators={"boot": Ref("vkd.boot.sample:run_image_batches")},
+    fid_generators={"boot": Ref("vkd.boot.runs:run_image_batches")},
 )

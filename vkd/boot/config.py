@@ -140,6 +140,7 @@ class BootTeacherConfig(TaskConfig):
 class BootTeacherRef:
     """Which teacher to distil, and how its x0 predictor is formed (boot.md §7, §9)."""
 
+    kind: str = "diffusers"  # a key of vkd.boot.teacher.TEACHER_KINDS (checked when the teacher is built)
     path: str = "runs/boot-teacher/digits/teacher"  # local save_pretrained dir or a hub id
     guidance_scale: float = 1.0  # CFG scale w folded into the teacher
     clip_x0: Literal["scheduler", "true", "false"] = "scheduler"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vkd.boot.commands import run_boot, run_teacher
+from vkd.boot.config import BootConfig, BootTeacherConfig
+from vkd.boot.evaluate import compare_generators
 from vkd.config import find_preset, load_config
 from vkd.report import Section, bar_chart
 
@@ -18,9 +21,6 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
     in about a quarter of an hour: full trains the teacher 1,000 steps and BOOT 500 steps and scores 1,000
     samples; ``quick`` 300 / 100 steps and 300 samples.
     """
-    from vkd.boot.commands import run_boot, run_teacher
-    from vkd.boot.config import BootConfig, BootTeacherConfig
-    from vkd.boot.evaluate import compare_generators
 
     out = Path(out)
     runs = out / "runs"

@@ -10,37 +10,30 @@
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from vkd.boot.config import BootConfig, BootTeacherConfig, EvalConfig
+from vkd.boot.evaluate import DigitsFID, digits_fid_scores, digits_reference_available, uint8_batches
 from vkd.boot.losses import BootLoss
-from vkd.boot.sample import (
-    ddim_sample,
-    noise_for_indices,
-    sample_generator,
-    save_grid,
-    student_sample,
-    to_uint8,
-)
+from vkd.boot.sample import ddim_sample, noise_batches, sample_generator, save_grid, student_sample
 from vkd.boot.schedule import NoiseSchedule
 from vkd.boot.student import BootStudent, save_student
-from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, load_diffusers_teacher, save_teacher
-from vkd.engine import DistillationTask
+from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, build_teacher, save_teacher, scheduler_config_of
+from vkd.engine import DistillationTask, latest_checkpoint, load_checkpoint_weights
 from vkd.errors import ConfigError
 
-__all__ = ["build_unet", "build_scheduler", "build_teacher", "draw_boot_inputs", "TeacherTrainingTask", "BootTask",
+__all__ = ["build_unet", "build_scheduler", "draw_boot_inputs", "TeacherTrainingTask", "BootTask",
            "DigitsFID"]
 
 
 def build_unet(cfg: BootTeacherConfig, num_classes: int = 10) -> nn.Module:
     """The embedded teacher's ``UNet2DModel`` (seeded by ``run.seed``)."""
-    from diffusers import UNet2DModel
-
     m = cfg.model
     n = len(m.block_out_channels)
     down = tuple("AttnDownBlock2D" if (m.attention and i == n - 1) else "DownBlock2D" for i in range(n))
@@ -55,24 +48,11 @@ def build_unet(cfg: BootTeacherConfig, num_classes: int = 10) -> nn.Module:
 
 
 def build_scheduler(cfg: BootTeacherConfig):
-    from diffusers import DDPMScheduler
-
     s = cfg.scheduler
     return DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
                          beta_start=s.beta_start, beta_end=s.beta_end, prediction_type=s.prediction_type,
                          clip_sample=s.clip_sample, rescale_betas_zero_snr=s.rescale_betas_zero_snr,
                          timestep_spacing="trailing")
-
-
-def build_teacher(cfg: BootConfig) -> DiffusionTeacher:
-    """The frozen teacher named by ``cfg.teacher`` (local directory or hub id)."""
-    t = cfg.teacher
-    clip: Any = "scheduler" if t.clip_x0 == "scheduler" else (t.clip_x0 == "true")
-    teacher = load_diffusers_teacher(t.path, guidance_scale=t.guidance_scale, clip_x0=clip, interp=t.interp,
-                                     null_class=t.null_class)
-    if t.dtype != "float32":
-        teacher.net.to(getattr(torch, t.dtype))
-    return teacher
 
 
 def draw_boot_inputs(indices: torch.Tensor, seed: int, shape: tuple[int, ...], num_train_timesteps: int,
@@ -104,34 +84,6 @@ def draw_boot_inputs(indices: torch.Tensor, seed: int, shape: tuple[int, ...], n
         s = torch.where(s < 0, torch.full_like(s, -1.0), s)
     labels = torch.tensor(cls, dtype=torch.long) if num_classes is not None else None
     return torch.stack(eps), t, s, labels
-
-
-class DigitsFID:
-    """FID against held-out digits (test split) with an extractor (default: digits CNN, not Inception)."""
-
-    def __init__(self, size: int, extractor: str = "digits", inception_weights: str | None = None):
-        from vkd.data.digits import load_digits
-        from vkd.metrics.extractors import build_extractor, extractor_info
-        from vkd.metrics.fid import stats_from_images
-
-        self.extractor = build_extractor(extractor, inception_weights)
-        self.info = extractor_info(self.extractor)
-        real = load_digits("test", size=size, channels=1, value_range="symmetric")
-        self.real = stats_from_images(to_uint8(real.images), self.extractor)
-        self.num_reference = self.real.n
-
-    def __call__(self, batches) -> tuple[float, int]:
-        from vkd.metrics.fid import frechet_distance, stats_from_batches
-
-        fake = stats_from_batches(batches, self.extractor)
-        return frechet_distance(fake.mu, fake.sigma, self.real.mu, self.real.sigma), fake.n
-
-
-def _generate_uint8(fn, num: int, seed: int, shape: tuple[int, int, int], num_classes: int | None,
-                    batch_size: int, device: torch.device):
-    for start in range(0, num, batch_size):
-        eps, labels = noise_for_indices(range(start, min(num, start + batch_size)), seed, shape, num_classes)
-        yield to_uint8(fn(eps.to(device), None if labels is None else labels.to(device))).cpu()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +152,8 @@ class TeacherTrainingTask(DistillationTask):
         sc = self.cfg.sample
         teacher = self.as_teacher()
         dev = self.alphas_cumprod.device
-        eps, labels = noise_for_indices(range(sc.num), sc.seed, teacher.sample_shape, self.num_classes)
-        x = ddim_sample(teacher, eps.to(dev), None if labels is None else labels.to(dev), sc.teacher_steps)
+        _, eps, labels = next(noise_batches(sc.num, sc.seed, teacher.sample_shape, self.num_classes, sc.num, dev))
+        x = ddim_sample(teacher, eps, labels, sc.teacher_steps)
         save_grid(x, Path(out_dir) / f"teacher_ddim{sc.teacher_steps}_step{step:06d}.png")
 
     @torch.no_grad()
@@ -215,20 +167,16 @@ class TeacherTrainingTask(DistillationTask):
         dev = self.alphas_cumprod.device
         out = {}
         for k in ev.teacher_steps or (50,):
-            fid, _ = self._fid(_generate_uint8(lambda e, c, k=k: ddim_sample(teacher, e, c, k), ev.num_samples, ev.seed,
-                                               teacher.sample_shape, self.num_classes, ev.batch_size, dev))
+            fid, _ = self._fid(uint8_batches(lambda e, c, k=k: ddim_sample(teacher, e, c, k), ev.num_samples, ev.seed,
+                                             teacher.sample_shape, self.num_classes, ev.batch_size, dev))
             out[f"teacher_ddim{k}_fid_digitscnn"] = fid
         return out
 
     def export(self, run_dir: Path) -> None:
         """``run_dir/teacher``: ``save_pretrained`` UNet (EMA weights when kept) + scheduler + vkd metadata."""
-        from vkd.engine import latest_checkpoint, load_checkpoint_weights
-
         model = self.model
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None and (ckpt / "ema.safetensors").is_file():
-            import copy
-
             model = copy.deepcopy(self.model)
             model.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"))
         meta = {"dataset": "digits", "image_size": self.cfg.data.size, "value_range": [-1, 1],
@@ -257,7 +205,7 @@ class BootTask(DistillationTask):
     def __init__(self, cfg: BootConfig, teacher: DiffusionTeacher | None = None, student: BootStudent | None = None):
         super().__init__()
         self.cfg = cfg
-        self.teacher = teacher if teacher is not None else build_teacher(cfg)
+        self.teacher = teacher if teacher is not None else build_teacher(cfg.teacher)
         self.teacher.eval().requires_grad_(False)
         L = cfg.loss
         t_sample = -1.0 if L.clean_endpoint else 0.0
@@ -298,48 +246,27 @@ class BootTask(DistillationTask):
     def save_samples(self, step: int, out_dir: Path) -> None:
         sc = self.cfg.sample
         dev = self._device()
-        eps, labels = noise_for_indices(range(sc.num), sc.seed, self.teacher.sample_shape, self.teacher.num_classes)
-        eps = eps.to(dev)
-        labels = None if labels is None else labels.to(dev)
+        _, eps, labels = next(noise_batches(sc.num, sc.seed, self.teacher.sample_shape, self.teacher.num_classes,
+                                            sc.num, dev))
         save_grid(student_sample(self.student, eps, labels), Path(out_dir) / f"student_step{step:06d}.png")
         ref = Path(out_dir) / f"teacher_ddim{sc.teacher_steps}.png"
         if not ref.exists():  # same ε: the teacher reference grid, written once
             save_grid(ddim_sample(self.teacher, eps, labels, sc.teacher_steps), ref)
 
     def _reference_available(self) -> bool:
-        meta_path = Path(self.cfg.teacher.path) / "vkd_teacher.json"
-        if not meta_path.is_file():
-            return False
-        return json.loads(meta_path.read_text()).get("dataset") == "digits"
+        return digits_reference_available(self.cfg.teacher.path)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         """FID (digits CNN, not Inception) of the one-step student and of teacher DDIM-K vs held-out digits."""
-        ev = self.cfg.eval
-        if ev.num_samples == 0 or not self._reference_available():
+        if self.cfg.eval.num_samples == 0 or not self._reference_available():
             return {}
         if self._fid is None:
             self._fid = DigitsFID(self.teacher.sample_shape[-1])
-        dev = self._device()
-        shape, ncls = self.teacher.sample_shape, self.teacher.num_classes
-        out = {}
-        fid, _ = self._fid(_generate_uint8(lambda e, c: student_sample(self.student, e, c), ev.num_samples,
-                                           ev.seed, shape, ncls, ev.batch_size, dev))
-        out["student_fid_digitscnn"] = fid
-        for k in ev.teacher_steps:
-            if k not in self._teacher_fids:  # the teacher does not change: score it once
-                self._teacher_fids[k], _ = self._fid(_generate_uint8(
-                    lambda e, c, k=k: ddim_sample(self.teacher, e, c, k), ev.num_samples, ev.seed, shape, ncls,
-                    ev.batch_size, dev))
-            out[f"teacher_ddim{k}_fid_digitscnn"] = self._teacher_fids[k]
-        return out
+        return digits_fid_scores(self.student, self.teacher, self.cfg.eval, self._fid, self._teacher_fids)
 
     def export(self, run_dir: Path) -> None:
         """``run_dir/student``: the one-step student in ``save_pretrained`` form (EMA weights when kept)."""
-        import copy
-
-        from vkd.engine import latest_checkpoint, load_checkpoint_weights
-
         if not isinstance(self.student.net, UNetDenoiser):
             return
         student = self.student
@@ -348,13 +275,7 @@ class BootTask(DistillationTask):
             student = copy.deepcopy(self.student)
             student.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"), strict=False)
         src = getattr(self.teacher, "source", self.cfg.teacher.path)
-        sched_cfg = _scheduler_config_of(self.cfg.teacher.path)
+        sched_cfg = scheduler_config_of(self.cfg.teacher.path)
         save_student(student, Path(run_dir) / "student", sched_cfg,
                      {"teacher": str(src), "num_classes": self.teacher.num_classes, "delta": self.cfg.loss.delta,
                       "guidance_scale": self.teacher.guidance_scale})
-
-
-def _scheduler_config_of(path: str) -> dict[str, Any]:
-    from vkd.boot.teacher import _is_local, _load_scheduler_config
-
-    return _load_scheduler_config(path, _is_local(path))

@@ -139,6 +139,14 @@ class BootLoss(nn.Module):
         time_weight: ``"uniform"`` or a callable ``w(t [B]) -> [B]`` multiplying the L_BS weights.
         boundary_target: ``teacher`` | ``exact``.
         boundary_weight: β_BC.
+
+    Examples:
+        >>> teacher = load_diffusers_teacher("runs/boot-teacher/digits/teacher")  # doctest: +SKIP
+        >>> student = BootStudent.from_teacher(teacher, "teacher_to_x0", -1.0)  # doctest: +SKIP
+        >>> eps = torch.randn(8, *teacher.sample_shape)  # [B, C, H, W]  # doctest: +SKIP
+        >>> t = torch.full((8,), 500.0, dtype=torch.float64)  # [B] float timesteps
+        >>> losses = BootLoss(teacher)(student, eps, t, t - 20, None)  # doctest: +SKIP
+        >>> losses["loss"].backward()  # L_BS + β_BC · L_BC, gradients on the student only  # doctest: +SKIP
     """
 
     def __init__(self, teacher: DiffusionTeacher, delta_lambda: str = "exact", weighting: str = "inv_delta_lambda_sq",

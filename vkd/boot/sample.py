@@ -8,19 +8,17 @@ and student and teacher can be compared on the same ε.
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
+from PIL import Image
+from torchvision.utils import make_grid, save_image
 
-from vkd.boot.losses import ddim_step
+from vkd.boot.losses import ddim_step, exact_boundary_target, signal_ddim_step
 from vkd.boot.schedule import ddim_timesteps
 from vkd.boot.student import BootStudent
 from vkd.boot.teacher import DiffusionTeacher
-from vkd.errors import DataError, UserError
 
 __all__ = [
     "sample_seed",
@@ -30,9 +28,8 @@ __all__ = [
     "student_sample",
     "save_grid",
     "save_images",
-    "run_image_batches",
-    "load_run",
-    "sample",
+    "noise_batches",
+    "boot_reference_chain",
 ]
 
 
@@ -54,6 +51,20 @@ def noise_for_indices(indices: torch.Tensor | list[int] | range, seed: int, shap
         else torch.empty(0, *shape)
     labels = None if num_classes is None else torch.tensor([i % num_classes for i in idx], dtype=torch.long)
     return eps, labels
+
+
+def noise_batches(num: int, seed: int, shape: tuple[int, ...], num_classes: int | None, batch_size: int,
+                  device: str | torch.device = "cpu", indices: list[int] | range | None = None
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """Batches of :func:`noise_for_indices` on ``device``: ``(start, ε [b, *shape], classes [b] | None)``.
+
+    Sample ``indices[k]`` (default ``k``, for ``k < num``) always gets the same noise and class, whatever the
+    batch size: every generator of a comparison (student, teacher DDIM-K, FID, image folders) reads the same ε.
+    """
+    idx = list(range(num)) if indices is None else list(indices)
+    for start in range(0, len(idx), batch_size):
+        eps, labels = noise_for_indices(idx[start:start + batch_size], seed, shape, num_classes)
+        yield start, eps.to(device), None if labels is None else labels.to(device)
 
 
 @torch.no_grad()
@@ -103,7 +114,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 2) -> Path:
     """Write ``[B, C, H, W]`` images in [-1, 1] as one PNG grid (nearest upscaling by ``scale``)."""
-    from torchvision.utils import make_grid, save_image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +126,6 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int
 
 def save_images(images: torch.Tensor, out_dir: Path, start: int, prefix: str = "") -> None:
     """One PNG per image (``{prefix}{index:06d}.png``), grey for one channel."""
-    from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
     u8 = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8)
@@ -124,141 +133,6 @@ def save_images(images: torch.Tensor, out_dir: Path, start: int, prefix: str = "
         arr = img.permute(1, 2, 0).numpy()
         pil = Image.fromarray(arr[..., 0], mode="L") if arr.shape[2] == 1 else Image.fromarray(arr)
         pil.save(out_dir / f"{prefix}{start + k:06d}.png")
-
-
-# ----------------------------------------------------------------------------------------------
-# runs
-# ----------------------------------------------------------------------------------------------
-
-
-def load_run(run_dir: str | Path, need_teacher: bool = False, device: str | torch.device = "cpu"
-             ) -> tuple[Any, BootStudent, DiffusionTeacher | None]:
-    """``(cfg, student, teacher | None)`` of a BOOT run: the exported student (``student/``) when present,
-    else the newest checkpoint (its EMA weights when the run kept an EMA)."""
-    from vkd.boot.config import BootConfig
-    from vkd.boot.distiller import build_teacher
-    from vkd.boot.student import load_student
-    from vkd.config import load_config
-    from vkd.engine import latest_checkpoint, load_checkpoint_weights
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(BootConfig, run_dir / "config.yaml", task="boot")
-    teacher = None
-    if (run_dir / "student" / "vkd_student.json").is_file():
-        student, _ = load_student(run_dir / "student")
-        if need_teacher:
-            teacher = build_teacher(cfg)
-    else:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise DataError(f"{run_dir} has neither an exported student nor a checkpoint")
-        teacher = build_teacher(cfg)
-        student = BootStudent.from_teacher(teacher, cfg.student.parameterization,
-                                           -1.0 if cfg.loss.clean_endpoint else 0.0)
-        weights = load_checkpoint_weights(ckpt)
-        state = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
-        if (ckpt / "ema.safetensors").is_file():
-            state = load_checkpoint_weights(ckpt, "ema.safetensors")
-        student.load_state_dict(state, strict=False)
-        student.eval().requires_grad_(False)
-    student.to(device)
-    if teacher is not None:
-        teacher.to(device)
-    return cfg, student, teacher
-
-
-def _num_classes(student: BootStudent, teacher: DiffusionTeacher | None, cfg: Any) -> int | None:
-    if teacher is not None:
-        return teacher.num_classes
-    net = student.net
-    unet = getattr(net, "unet", None)
-    if unet is None or getattr(unet, "class_embedding", None) is None:
-        return None
-    meta_path = Path(cfg.teacher.path) / "vkd_teacher.json"
-    if meta_path.is_file():
-        return int(json.loads(meta_path.read_text()).get("num_classes", unet.config.num_class_embeds))
-    return int(unet.config.num_class_embeds)
-
-
-def run_image_batches(run_dir: str | Path, indices: range | list[int], seed: int = 0, batch_size: int = 64,
-                      device: str | torch.device = "cpu") -> tuple[Iterator[torch.Tensor], tuple[int, int]]:
-    """One-step student samples of a BOOT run for FID: ``(iterator of uint8 [b, 3, H, W], (H, W))``.
-
-    Sample ``i`` uses noise seeded by ``(seed, i)`` and class ``i % num_classes``.
-    """
-    cfg, student, _ = load_run(run_dir, device=device)
-    shape = _sample_shape(student)
-    ncls = _num_classes(student, None, cfg)
-    idx = list(indices)
-
-    def batches() -> Iterator[torch.Tensor]:
-        for i in range(0, len(idx), batch_size):
-            eps, labels = noise_for_indices(idx[i:i + batch_size], seed, shape, ncls)
-            eps = eps.to(device)
-            labels = None if labels is None else labels.to(device)
-            yield to_uint8(student_sample(student, eps, labels)).cpu()
-
-    return batches(), (shape[1], shape[2])
-
-
-def _sample_shape(student: BootStudent) -> tuple[int, int, int]:
-    unet = getattr(student.net, "unet", None)
-    if unet is None:
-        raise UserError("the run's student is not a UNet; cannot infer the sample shape")
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return int(unet.config.in_channels), int(h), int(w)
-
-
-def sample(run_dir: Path, num: int, out: Path, teacher_steps: int | None = None, seed: int = 0,
-           batch_size: int = 64, device: str = "auto") -> dict:
-    """``vkd sample boot``: ``num`` one-step student samples, or teacher DDIM-K samples with ``teacher_steps``.
-
-    Sample ``i`` reads the noise seeded by ``(seed, i)`` and class ``i % num_classes`` in both modes, so a
-    student folder and a teacher folder written with the same seed are compared on the same ε.
-    Writes ``out/NNNNNN.png`` and ``out/grid/grid.png`` (first 100 samples; in a subfolder so that
-    ``vkd fid --fake out`` only sees the samples).
-
-    Returns:
-        dict with the generator, counts, paths and the measured images/s.
-    """
-    if num < 1:
-        raise UserError(f"--num must be >= 1, got {num}")
-    if teacher_steps is not None and teacher_steps < 1:
-        raise UserError(f"--teacher-steps must be >= 1, got {teacher_steps}")
-    if batch_size < 1:
-        raise UserError(f"batch size must be >= 1, got {batch_size}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    cfg, student, teacher = load_run(run_dir, need_teacher=teacher_steps is not None, device=dev)
-    shape = _sample_shape(student)
-    if teacher is not None and teacher_steps > teacher.schedule.num_train_timesteps:
-        raise UserError(f"--teacher-steps must be <= {teacher.schedule.num_train_timesteps}")
-    ncls = _num_classes(student, teacher, cfg)
-    if teacher_steps is None:
-        fn, what = (lambda e, c: student_sample(student, e, c)), "student (1 step)"
-    else:
-        fn, what = (lambda e, c: ddim_sample(teacher, e, c, teacher_steps)), f"teacher (DDIM {teacher_steps} steps)"
-    out = Path(out)
-    grid: list[torch.Tensor] = []
-    elapsed = 0.0
-    for start in range(0, num, batch_size):
-        eps, labels = noise_for_indices(range(start, min(num, start + batch_size)), seed, shape, ncls)
-        eps = eps.to(dev)
-        labels = None if labels is None else labels.to(dev)
-        t0 = time.perf_counter()
-        x = fn(eps, labels)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed += time.perf_counter() - t0
-        save_images(x, out, start)
-        if sum(len(g) for g in grid) < 100:
-            grid.append(x.cpu())
-    return {"generator": what, "num": num, "seed": seed, "out": str(out),
-            "grid": str(save_grid(torch.cat(grid)[:100], out / "grid" / "grid.png")),
-            "image_size": "x".join(str(v) for v in shape), "images_per_s": num / max(elapsed, 1e-9)}
 
 
 @torch.no_grad()
@@ -273,8 +147,6 @@ def boot_reference_chain(teacher: DiffusionTeacher, eps: torch.Tensor, class_lab
     Returns:
         ``[B, C, H, W]`` the signal at the chain's end (what the one-step student converges to).
     """
-    from vkd.boot.losses import exact_boundary_target, signal_ddim_step
-
     sched = teacher.schedule
     B = eps.shape[0]
     T = float(sched.T)

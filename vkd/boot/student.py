@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
 from vkd.boot.schedule import NoiseSchedule
-from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, _as_timesteps, to_x0
+from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, _as_timesteps, _build_scheduler, to_x0
 from vkd.errors import UserError
 
 __all__ = ["BootStudent", "STUDENT_META_FILE", "save_student", "load_student"]
@@ -81,7 +82,6 @@ class BootStudent(nn.Module):
 def save_student(student: BootStudent, path: str | Path, scheduler_config: dict[str, Any],
                  meta: dict[str, Any]) -> Path:
     """Write a UNet student with ``save_pretrained`` (``unet/``, ``scheduler/``) plus ``vkd_student.json``."""
-    from diffusers import DDPMScheduler
 
     if not isinstance(student.net, UNetDenoiser):
         raise ValueError("save_student needs a UNet student (net is not a UNetDenoiser)")
@@ -104,9 +104,6 @@ def save_student(student: BootStudent, path: str | Path, scheduler_config: dict[
 
 def load_student(path: str | Path) -> tuple[BootStudent, dict[str, Any]]:
     """Inverse of :func:`save_student`: ``(student in eval mode, metadata)``."""
-    from diffusers import UNet2DModel
-
-    from vkd.boot.teacher import _build_scheduler
 
     path = Path(path)
     meta_path = path / STUDENT_META_FILE

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import diffusers
 import torch
+from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
+from vkd.boot.config import BootTeacherRef
 from vkd.boot.schedule import NoiseSchedule
-from vkd.errors import UserError
+from vkd.errors import ConfigError, UserError
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -36,6 +40,9 @@ __all__ = [
     "load_teacher_source",
     "load_diffusers_teacher",
     "save_teacher",
+    "scheduler_config_of",
+    "TEACHER_KINDS",
+    "build_teacher",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -252,8 +259,6 @@ def _first_error_line(err: BaseException) -> str:
 
 
 def _load_unet(source: str, local: bool) -> nn.Module:
-    from diffusers import UNet2DModel
-
     if local:
         root = Path(source).expanduser()
         if not root.is_dir():
@@ -300,8 +305,6 @@ def _load_scheduler_config(source: str, local: bool) -> dict[str, Any]:
                     raise UserError(f"{cand}: expected a JSON object")
                 return data
         raise UserError(f"{source} has no scheduler config (scheduler/scheduler_config.json or scheduler_config.json)")
-    from diffusers import DDPMScheduler
-
     last: BaseException | None = None
     for sub in ("scheduler", None):
         try:
@@ -313,8 +316,6 @@ def _load_scheduler_config(source: str, local: bool) -> dict[str, Any]:
 
 def _build_scheduler(config: dict[str, Any], where: str) -> tuple[Any, torch.Tensor]:
     """Instantiate the scheduler class named in ``config``; refuse schedulers without ``alphas_cumprod``."""
-    import diffusers
-
     config = dict(config)
     if "timesteps" in config and "num_train_timesteps" not in config:  # legacy GaussianDDPMScheduler key
         config["num_train_timesteps"] = config.pop("timesteps")
@@ -426,8 +427,6 @@ def save_teacher(unet: nn.Module, scheduler: Any, path: str | Path, meta: dict[s
 
     The result loads with :func:`load_diffusers_teacher` exactly like a hub checkpoint.
     """
-    import diffusers
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(str(path / "unet"))
@@ -448,3 +447,36 @@ def schedule_summary(schedule: NoiseSchedule) -> dict[str, float]:
     lam = schedule.lam(t)
     return {"alpha_T": float(a[1]), "lambda_0": float(lam[0]),
             "lambda_T": float(lam[1]) if math.isfinite(float(lam[1])) else float("inf")}
+
+
+def scheduler_config_of(source: str) -> dict[str, Any]:
+    """The scheduler config of a teacher directory or hub id (as the exported student records it)."""
+    return _load_scheduler_config(source, _is_local(source))
+
+
+def _diffusers_teacher(ref: BootTeacherRef) -> DiffusionTeacher:
+    clip: bool | str = "scheduler" if ref.clip_x0 == "scheduler" else (ref.clip_x0 == "true")
+    teacher = load_diffusers_teacher(ref.path, guidance_scale=ref.guidance_scale, clip_x0=clip, interp=ref.interp,
+                                     null_class=ref.null_class)
+    if ref.dtype != "float32":
+        teacher.net.to(getattr(torch, ref.dtype))
+    return teacher
+
+
+# teacher.kind -> builder of the frozen teacher; a new kind of teacher is one entry here.
+TEACHER_KINDS: dict[str, Callable[[BootTeacherRef], DiffusionTeacher]] = {
+    "diffusers": _diffusers_teacher,  # UNet2DModel + scheduler: a save_pretrained directory or a hub id
+}
+
+
+def build_teacher(ref: BootTeacherRef) -> DiffusionTeacher:
+    """The frozen teacher named by a config's ``teacher`` section.
+
+    Examples:
+        >>> teacher = build_teacher(BootTeacherRef(path="google/ddpm-cifar10-32"))  # doctest: +SKIP
+        >>> teacher.sample_shape  # doctest: +SKIP
+        (3, 32, 32)
+    """
+    if ref.kind not in TEACHER_KINDS:
+        raise ConfigError(f"teacher.kind must be one of {', '.join(TEACHER_KINDS)}, got '{ref.kind}'")
+    return TEACHER_KINDS[ref.kind](ref)

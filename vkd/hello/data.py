@@ -8,19 +8,26 @@ projector and student; it is written next to every artefact.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.transforms.functional import center_crop, resize
 
+from vkd.data.digits import load_digits
+from vkd.data.files import SkipLog, read_image, resolve_inside
 from vkd.errors import DataError
 from vkd.hello.config import HelloDataConfig
 
 __all__ = ["LabelledImages", "ImageTensorDataset", "load_split", "load_imagefolder", "prompt_names",
-           "class_subset"]
+           "class_subset", "write_distilled_set", "read_distilled_set"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +97,6 @@ def load_split(cfg: HelloDataConfig, split: str) -> LabelledImages:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if cfg.source == "digits":
-        from vkd.data.digits import load_digits
 
         d = load_digits(split, size=cfg.image_size, channels=3, value_range="unit")
         data = LabelledImages(d.images, d.labels, tuple(d.class_names))
@@ -113,7 +119,6 @@ def load_split(cfg: HelloDataConfig, split: str) -> LabelledImages:
 
 
 def _folder_classes(root: Path) -> list[str]:
-    from torchvision.datasets.folder import find_classes
 
     try:
         classes, _ = find_classes(str(root))
@@ -134,10 +139,6 @@ def load_imagefolder(root: str | Path, image_size: int, max_per_class: int = 0) 
         image_size: output side S.
         max_per_class: keep the first (sorted) ``max_per_class`` files per class (0: all).
     """
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-    from torchvision.transforms.functional import center_crop, resize
-
-    from vkd.data.files import SkipLog, read_image
 
     root = Path(root)
     if not root.is_dir():
@@ -197,3 +198,62 @@ def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                          antialias=x.shape[-1] > size).clamp(0, 1)
+
+
+def write_distilled_set(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...],
+                        extra: dict[str, Any] | None = None) -> Path:
+    """Write ``images [N, 3, S, S]`` in [0, 1] as 8-bit PNGs under ``out_dir/images/`` + ``manifest.json``.
+
+    Manifest paths are relative to ``out_dir`` (``images/<cc>_<class>/<i>.png``).
+    """
+
+    out_dir = Path(out_dir)
+    entries = []
+    counters: dict[int, int] = {}
+    x8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for img, label in zip(x8, labels.tolist(), strict=True):
+        k = counters.get(label, 0)
+        counters[label] = k + 1
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(class_names[label]))[:40]
+        rel = f"images/{label:03d}_{safe}/{k:04d}.png"
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(out_dir / rel)
+        entries.append({"path": rel, "label": int(label)})
+    manifest = {"format": "vkd-hello-distilled-v1", "class_names": list(class_names),
+                "image_size": int(images.shape[-1]), "entries": entries, **(extra or {})}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out_dir / "manifest.json"
+
+
+def read_distilled_set(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Read a distilled set written by :func:`write_distilled_set`.
+
+    Returns:
+        ``(images [N, 3, S, S] float in [0, 1], labels [N], manifest)``.
+
+    Raises:
+        DataError: missing/invalid manifest, a path that escapes ``root``, a missing or undecodable PNG.
+    """
+
+    root = Path(root)
+    path = root / "manifest.json" if root.is_dir() else root
+    root = path.parent.resolve()
+    try:
+        manifest = json.loads(path.read_text())
+        entries = manifest["entries"]
+        num_classes = len(manifest["class_names"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"cannot read distilled-set manifest {path}") from None
+    images, labels = [], []
+    for e in entries:
+        rel = str(e.get("path", ""))
+        full = resolve_inside(root, rel)  # DataError for absolute paths outside, '..' and symlink escapes
+        label = e.get("label")
+        if not isinstance(label, int) or not 0 <= label < num_classes:
+            raise DataError(f"manifest {path} entry '{rel}' has label {label!r} outside [0, {num_classes})")
+        arr = torch.from_numpy(read_image(full, "RGB").copy()).permute(2, 0, 1)  # DataError if unreadable
+        images.append(arr.float() / 255.0)
+        labels.append(label)
+    if not images:
+        raise DataError(f"manifest {path} lists no images")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long), manifest

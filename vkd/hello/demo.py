@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torchvision.utils import save_image
 
 from vkd.config import find_preset, load_config
+from vkd.hello.commands import run_hello, run_teacher
+from vkd.hello.config import HelloConfig, HelloTeacherConfig
+from vkd.hello.data import read_distilled_set
+from vkd.hello.evaluate import evaluate_run
 from vkd.report import Section, bar_chart
 
 __all__ = ["demo_stage"]
@@ -17,12 +23,6 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
 
     ``quick``: one student seed and shorter fits; full: two student seeds (the benchmark runs three).
     """
-    import torch.nn.functional as F
-    from torchvision.utils import save_image
-
-    from vkd.hello.commands import evaluate_run, run_hello, run_teacher
-    from vkd.hello.config import HelloConfig, HelloTeacherConfig
-    from vkd.hello.distiller import read_distilled_set
 
     out = Path(out)
     runs = out / "runs"

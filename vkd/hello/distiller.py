@@ -20,20 +20,28 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import set_peft_model_state_dict
 from torch import nn
 
 from vkd.engine import DistillationTask
 from vkd.errors import DataError
-from vkd.hello.config import HelloConfig, HelloTeacherConfig
-from vkd.hello.data import LabelledImages, prompt_names, resize_images
+from vkd.hello.config import HelloConfig, HelloTeacherConfig, StudentConfig
+from vkd.hello.data import LabelledImages, load_split, prompt_names, write_distilled_set
 from vkd.hello.evaluate import accuracy, augment_batch, make_augmenter
 from vkd.hello.images import auto_factor, image_update, rded_select, stitch
-from vkd.hello.projector import adapter_state_dict, save_adapters
-from vkd.hello.teacher import Classifier, build_classifier, save_teacher
-from vkd.models.tiny_clip import ClipBundle, load_clip, pretrain_tiny_clip, tiny_clip_name
+from vkd.hello.losses import projector_fit_loss
+from vkd.hello.projector import (
+    adapter_state_dict,
+    add_lora,
+    build_clip,
+    build_projector,
+    lora_config,
+    save_adapters,
+)
+from vkd.hello.teacher import Classifier, build_classifier, resolve_teachers, save_teacher
+from vkd.models.tiny_clip import ClipBundle
 
-__all__ = ["HelloTeacherTask", "ProjectorFitTask", "build_clip", "write_distilled_set", "read_distilled_set",
-           "snapshot_steps"]
+__all__ = ["HelloTeacherTask", "ProjectorFitTask", "snapshot_steps", "prepare_fit"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +66,6 @@ class HelloTeacherTask(DistillationTask):
         self.snapshots = snapshot_steps(cfg.train.steps, cfg.extra.num_snapshots)
         self.snapshot_acc: dict[int, float] = {}
         self.skipped = train.skipped + test.skipped
-        from vkd.hello.config import StudentConfig
 
         aug_cfg = StudentConfig(crop_scale_min=cfg.extra.crop_scale_min, hflip=cfg.extra.hflip)
         self.augmenter = make_augmenter(aug_cfg, cfg.data.image_size)
@@ -116,23 +123,6 @@ class HelloTeacherTask(DistillationTask):
         (Path(run_dir) / "class_names.txt").write_text("\n".join(self.class_names) + "\n")
 
 
-def build_clip(cfg: HelloConfig, train: LabelledImages, device: str | torch.device = "cpu",
-               progress: bool = True) -> ClipBundle:
-    """The CLIP of the projector: vkd's tiny CLIP pretrained on the training split (cached) or any open_clip.
-
-    The tiny CLIP plays the public foundation model of the toy setting: it is pretrained on the
-    training images with the class prompts as captions (never on the test split).
-    """
-    if cfg.clip.model_name != "tiny":
-        return load_clip(cfg.clip.model_name, cfg.clip.pretrained or None, device=device)
-    tiny = cfg.clip.tiny
-    names = prompt_names(train.class_names)
-    captions = [cfg.clip.prompt_template.format(names[int(c)]) for c in train.labels]
-    images = resize_images(train.float_images(), tiny.image_size)
-    path = pretrain_tiny_clip(images, captions, tiny, cache_dir=cfg.clip.cache_dir or None, progress=progress)
-    return load_clip(tiny_clip_name(path), device=device)
-
-
 class ProjectorFitTask(DistillationTask):
     """LoRA fit of the projector to the (weak) teachers' logits; exports the distilled set at the end.
 
@@ -183,15 +173,8 @@ class ProjectorFitTask(DistillationTask):
             x = torch.cat([x_aug, x[n_aug:]])
         with torch.no_grad():
             target = self._targets(x)
-        logits = self.projector(x)
-        if self.cfg.projector.fit_target == "probs":
-            mse = F.mse_loss(logits.softmax(-1), target.softmax(-1))
-        elif self.cfg.projector.fit_target == "centered_logits":
-            mse = F.mse_loss(logits - logits.mean(-1, keepdim=True), target - target.mean(-1, keepdim=True))
-        else:
-            mse = F.mse_loss(logits, target)
-        ce = F.cross_entropy(logits, y)
-        return {"loss": mse + self.cfg.projector.lambda_ce * ce, "mse": mse, "ce": ce}
+        return projector_fit_loss(self.projector(x), target, y, self.cfg.projector.fit_target,
+                                  self.cfg.projector.lambda_ce)
 
     def student_module(self) -> nn.Module:
         return self.projector
@@ -200,8 +183,6 @@ class ProjectorFitTask(DistillationTask):
         return adapter_state_dict(self.projector)  # the CLIP weights are public: only the factors
 
     def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
         set_peft_model_state_dict(self.projector, state)
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -282,62 +263,28 @@ class ProjectorFitTask(DistillationTask):
         (run_dir / "hello.json").write_text(json.dumps(info, indent=2))
 
 
-def write_distilled_set(out_dir: Path, images: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...],
-                        extra: dict[str, Any] | None = None) -> Path:
-    """Write ``images [N, 3, S, S]`` in [0, 1] as 8-bit PNGs under ``out_dir/images/`` + ``manifest.json``.
-
-    Manifest paths are relative to ``out_dir`` (``images/<cc>_<class>/<i>.png``).
-    """
-    from PIL import Image
-
-    out_dir = Path(out_dir)
-    entries = []
-    counters: dict[int, int] = {}
-    x8 = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for img, label in zip(x8, labels.tolist(), strict=True):
-        k = counters.get(label, 0)
-        counters[label] = k + 1
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(class_names[label]))[:40]
-        rel = f"images/{label:03d}_{safe}/{k:04d}.png"
-        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(out_dir / rel)
-        entries.append({"path": rel, "label": int(label)})
-    manifest = {"format": "vkd-hello-distilled-v1", "class_names": list(class_names),
-                "image_size": int(images.shape[-1]), "entries": entries, **(extra or {})}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return out_dir / "manifest.json"
+def _check_ipc(cfg: HelloConfig, train: LabelledImages) -> int:
+    factor = auto_factor(cfg.data.image_size, cfg.selection.factor)
+    need = cfg.selection.ipc * factor * factor
+    counts = train.counts()
+    small = [(train.class_names[i], int(n)) for i, n in enumerate(counts) if n < need]
+    if small:
+        name, n = small[0]
+        raise DataError(f"selection.ipc={cfg.selection.ipc} (stitch factor {factor}) needs {need} images per class "
+                        f"but class '{name}' has {n}")
+    return factor
 
 
-def read_distilled_set(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-    """Read a distilled set written by :func:`write_distilled_set`.
-
-    Returns:
-        ``(images [N, 3, S, S] float in [0, 1], labels [N], manifest)``.
-
-    Raises:
-        DataError: missing/invalid manifest, a path that escapes ``root``, a missing or undecodable PNG.
-    """
-    from vkd.data.files import read_image, resolve_inside
-
-    root = Path(root)
-    path = root / "manifest.json" if root.is_dir() else root
-    root = path.parent.resolve()
-    try:
-        manifest = json.loads(path.read_text())
-        entries = manifest["entries"]
-        num_classes = len(manifest["class_names"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"cannot read distilled-set manifest {path}") from None
-    images, labels = [], []
-    for e in entries:
-        rel = str(e.get("path", ""))
-        full = resolve_inside(root, rel)  # DataError for absolute paths outside, '..' and symlink escapes
-        label = e.get("label")
-        if not isinstance(label, int) or not 0 <= label < num_classes:
-            raise DataError(f"manifest {path} entry '{rel}' has label {label!r} outside [0, {num_classes})")
-        arr = torch.from_numpy(read_image(full, "RGB").copy()).permute(2, 0, 1)  # DataError if unreadable
-        images.append(arr.float() / 255.0)
-        labels.append(label)
-    if not images:
-        raise DataError(f"manifest {path} lists no images")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), manifest
+def prepare_fit(cfg: HelloConfig, device: str | torch.device = "cpu", progress: bool = True
+                ) -> tuple[ProjectorFitTask, LabelledImages, LabelledImages]:
+    """Load data, teachers and CLIP; build the LoRA projector and its fitting task."""
+    train = load_split(cfg.data, "train")
+    test = load_split(cfg.data, "test")
+    _check_ipc(cfg, train)
+    fit, final, meta = resolve_teachers(cfg, train)
+    clip = build_clip(cfg, train, device=device, progress=progress)
+    projector = build_projector(clip, prompt_names(train.class_names), cfg.clip.prompt_template)
+    kwargs = lora_config(projector, cfg.projector)
+    model = add_lora(projector, kwargs)
+    task = ProjectorFitTask(cfg, model, fit, final, train, test, clip, kwargs, meta)
+    return task, train, test

@@ -17,14 +17,25 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from tqdm.auto import tqdm
 
-from vkd.hello.config import StudentConfig
+from vkd.engine.runs import open_run, write_json
+from vkd.hello.config import HelloConfig, StudentConfig
+from vkd.hello.data import class_subset
 from vkd.hello.images import stitch, unstitch
+from vkd.hello.losses import soft_label_loss
+from vkd.hello.projector import projector_bytes
+from vkd.hello.runs import load_run
 from vkd.hello.teacher import Classifier, build_classifier
 
 __all__ = ["label_bytes", "storage_report", "augment_batch", "train_student", "accuracy",
@@ -122,7 +133,6 @@ def augment_batch(x: torch.Tensor, y: torch.Tensor, cfg: StudentConfig, factor: 
 
 def make_augmenter(cfg: StudentConfig, size: int) -> nn.Module | None:
     """kornia RandomResizedCrop(scale=(crop_scale_min, 1)) + optional horizontal flip (per sample)."""
-    import kornia.augmentation as K
 
     ops: list[nn.Module] = []
     if cfg.crop_scale_min < 1.0:
@@ -135,14 +145,6 @@ def make_augmenter(cfg: StudentConfig, size: int) -> nn.Module | None:
 # ----------------------------------------------------------------------------------------------
 # Student training
 # ----------------------------------------------------------------------------------------------
-
-
-def _soft_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, cfg: StudentConfig) -> torch.Tensor:
-    if cfg.label_loss == "kl":
-        t = cfg.temperature
-        return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(target_logits / t, -1),
-                        log_target=True, reduction="batchmean") * t * t
-    return F.mse_loss(student_logits, target_logits)
 
 
 def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: StudentConfig,
@@ -188,7 +190,7 @@ def train_student(images: torch.Tensor, labels: torch.Tensor, num_classes: int, 
         else:
             with torch.no_grad():
                 target = label_fn(x)
-            loss = _soft_loss(logits, target, cfg) + cfg.beta_ce * ce
+            loss = soft_label_loss(logits, target, cfg.label_loss, cfg.temperature) + cfg.beta_ce * ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -231,7 +233,6 @@ def evaluate_label_sources(distilled: torch.Tensor, distilled_labels: torch.Tens
     Returns:
         ``{source: [accuracy per seed]}``.
     """
-    from tqdm.auto import tqdm
 
     results: dict[str, list[float]] = {s: [] for s in sources}
     jobs = [(src, seed) for seed in seeds for src in sources]
@@ -245,3 +246,59 @@ def evaluate_label_sources(distilled: torch.Tensor, distilled_labels: torch.Tens
         student = train_student(x, y, num_classes, copy.deepcopy(cfg), fn, f, seed, device)
         results[src].append(accuracy(student, test_images, test_labels, device=device))
     return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def evaluate_run(cfg: HelloConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Students on the exported distilled set for every label source and seed, plus storage.
+
+    Returns:
+        A JSON-able dict with ``per_seed``, ``summary`` (flat mean/std metrics) and ``storage``.
+    """
+    run = load_run(run_dir, cfg, progress=progress)
+    dev, train, test, final, projector = run.device, run.train, run.test, run.teacher, run.projector
+    images, labels, manifest, meta, adapters = run.images, run.labels, run.manifest, run.adapter_meta, run.adapters
+    factor = int(manifest.get("factor", 1))
+    ipc = int(manifest.get("ipc", images.shape[0] // train.num_classes))
+    fns = {"teacher": final, "projector": projector}
+    per_seed: dict[str, list[float]] = {s: [] for s in cfg.eval.sources}
+    for seed in cfg.eval.seeds:
+        idx = class_subset(train, ipc, torch.Generator().manual_seed(10_000 + seed))
+        res = evaluate_label_sources(images, labels, train.float_images(idx), train.labels[idx], test.images,
+                                     test.labels, train.num_classes, cfg.student, list(cfg.eval.sources), fns,
+                                     cfg.eval.random_label_source, [seed], factor, dev, progress)
+        for k, v in res.items():
+            per_seed[k] += v
+    adapter = projector_bytes(load_file(str(adapters)))
+    storage = storage_report(adapter, images.shape[0], train.num_classes, cfg.eval.storage_epochs,
+                             cfg.eval.storage_crops, cfg.eval.storage_dtype)
+    # the labels this evaluation's students actually consumed, had they been stored (one per view)
+    views = cfg.student.steps * min(cfg.student.batch_size, images.shape[0])
+    storage["soft_label_bytes_this_eval"] = float(label_bytes(1, views, train.num_classes, cfg.eval.storage_dtype))
+    summary: dict[str, float] = {}
+    for src, vals in per_seed.items():
+        m, s = _mean_std(vals)
+        summary[f"acc_{src}_mean"], summary[f"acc_{src}_std"] = m, s
+    summary["teacher_test_acc"] = accuracy(final, test.images, test.labels, device=dev)
+    summary["projector_test_acc"] = accuracy(projector, test.images, test.labels, device=dev)
+    if "projector" in per_seed and "teacher" in per_seed and summary["acc_teacher_mean"] > 0:
+        summary["projector_over_teacher"] = summary["acc_projector_mean"] / summary["acc_teacher_mean"]
+    if "projector" in per_seed and "random" in per_seed:
+        summary["ior"] = summary["acc_projector_mean"] - summary["acc_random_mean"]  # DD-Ranking IOR
+    summary.update({k: v for k, v in storage.items()})
+    summary["storage_percent"] = 100.0 * storage["storage_ratio"] if math.isfinite(storage["storage_ratio"]) else math.inf
+    summary.update({"ipc": ipc, "num_images": int(images.shape[0]), "num_seeds": len(cfg.eval.seeds),
+                    "skipped_images": train.skipped + test.skipped})
+    return {"summary": summary, "per_seed": per_seed, "seeds": list(cfg.eval.seeds), "storage": storage,
+            "clip_model": meta.get("clip_model"), "student": cfg.student.model.arch}
+
+
+def evaluate_hello(run_dir: Path, overrides: list[str], out_dir: Path | None = None) -> dict:
+    """``vkd eval hello --run RUN``: writes ``eval.json`` and returns the flat metrics."""
+    cfg = open_run(run_dir, HelloConfig, "hello", overrides)
+    result = evaluate_run(cfg, Path(run_dir))
+    write_json(Path(out_dir or run_dir) / "eval.json", result)
+    return result["summary"]

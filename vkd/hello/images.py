@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
 from torch import nn
+from torchvision.ops import roi_align
 
 from vkd.errors import DataError
 
@@ -69,7 +71,6 @@ def random_square_boxes(n: int, num_crop: int, height: int, width: int, scale: t
 
 def crop_boxes(images: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear crop-and-resize: ``images [N, 3, H, W]``, ``boxes [K, 4]`` of ``images[image_index]`` → ``[K, 3, size, size]``."""
-    from torchvision.ops import roi_align
 
     rois = torch.cat([image_index.to(boxes.dtype)[:, None], boxes], dim=1)
     # sampling_ratio=-1: adaptive number of samples per bin, i.e. area-averaging when shrinking
@@ -132,7 +133,6 @@ def _cluster_pick(features: torch.Tensor, ce: torch.Tensor, k: int, seed: int,
                   eligible: torch.Tensor | None = None) -> torch.Tensor:
     """One image per k-means cluster of ``features [n, D]``: the member nearest its centroid, among the
     ``eligible [n]`` members when the cluster has any. Returned in increasing ``ce [n]``."""
-    from sklearn.cluster import KMeans
 
     if k >= features.shape[0]:
         return torch.argsort(ce, stable=True)

@@ -17,20 +17,26 @@ from __future__ import annotations
 import copy
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from vkd.errors import DataError
-from vkd.hello.config import ProjectorConfig
-from vkd.models.tiny_clip import ClipBundle, load_clip, preprocess_images
+from vkd.hello.config import HelloConfig, ProjectorConfig
+from vkd.hello.data import LabelledImages, prompt_names, resize_images
+from vkd.models.tiny_clip import ClipBundle, load_clip, preprocess_images, pretrain_tiny_clip, tiny_clip_name
 
 __all__ = ["Projector", "build_projector", "image_lora_targets", "lora_config", "add_lora", "save_adapters",
-           "load_adapters", "adapter_state_dict", "projector_bytes", "class_prompts"]
+           "load_adapters", "adapter_state_dict", "projector_bytes", "class_prompts", "build_clip"]
 
 _META_KEY = "vkd_hello_projector"
 _DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -141,9 +147,6 @@ def lora_config(projector: Projector, cfg: ProjectorConfig) -> dict[str, Any]:
 
 def add_lora(projector: Projector, kwargs: dict[str, Any]) -> nn.Module:
     """Wrap ``projector`` with peft LoRA (``kwargs`` from :func:`lora_config`); only the factors train."""
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns that a plain nn.Module has no HF config
@@ -153,7 +156,6 @@ def add_lora(projector: Projector, kwargs: dict[str, Any]) -> nn.Module:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA factors only (``peft.get_peft_model_state_dict``), on CPU."""
-    from peft import get_peft_model_state_dict
 
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
@@ -177,8 +179,6 @@ def save_adapters(model: nn.Module, path: str | Path, meta: dict[str, Any], dtyp
     Returns:
         ``{"params", "bytes"}`` of the stored tensors (the file adds a small JSON header).
     """
-    import peft
-    from safetensors.torch import save_file
 
     state = {k: v.to(_DTYPES[dtype]) for k, v in adapter_state_dict(model).items()}
     full = {**meta, "peft_version": peft.__version__, "dtype": dtype}
@@ -190,7 +190,6 @@ def save_adapters(model: nn.Module, path: str | Path, meta: dict[str, Any], dtyp
 
 def read_adapter_meta(path: str | Path) -> dict[str, Any]:
     """The JSON metadata stored in an adapter file."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -213,8 +212,6 @@ def load_adapters(path: str | Path, clip: ClipBundle | None = None, device: str 
     Returns:
         The peft-wrapped projector in eval mode, factors in float32.
     """
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
@@ -230,3 +227,20 @@ def load_adapters(path: str | Path, clip: ClipBundle | None = None, device: str 
     if unexpected:
         raise DataError(f"{path} does not match the rebuilt projector (unexpected keys {unexpected[:3]})")
     return model.to(device).eval()
+
+
+def build_clip(cfg: HelloConfig, train: LabelledImages, device: str | torch.device = "cpu",
+               progress: bool = True) -> ClipBundle:
+    """The CLIP of the projector: vkd's tiny CLIP pretrained on the training split (cached) or any open_clip.
+
+    The tiny CLIP plays the public foundation model of the toy setting: it is pretrained on the
+    training images with the class prompts as captions (never on the test split).
+    """
+    if cfg.clip.model_name != "tiny":
+        return load_clip(cfg.clip.model_name, cfg.clip.pretrained or None, device=device)
+    tiny = cfg.clip.tiny
+    names = prompt_names(train.class_names)
+    captions = [cfg.clip.prompt_template.format(names[int(c)]) for c in train.labels]
+    images = resize_images(train.float_images(), tiny.image_size)
+    path = pretrain_tiny_clip(images, captions, tiny, cache_dir=cfg.clip.cache_dir or None, progress=progress)
+    return load_clip(tiny_clip_name(path), device=device)

@@ -11,18 +11,22 @@ see the same tensors. A ``hello-teacher`` run directory holds::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
 
-from vkd.errors import DataError, UserError
-from vkd.hello.config import ClassifierConfig
+from vkd.errors import ConfigError, DataError, UserError
+from vkd.hello.config import ClassifierConfig, HelloConfig
+from vkd.hello.data import LabelledImages
 
 __all__ = ["Classifier", "SmallCNN", "build_classifier", "save_teacher", "load_teacher", "load_teacher_run",
-           "load_state_file", "TeacherBundle"]
+           "load_state_file", "TeacherBundle", "TEACHER_SOURCES", "resolve_teachers"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,7 +92,6 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int, image_size: int) -
         net: nn.Module = SmallCNN(num_classes, cfg.width, cfg.depth, cfg.norm)
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     else:
-        from torchvision.models import resnet18
 
         net = resnet18(num_classes=1000 if cfg.init == "imagenet" else num_classes)
         if cfg.init == "imagenet":
@@ -112,7 +115,6 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int, image_size: int) -
 
 
 def _imagenet_resnet18_state() -> dict[str, torch.Tensor]:
-    from torchvision.models import ResNet18_Weights
 
     try:
         return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=False)
@@ -129,7 +131,6 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise DataError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -144,7 +145,6 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def save_teacher(model: Classifier, path: Path, meta: dict[str, Any]) -> None:
     """Write ``model``'s weights as safetensors at ``path`` (and ``meta`` as ``<stem>.json`` if given)."""
-    from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -212,3 +212,36 @@ def load_teacher_run(run_dir: str | Path, num_classes: int, class_names: tuple[s
     snapshots = [load_teacher(p, cfg, num_classes, size) for p in snaps]
     meta["snapshot_files"] = [p.name for p in snaps]
     return TeacherBundle(final, snapshots, meta)
+
+
+def _teacher_from_checkpoint(cfg: HelloConfig, train: LabelledImages
+                             ) -> tuple[list[Classifier], Classifier, dict[str, Any]]:
+    final = load_teacher(cfg.teacher.checkpoint, cfg.teacher.model, train.num_classes, cfg.data.image_size)
+    return [], final, {"checkpoint": cfg.teacher.checkpoint}
+
+
+def _teacher_from_run(cfg: HelloConfig, train: LabelledImages) -> tuple[list[Classifier], Classifier, dict[str, Any]]:
+    run = Path(cfg.teacher.run) if cfg.teacher.run else Path(cfg.run.output_dir) / "hello-teacher" / "default"
+    bundle = load_teacher_run(run, train.num_classes, train.class_names, cfg.data.image_size)
+    snaps = bundle.snapshots or [bundle.final]
+    if cfg.teacher.snapshots:
+        bad = [i for i in cfg.teacher.snapshots if not -len(snaps) <= i < len(snaps)]
+        if bad:
+            raise ConfigError(f"teacher.snapshots {bad} out of range: {run} has {len(snaps)} snapshots")
+        snaps = [snaps[i] for i in cfg.teacher.snapshots]
+    fit = [] if cfg.teacher.sampling == "final_only" else snaps
+    return fit, bundle.final, bundle.meta
+
+
+# where the teacher comes from -> loader; a new source of teachers is one entry here
+TEACHER_SOURCES: dict[str, Callable[[HelloConfig, LabelledImages],
+                                    tuple[list[Classifier], Classifier, dict[str, Any]]]] = {
+    "checkpoint": _teacher_from_checkpoint,  # teacher.checkpoint: one weights file (timm / torchvision / vkd)
+    "run": _teacher_from_run,  # teacher.run: a `vkd distill hello-teacher` run with its weak-teacher snapshots
+}
+
+
+def resolve_teachers(cfg: HelloConfig, train: LabelledImages) -> tuple[list[Classifier], Classifier, dict[str, Any]]:
+    """(teachers used for fitting, final teacher, teacher metadata) as configured in ``cfg.teacher``: a checkpoint
+    file when ``teacher.checkpoint`` is set, else a ``hello-teacher`` run."""
+    return TEACHER_SOURCES["checkpoint" if cfg.teacher.checkpoint else "run"](cfg, train)
