@@ -15,8 +15,8 @@ from vkd.skt.commands import count, evaluate, run_skt
 from vkd.skt.config import SKTConfig, SKTTeacherConfig
 from vkd.skt.datasets import build_train_dataset
 from vkd.skt.distiller import SKTTask
-from vkd.skt.evaluate import RUN_EXPORT
 from vkd.skt.models import count_parameters
+from vkd.skt.runs import RUN_EXPORT
 
 SKT, SKT_TEACHER = get_task("skt"), get_task("skt-teacher")
 
@@ -40,7 +40,8 @@ def test_teacher_then_skt_lowers_student_mae(tmp_path):
 
     s_cfg = load_config(SKTConfig, None, _tiny(tmp_path, 30) + ["train.lr=1e-3"], task="skt")
     assert s_cfg.teacher.run == ""  # found at <output_dir>/skt-teacher/<run.name>
-    from vkd.skt.commands import _eval_sets, load_teacher
+    from vkd.skt.datasets import build_eval_sets as _eval_sets
+    from vkd.skt.teacher import load_teacher
 
     task = SKTTask(s_cfg, load_teacher(s_cfg), _eval_sets(s_cfg))
     before = task.evaluate(0)

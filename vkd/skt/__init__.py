@@ -4,10 +4,13 @@ A CSRNet teacher is distilled into a 1/4-width CSRNet (6 % of the parameters) wi
 transfer (cosine between adapted student and teacher features) and inter-layer relation transfer (dense
 FSP matrices between all pairs of tapped layers).
 
-Parts: :mod:`~vkd.skt.models` (CSRNet family), :mod:`~vkd.skt.density` (ground-truth maps),
-:mod:`~vkd.skt.datasets` (ShanghaiTech, UCF-QNRF, generic), :mod:`~vkd.skt.crowds` (synthetic crowds),
-:mod:`~vkd.skt.losses`, :mod:`~vkd.skt.distiller` (training tasks), :mod:`~vkd.skt.evaluate` (MAE/RMSE,
-tiling), :mod:`~vkd.skt.count` (``vkd count``), :mod:`~vkd.skt.commands` (CLI adapters).
+Parts: :mod:`~vkd.skt.config`, :mod:`~vkd.skt.models` (CSRNet family), :mod:`~vkd.skt.teacher` (teacher
+kinds and the resolver), :mod:`~vkd.skt.density` (ground-truth maps), :mod:`~vkd.skt.layouts` (the table of
+data set layouts: ShanghaiTech, UCF-QNRF, generic), :mod:`~vkd.skt.datasets` (readers, training and
+evaluation sets), :mod:`~vkd.skt.crowds` (synthetic crowds), :mod:`~vkd.skt.losses` (the table of SKT loss
+terms), :mod:`~vkd.skt.distiller` (training tasks), :mod:`~vkd.skt.runs` (reopen a run),
+:mod:`~vkd.skt.evaluate` (MAE/RMSE, tiling, ``evaluate_run``), :mod:`~vkd.skt.count` (``vkd count``),
+:mod:`~vkd.skt.commands` (CLI adapters), :mod:`~vkd.skt.demo` (the ``vkd demo`` stage).
 """
 
 from pathlib import Path

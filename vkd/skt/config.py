@@ -9,11 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vkd.config import TaskConfig, TrainConfig
+from vkd.config import TaskConfig, TrainConfig, check_nonnegative, check_positive
 from vkd.errors import ConfigError
 from vkd.skt.density import KernelSpec
+from vkd.skt.layouts import LAYOUTS
+from vkd.skt.losses import SKT_LOSS_TERMS
 
 __all__ = [
+    "DATASETS",
     "CSRNetConfig",
     "StudentConfig",
     "DensityConfig",
@@ -27,6 +30,10 @@ __all__ = [
     "SKTTeacherConfig",
     "SKTConfig",
 ]
+
+# ``data.dataset``: the embedded synthetic crowds (written in the ``generic`` layout) or a layout of the table
+DATASETS = ("synthetic", *LAYOUTS)
+DatasetName = Literal[DATASETS]  # type: ignore[valid-type]  # derived from vkd.skt.layouts.LAYOUTS
 
 
 @dataclass
@@ -91,9 +98,7 @@ class DensityConfig:
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"data.density.k must be >= 1, got {self.k}")
-        for name in ("beta", "cap", "sigma", "truncate"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"data.density.{name} must be > 0, got {getattr(self, name)}")
+        check_positive(self, ["beta", "cap", "sigma", "truncate"])
 
     def spec(self, reference_parity: bool = False) -> KernelSpec:
         border = self.border
@@ -122,8 +127,7 @@ class SyntheticConfig:
             raise ConfigError(f"data.synthetic images must be at least 16x16, got {self.height}x{self.width}")
         if not 1 <= self.count_min <= self.count_max:
             raise ConfigError(f"need 1 <= data.synthetic.count_min <= count_max, got {self.count_min}, {self.count_max}")
-        if self.min_person <= 0:
-            raise ConfigError(f"data.synthetic.min_person must be > 0, got {self.min_person}")
+        check_positive(self, ["min_person"])
 
 
 @dataclass
@@ -131,8 +135,9 @@ class CrowdDataConfig:
     """Data set, augmentation and ground truth.
 
     Attributes:
-        dataset: ``synthetic`` (embedded default, generated on first use), ``shanghaitech``, ``ucf-qnrf`` or
-            ``generic`` (image + JSON/CSV/TXT/NPY head points).
+        dataset: ``synthetic`` (embedded default, generated on first use) or a layout of
+            :data:`vkd.skt.layouts.LAYOUTS`: ``shanghaitech``, ``ucf-qnrf`` or ``generic`` (image +
+            JSON/CSV/TXT/NPY head points).
         root: data set root (for ``synthetic``: where to generate; default ``$VKD_CACHE_DIR/skt/synthetic-<hash>``).
         train_split: training split (``train`` → ``train_data`` / ``Train`` / ``train``).
         test_split: split of ``vkd eval`` and of the end-of-training evaluation.
@@ -150,7 +155,7 @@ class CrowdDataConfig:
         preload: keep decoded training images and maps in memory.
     """
 
-    dataset: Literal["synthetic", "shanghaitech", "ucf-qnrf", "generic"] = "synthetic"
+    dataset: DatasetName = "synthetic"
     root: str | None = None
     train_split: str = "train"
     test_split: str = "test"
@@ -181,6 +186,7 @@ class CrowdDataConfig:
 
     @property
     def layout(self) -> str:
+        """The key of :data:`vkd.skt.layouts.LAYOUTS` the data set is read with."""
         return "generic" if self.dataset == "synthetic" else self.dataset
 
     def effective_downsample(self) -> str:
@@ -207,8 +213,7 @@ class CrowdEvalConfig:
     max_images: int = 0
 
     def __post_init__(self) -> None:
-        if self.tile_size < 0 or self.tile_overlap < 0 or self.max_images < 0:
-            raise ConfigError("eval.tile_size, eval.tile_overlap and eval.max_images must be >= 0")
+        check_nonnegative(self, ["tile_size", "tile_overlap", "max_images"])
         if self.tile_size and self.tile_overlap >= self.tile_size:
             raise ConfigError(f"eval.tile_overlap ({self.tile_overlap}) must be < eval.tile_size ({self.tile_size})")
         if self.tile_size and self.tile_size < 16:
@@ -218,6 +223,8 @@ class CrowdEvalConfig:
 @dataclass
 class SKTLossConfig:
     """SKT objective weights (spec §5): ``gt‖D_S−D_GT‖² + teacher‖D_S−D_T‖² + fsp·L_inter + cos·L_intra``.
+
+    One ``*_weight`` field per term of :data:`vkd.skt.losses.SKT_LOSS_TERMS` (its ``weight_key``).
 
     Attributes:
         gt_weight: ground-truth density term.
@@ -239,13 +246,21 @@ class SKTLossConfig:
     fsp: Literal["per_sample", "reference"] = "per_sample"
 
     def __post_init__(self) -> None:
-        for name in ("gt_weight", "teacher_weight", "cos_weight", "fsp_weight"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
+        check_nonnegative(self, list(self.weights()))
+
+    def weights(self) -> dict[str, float]:
+        """``{weight_key: weight}`` of every term of :data:`~vkd.skt.losses.SKT_LOSS_TERMS`."""
+        return {term.weight_key: getattr(self, term.weight_key) for term in SKT_LOSS_TERMS.values()}
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.teacher_weight or self.cos_weight or self.fsp_weight)
+        """A term that compares with the teacher has a non-zero weight (else no teacher is loaded)."""
+        return any(getattr(self, t.weight_key) for t in SKT_LOSS_TERMS.values() if t.needs_teacher)
+
+    @property
+    def needs_adapters(self) -> bool:
+        """A term on the adapted student taps has a non-zero weight (else the 1×1 adapters are not built)."""
+        return any(getattr(self, t.weight_key) for t in SKT_LOSS_TERMS.values() if t.needs_adapters)
 
 
 @dataclass

@@ -9,12 +9,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-from vkd.data.files import SkipLog
+from vkd.data.files import IMAGE_EXTENSIONS, SkipLog
 from vkd.errors import DataError, UserError
-from vkd.skt.datasets import IMAGE_EXTENSIONS, load_image, to_tensor
-from vkd.skt.evaluate import load_run, predict
+from vkd.skt.datasets import load_image, to_tensor
+from vkd.skt.evaluate import predict
+from vkd.skt.runs import load_run
 
 __all__ = ["collect_images", "density_overlay", "count_images"]
 
@@ -49,8 +51,6 @@ def density_overlay(image: np.ndarray, density: torch.Tensor, count: float, alph
         alpha: maximum opacity of the heat map (opacity grows with density so empty areas stay visible).
         cmap: matplotlib colour map.
     """
-    from matplotlib import colormaps
-
     d = density.clamp_min(0).numpy().astype(np.float64)
     peak = float(np.percentile(d, 99.5)) if d.size else 0.0
     norm = np.clip(d / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(d)

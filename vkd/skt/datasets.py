@@ -1,6 +1,6 @@
 """Crowd-counting data: annotation readers, dataset layouts, training crops and evaluation images.
 
-Layouts (``root`` and ``split`` as in the config):
+Layouts (``root`` and ``split`` as in the config; the table is :data:`vkd.skt.layouts.LAYOUTS`):
 
 * ``shanghaitech``: ``root/{split}_data/images/IMG_k.jpg`` with ``root/{split}_data/ground_truth/GT_IMG_k.mat``
   (``ground-truth/`` is accepted too) holding the MATLAB struct ``image_info`` with field ``location`` (N×2, x, y).
@@ -17,28 +17,31 @@ smaller than the network can handle raise :class:`~vkd.errors.DataError` with on
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from scipy.io import loadmat
 from torch.utils.data import Dataset
 
 from vkd.cache import cache_dir
-from vkd.data.files import image_size, open_image
+from vkd.data.files import image_size, open_image, read_image
 from vkd.errors import DataError
+from vkd.skt.config import CrowdDataConfig, SKTConfig, SKTTeacherConfig
+from vkd.skt.crowds import CrowdSpec, write_crowd_dataset
 from vkd.skt.density import DensityCache, KernelSpec, downsample_density
+from vkd.skt.layouts import pair_files
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "IMAGE_EXTENSIONS",
     "CrowdRecord",
     "read_points",
     "load_image",
@@ -51,18 +54,16 @@ __all__ = [
     "resolve_root",
     "build_train_dataset",
     "build_eval_dataset",
+    "build_eval_sets",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-_POINT_EXTENSIONS = (".json", ".csv", ".txt", ".npy", ".mat")
 # Crowd photos can be huge (``vkd count`` tiles any size): only PIL's own decompression-bomb limit (~179 MP)
 # applies, not the 64 MP default of vkd.data.files.
 MAX_IMAGE_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
-Layout = Literal["shanghaitech", "ucf-qnrf", "generic"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +107,6 @@ def _find_mat_field(value: Any, name: str, depth: int = 0) -> Any:
 
 
 def _read_mat(path: Path) -> np.ndarray:
-    from scipy.io import loadmat
-
     try:
         mat = loadmat(str(path))
     except Exception as err:
@@ -225,18 +224,12 @@ def load_image(path: str | Path, min_size: int = 8) -> tuple[np.ndarray, str | N
         when the image was converted, else ``None``.
     """
     path = Path(path)
-    # vkd's guarded opener: empty files, non-images, decompression bombs and truncated data are DataErrors
+    # vkd's guarded opener and reader: empty files, non-images, decompression bombs and truncated data are
+    # DataErrors. The header alone gives the original mode.
     with open_image(path, MAX_IMAGE_PIXELS) as img:
-        img.load()
         mode = img.mode
-        if mode == "RGBA" or mode == "LA" or (mode == "P" and "transparency" in img.info):
-            # Composite over black rather than keeping arbitrary colours under transparent pixels.
-            rgba = img.convert("RGBA")
-            base = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            rgb = Image.alpha_composite(base, rgba).convert("RGB")
-        else:
-            rgb = img.convert("RGB")
-    arr = np.asarray(rgb, dtype=np.uint8)
+    # Transparent images are composited over black rather than keeping arbitrary colours under transparent pixels.
+    arr = read_image(path, "RGB", MAX_IMAGE_PIXELS, background=(0.0, 0.0, 0.0))
     h, w = arr.shape[:2]
     if min(h, w) < min_size:
         raise DataError(f"image {path} is {w}x{h} pixels; the counter needs at least {min_size} pixels per side")
@@ -273,72 +266,13 @@ class CrowdRecord:
         return int(len(self.points))
 
 
-def _split_dir(root: Path, names: Sequence[str]) -> Path | None:
-    for name in names:
-        if (root / name).is_dir():
-            return root / name
-    return None
-
-
-def _pairs_shanghaitech(root: Path, split: str) -> list[tuple[Path, Path]]:
-    base = _split_dir(root, [f"{split}_data", split, split.capitalize() + "_data"])
-    if base is None and (root / "images").is_dir():
-        base = root  # root already is a split directory
-    if base is None or not (base / "images").is_dir():
-        raise DataError(f"no ShanghaiTech split '{split}' under {root}: expected {root}/{split}_data/images/")
-    gt_dir = _split_dir(base, ["ground_truth", "ground-truth"])
-    if gt_dir is None:
-        raise DataError(f"{base}: no ground_truth/ (or ground-truth/) directory with GT_IMG_*.mat files")
-    pairs = []
-    for img in sorted(p for p in (base / "images").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-        ann = gt_dir / f"GT_{img.stem}.mat"
-        if not ann.is_file():
-            raise DataError(f"missing annotation {ann} for image {img}")
-        pairs.append((img, ann))
-    return pairs
-
-
-def _pairs_qnrf(root: Path, split: str) -> list[tuple[Path, Path]]:
-    base = _split_dir(root, [split.capitalize(), split, split.lower()])
-    if base is None:
-        if any(root.glob("*_ann.mat")):
-            base = root
-        else:
-            raise DataError(f"no UCF-QNRF split '{split}' under {root}: expected {root}/{split.capitalize()}/")
-    pairs = []
-    for img in sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-        ann = base / f"{img.stem}_ann.mat"
-        if not ann.is_file():
-            raise DataError(f"missing annotation {ann} for image {img}")
-        pairs.append((img, ann))
-    return pairs
-
-
-def _pairs_generic(root: Path, split: str) -> list[tuple[Path, Path]]:
-    base = _split_dir(root, [split]) if split else None
-    if base is None:
-        if split and any(p.is_dir() for p in root.iterdir()):
-            raise DataError(f"no split '{split}' under {root}")
-        base = root
-    pairs = []
-    for img in sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
-        for ext in _POINT_EXTENSIONS:
-            ann = img.with_suffix(ext)
-            if ann.is_file():
-                pairs.append((img, ann))
-                break
-        else:
-            raise DataError(f"no annotation for {img}: expected {img.stem}.json, .csv, .txt or .npy next to it")
-    return pairs
-
-
-def list_records(root: str | Path, layout: Layout, split: str, max_side: int = 0, min_size: int = 8,
+def list_records(root: str | Path, layout: str, split: str, max_side: int = 0, min_size: int = 8,
                  dedupe: bool = False) -> list[CrowdRecord]:
     """Read the annotations of one split.
 
     Args:
         root: dataset root.
-        layout: ``shanghaitech``, ``ucf-qnrf`` or ``generic``.
+        layout: a key of :data:`vkd.skt.layouts.LAYOUTS` (``shanghaitech``, ``ucf-qnrf`` or ``generic``).
         split: split name (``train``/``test``; mapped to ``train_data`` or ``Train`` by the layouts).
         max_side: if > 0, images whose long side exceeds it are downscaled at load (points scaled too).
         min_size: images with a smaller side raise ``DataError``.
@@ -350,10 +284,7 @@ def list_records(root: str | Path, layout: Layout, split: str, max_side: int = 0
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset root not found: {root}")
-    finder = {"shanghaitech": _pairs_shanghaitech, "ucf-qnrf": _pairs_qnrf, "generic": _pairs_generic}.get(layout)
-    if finder is None:
-        raise DataError(f"unknown dataset layout '{layout}'; use shanghaitech, ucf-qnrf or generic")
-    pairs = finder(root, split)
+    pairs = pair_files(root, layout, split)
     if not pairs:
         raise DataError(f"no images found for split '{split}' under {root}")
     records = []
@@ -545,23 +476,18 @@ def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------
 
 
-def synthetic_root(data_cfg: Any) -> Path:
+def synthetic_root(data_cfg: CrowdDataConfig) -> Path:
     """Where the embedded synthetic crowds live: ``data.root`` or ``<vkd cache>/skt/synthetic-<hash>``."""
-    import hashlib
-    from dataclasses import asdict
-
     if data_cfg.root:
         return Path(data_cfg.root).expanduser()
     digest = hashlib.sha1(json.dumps(asdict(data_cfg.synthetic), sort_keys=True).encode()).hexdigest()[:10]
     return cache_dir() / "skt" / f"synthetic-{digest}"
 
 
-def resolve_root(data_cfg: Any) -> Path:
+def resolve_root(data_cfg: CrowdDataConfig) -> Path:
     """The data set root, generating the synthetic crowds on first use."""
     if data_cfg.dataset != "synthetic":
         return Path(data_cfg.root).expanduser()
-    from vkd.skt.crowds import CrowdSpec, write_crowd_dataset
-
     syn = data_cfg.synthetic
     root = synthetic_root(data_cfg)
     spec = CrowdSpec(height=syn.height, width=syn.width, count_min=syn.count_min, count_max=syn.count_max,
@@ -571,14 +497,14 @@ def resolve_root(data_cfg: Any) -> Path:
     return write_crowd_dataset(root, syn.num_train, syn.num_test, spec, seed=syn.seed)
 
 
-def _cache(data_cfg: Any, root: Path) -> DensityCache:
+def _cache(data_cfg: CrowdDataConfig, root: Path) -> DensityCache:
     if not data_cfg.density.cache:
         return DensityCache(None)
     return DensityCache(Path(data_cfg.density.cache_dir).expanduser() if data_cfg.density.cache_dir
                         else root / ".vkd_density")
 
 
-def build_train_dataset(data_cfg: Any) -> CrowdTrainDataset:
+def build_train_dataset(data_cfg: CrowdDataConfig) -> CrowdTrainDataset:
     """The training set of a :class:`vkd.skt.config.CrowdDataConfig`."""
     root = resolve_root(data_cfg)
     records = list_records(root, data_cfg.layout, data_cfg.train_split, data_cfg.max_side, data_cfg.min_size,
@@ -589,10 +515,19 @@ def build_train_dataset(data_cfg: Any) -> CrowdTrainDataset:
                              preload=data_cfg.preload or data_cfg.dataset == "synthetic", min_size=data_cfg.min_size)
 
 
-def build_eval_dataset(data_cfg: Any, split: str | None = None) -> CrowdEvalDataset:
+def build_eval_dataset(data_cfg: CrowdDataConfig, split: str | None = None) -> CrowdEvalDataset:
     """The evaluation set (``split`` defaults to ``data.test_split``)."""
     root = resolve_root(data_cfg)
     records = list_records(root, data_cfg.layout, split or data_cfg.test_split, data_cfg.max_side,
                            data_cfg.min_size, dedupe=data_cfg.reference_parity)
     return CrowdEvalDataset(records, data_cfg.effective_gt_count(), data_cfg.density.spec(data_cfg.reference_parity),
                             _cache(data_cfg, root), data_cfg.effective_downsample(), data_cfg.min_size)
+
+
+def build_eval_sets(cfg: SKTTeacherConfig | SKTConfig) -> dict[str, CrowdEvalDataset]:
+    """The sets evaluated during and at the end of training: ``{"test": eval.split, "val": data.val_split}``
+    (``val`` only when configured)."""
+    sets = {"test": build_eval_dataset(cfg.data, cfg.eval.split)}
+    if cfg.data.val_split:
+        sets["val"] = build_eval_dataset(cfg.data, cfg.data.val_split)
+    return sets

@@ -8,6 +8,13 @@ from pathlib import Path
 
 from vkd.config import find_preset, load_config
 from vkd.report import Section, bar_chart
+from vkd.skt.commands import run_skt, run_teacher
+from vkd.skt.config import SKTConfig, SKTTeacherConfig
+from vkd.skt.count import count_images
+from vkd.skt.datasets import resolve_root
+from vkd.skt.evaluate import measure_latency
+from vkd.skt.models import count_macs, count_parameters
+from vkd.skt.runs import load_run
 
 __all__ = ["demo_stage"]
 
@@ -19,13 +26,6 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
     200 steps each (the presets train 600 / 800 steps; ``scripts/bench_skt.py`` runs those); ``quick`` trains 50
     steps each on fewer images and skips the control.
     """
-    from vkd.skt.commands import run_skt, run_teacher
-    from vkd.skt.config import SKTConfig, SKTTeacherConfig
-    from vkd.skt.count import count_images
-    from vkd.skt.datasets import resolve_root
-    from vkd.skt.evaluate import load_run, measure_latency
-    from vkd.skt.models import count_macs, count_parameters
-
     out = Path(out)
     common = [f"run.output_dir={out / 'runs'}", f"data.root={out / 'data'}"]
     # shorter than the presets (which scripts/bench_skt.py runs) so that the whole demo fits in ~15 minutes
@@ -36,7 +36,7 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
                        task="skt-teacher")
     scfg = load_config(SKTConfig, find_preset("skt", "synthetic"), common + short + student_steps, task="skt")
 
-    def finished(cfg) -> dict:
+    def finished(cfg: SKTTeacherConfig | SKTConfig) -> dict:
         path = cfg.run_dir() / "summary.json"
         if path.is_file():
             summary = json.loads(path.read_text())

@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.spatial import cKDTree
 
 from vkd.render import geometry_adaptive_sigmas, splat_points_2d
 
@@ -94,8 +95,6 @@ def adaptive_sigmas(points: np.ndarray, image_size: tuple[int, int], k: int = 3,
 
 def nn_capped_sigmas(points: np.ndarray, image_size: tuple[int, int], cap: float = 30.0) -> np.ndarray:
     """UCF-QNRF reference σ: ``min(distance to the nearest other head, cap)``; one head gets ``mean(H, W)/4``."""
-    from scipy.spatial import cKDTree
-
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     n = len(points)
     if n == 0:

@@ -13,19 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from vkd.engine import DistillationTask, resolve_mixed_precision
 from vkd.skt.config import CSRNetConfig, SKTConfig, SKTTeacherConfig
-from vkd.skt.evaluate import RUN_EXPORT, evaluate_model
+from vkd.skt.datasets import CrowdEvalDataset
+from vkd.skt.evaluate import evaluate_model
 from vkd.skt.losses import SKTLoss, density_loss
 from vkd.skt.models import (
     CSRNet,
     count_parameters,
+    is_vgg_state_file,
     load_reference_checkpoint,
     load_vgg16_imagenet,
     make_adapters,
 )
+from vkd.skt.runs import RUN_EXPORT
 
 __all__ = ["build_csrnet", "CSRNetTask", "SKTTask", "export_model"]
 
@@ -38,7 +42,7 @@ def build_csrnet(cfg: CSRNetConfig) -> CSRNet:
     full_checkpoint = False
     if weights not in ("", "none", "imagenet"):
         # A local file: a VGG-16 state dict (features.*) or a whole CSRNet / SKT checkpoint.
-        full_checkpoint = not _is_vgg_state(Path(weights).expanduser())
+        full_checkpoint = not is_vgg_state_file(Path(weights).expanduser())
     init = cfg.init
     if init == "auto":
         init = "reference" if weights == "imagenet" or (weights not in ("", "none") and not full_checkpoint) else "kaiming"
@@ -52,19 +56,8 @@ def build_csrnet(cfg: CSRNetConfig) -> CSRNet:
     return model
 
 
-def _is_vgg_state(path: Path) -> bool:
-    from vkd.skt.models import _torch_load
-
-    state = _torch_load(path) if path.is_file() else {}
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return isinstance(state, dict) and any(str(k).startswith("features.") for k in state)
-
-
 def export_model(model: CSRNet, run_dir: Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the deployable network: ``export/model.safetensors`` + ``export/model.json`` (no adapters)."""
-    from safetensors.torch import save_file
-
     path = Path(run_dir) / RUN_EXPORT
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -78,7 +71,7 @@ def export_model(model: CSRNet, run_dir: Path, extra: dict[str, Any] | None = No
 class _EvalMixin:
     """End-of-training (and every ``eval_every``) MAE / RMSE on the test and optional validation split."""
 
-    eval_sets: dict[str, Any]
+    eval_sets: dict[str, CrowdEvalDataset]
 
     def _evaluate_network(self, model: nn.Module, prefix: str = "") -> dict[str, float]:
         cfg = self.cfg  # type: ignore[attr-defined]
@@ -103,7 +96,7 @@ class CSRNetTask(_EvalMixin, DistillationTask):
 
     frozen_modules: tuple[str, ...] = ()
 
-    def __init__(self, cfg: SKTTeacherConfig, eval_sets: dict[str, Any] | None = None):
+    def __init__(self, cfg: SKTTeacherConfig, eval_sets: dict[str, CrowdEvalDataset] | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = build_csrnet(cfg.model)
@@ -131,8 +124,9 @@ class SKTTask(_EvalMixin, DistillationTask):
     """``skt``: a 1/n CSRNet student distilled from a frozen CSRNet teacher (spec §2-5).
 
     The student's six taps go through training-only 1×1 Conv+ReLU adapters (``self.adapters``, not exported)
-    to the teacher's widths; the loss is :class:`~vkd.skt.losses.SKTLoss`. With all teacher-dependent weights
-    at 0 the teacher is not needed (``teacher=None``): the no-transfer baseline.
+    to the teacher's widths (only built when a term of :data:`~vkd.skt.losses.SKT_LOSS_TERMS` that reads them has
+    a weight); the loss is :class:`~vkd.skt.losses.SKTLoss`. With all teacher-dependent weights at 0 the teacher is
+    not needed (``teacher=None``): the no-transfer baseline.
 
     Args:
         cfg: the task config.
@@ -142,19 +136,19 @@ class SKTTask(_EvalMixin, DistillationTask):
 
     frozen_modules: tuple[str, ...] = ("teacher",)
 
-    def __init__(self, cfg: SKTConfig, teacher: CSRNet | None, eval_sets: dict[str, Any] | None = None):
+    def __init__(self, cfg: SKTConfig, teacher: CSRNet | None, eval_sets: dict[str, CrowdEvalDataset] | None = None):
         super().__init__()
         self.cfg = cfg
         if cfg.loss.uses_teacher and teacher is None:
-            raise ValueError("the SKT loss uses the teacher (teacher/cos/fsp weights > 0) but teacher is None")
+            raise ValueError("the SKT loss uses the teacher (a weight of a teacher term > 0) but teacher is None")
         self.teacher = teacher.requires_grad_(False).eval() if teacher is not None else None
         self.student = build_csrnet(cfg.student)
-        if teacher is not None and (cfg.loss.cos_weight or cfg.loss.fsp_weight):
+        if teacher is not None and cfg.loss.needs_adapters:
             self.adapters = make_adapters(self.student.tap_channels, teacher.tap_channels)
         else:
             self.adapters = nn.ModuleList()
-        self.criterion = SKTLoss(cfg.loss.gt_weight, cfg.loss.teacher_weight, cfg.loss.cos_weight,
-                                 cfg.loss.fsp_weight, cfg.loss.reduction, per_sample_fsp=cfg.loss.fsp == "per_sample")
+        self.criterion = SKTLoss.from_weights(cfg.loss.weights(), cfg.loss.reduction,
+                                              per_sample_fsp=cfg.loss.fsp == "per_sample")
         self.eval_sets = dict(eval_sets or {})
         self._teacher_metrics: dict[str, float] | None = None
         self._teacher_bf16: bool | None = None  # teacher.precision resolved on the first step's device

@@ -1,4 +1,4 @@
-"""Counting with tiling, MAE / RMSE evaluation, and loading a trained run (spec §8).
+"""Counting with tiling, MAE / RMSE evaluation of a network and of a run (``vkd eval skt``), latency (spec §8).
 
 MAE = mean |Ĉ − C| and RMSE = sqrt(mean (Ĉ − C)²), with Ĉ the sum of the predicted density and C the
 number of annotated heads. The SKT code, its checkpoints (``mse_best_prec1``) and most crowd-counting
@@ -7,8 +7,8 @@ papers call the RMSE "MSE": vkd names it ``rmse``.
 
 from __future__ import annotations
 
-import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from vkd.config import load_config
-from vkd.errors import DataError, UserError
+from vkd.engine.runs import write_json
+from vkd.skt.datasets import CrowdEvalDataset, build_eval_dataset
+from vkd.skt.models import count_parameters
+from vkd.skt.runs import load_run
 
 __all__ = [
     "tile_grid",
@@ -27,13 +30,9 @@ __all__ = [
     "predict",
     "count_metrics",
     "evaluate_model",
-    "load_run",
+    "evaluate_run",
     "measure_latency",
-    "RUN_EXPORT",
 ]
-
-# Where a run's deployable network is written (weights + a small JSON describing the architecture).
-RUN_EXPORT = Path("export") / "model.safetensors"
 
 
 def tile_grid(height: int, width: int, tile_size: int = 512, overlap: int = 0) -> list[tuple[int, int, int, int]]:
@@ -136,7 +135,7 @@ def count_metrics(pred: np.ndarray | list[float], gt: np.ndarray | list[float]) 
             "num_images": int(len(err))}
 
 
-def evaluate_model(model: nn.Module, dataset: Any, tile_size: int = 512, overlap: int = 0,
+def evaluate_model(model: nn.Module, dataset: CrowdEvalDataset, tile_size: int = 512, overlap: int = 0,
                    max_images: int = 0, progress: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """MAE / RMSE of ``model`` over a :class:`~vkd.skt.datasets.CrowdEvalDataset`.
 
@@ -149,8 +148,6 @@ def evaluate_model(model: nn.Module, dataset: Any, tile_size: int = 512, overlap
     preds, gts, rows = [], [], []
     iterator: Any = range(n)
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(iterator, desc="eval", disable=None)
     try:
         for i in iterator:
@@ -165,66 +162,28 @@ def evaluate_model(model: nn.Module, dataset: Any, tile_size: int = 512, overlap
     return count_metrics(preds, gts), rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Runs
-# ----------------------------------------------------------------------------------------------
+def evaluate_run(run_dir: Path, overrides: list[str], out_dir: Path | None = None) -> dict[str, Any]:
+    """MAE and RMSE (the "MSE" of the papers) of an ``skt`` or ``skt-teacher`` run on its test split.
 
-
-def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Any, nn.Module]:
-    """The config and the deployable network of a ``skt-teacher`` or ``skt`` run.
-
-    Reads ``run_dir/config.yaml`` and the exported weights (``export/model.safetensors``) or, if training
-    has not finished, the latest checkpoint.
+    Writes ``eval.json`` (metrics and per-image counts) to ``out_dir`` or the run directory.
 
     Returns:
-        ``(cfg, model)`` with the model in eval mode on the CPU.
+        The metrics with the split, the kind of ground-truth count, parameters, width divisor and seconds.
     """
-    import yaml
-
-    from vkd.engine import latest_checkpoint, load_checkpoint_weights
-    from vkd.skt.config import SKTConfig, SKTTeacherConfig
-    from vkd.skt.models import CSRNet
-
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
-    try:
-        task = (yaml.safe_load(cfg_path.read_text()) or {}).get("task")
-    except yaml.YAMLError:
-        raise UserError(f"cannot parse {cfg_path}") from None
-    if task == "skt-teacher":
-        cfg = load_config(SKTTeacherConfig, cfg_path, overrides, task=task)
-        model_cfg, prefix = cfg.model, "model."
-    elif task == "skt":
-        cfg = load_config(SKTConfig, cfg_path, overrides, task=task)
-        model_cfg, prefix = cfg.student, "student."
-    else:
-        raise UserError(f"{run_dir} is a '{task}' run, not an skt or skt-teacher run")
-    model = CSRNet(model_cfg.width_div, model_cfg.ceil_mode)
-    export = run_dir / RUN_EXPORT
-    if export.is_file():
-        state = load_checkpoint_weights(export)  # DataError (one line) for a corrupt or truncated file
-    else:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise DataError(f"{run_dir} has neither {RUN_EXPORT} nor a checkpoint")
-        full = load_checkpoint_weights(ckpt)
-        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DataError(f"{run_dir}: weights do not match a 1/{model_cfg.width_div} CSRNet "
-                        f"({str(err).splitlines()[0]})") from None
-    return cfg, model.eval()
-
-
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    cfg, model = load_run(run_dir, overrides)
+    split = cfg.eval.split or cfg.data.test_split
+    dataset = build_eval_dataset(cfg.data, split)
+    t0 = time.perf_counter()
+    metrics, rows = evaluate_model(model, dataset, cfg.eval.tile_size, cfg.eval.tile_overlap, cfg.eval.max_images,
+                                   progress=True)
+    result = {**metrics, "split": split, "gt_count": cfg.data.effective_gt_count(),
+              "parameters": count_parameters(model), "width_div": model.width_div,
+              "seconds": round(time.perf_counter() - t0, 2)}
+    write_json(Path(out_dir or run_dir) / "eval.json",
+               {**result, "note": "rmse is the metric crowd-counting papers (and the SKT code) call MSE",
+                "per_image": rows})
+    return result
 
 
 def measure_latency(models: dict[str, nn.Module], shape: tuple[int, int, int, int] = (1, 3, 576, 864),
@@ -239,8 +198,6 @@ def measure_latency(models: dict[str, nn.Module], shape: tuple[int, int, int, in
     Returns:
         name → ``repeats`` wall times.
     """
-    import time
-
     x = torch.randn(shape)
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():

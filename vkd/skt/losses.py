@@ -7,6 +7,10 @@
   keeps only batch element 0), squared Frobenius distance.
 * :func:`density_loss` — ``‖D_S − D‖²`` summed over pixels, against the ground truth or the teacher.
 
+The terms of the SKT objective are one table, :data:`SKT_LOSS_TERMS`: :class:`SKTLoss`, the config's
+``uses_teacher`` / ``needs_adapters`` and its validation all derive from it, so a new term is one entry there
+plus its weight field in :class:`vkd.skt.config.SKTLossConfig`.
+
 Reductions: ``"sum"`` is the reference (sums over pixels, taps, pairs and the batch; it trains at batch 1),
 ``"mean"`` (non-reference) divides each term by its number of summed elements per sample and averages over
 the batch, and ``"none"`` returns per-sample sums ``[B]`` (the distiller averages them over the batch so the
@@ -15,7 +19,8 @@ loss does not grow with the batch size, which equals the reference at batch 1).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -33,6 +38,8 @@ __all__ = [
     "CosineTransferLoss",
     "DenseFSPLoss",
     "DensityLoss",
+    "SKTLossTerm",
+    "SKT_LOSS_TERMS",
     "SKTLoss",
 ]
 
@@ -208,45 +215,132 @@ class DensityLoss(nn.Module):
         return density_loss(pred, target, self.reduction)
 
 
-class SKTLoss(nn.Module):
-    """The SKT objective ``w_gt‖D_S−D_GT‖² + w_t‖D_S−D_T‖² + λ_fsp L_inter + λ_cos L_intra`` (spec §5).
+# ----------------------------------------------------------------------------------------------
+# The SKT objective: one table of terms
+# ----------------------------------------------------------------------------------------------
 
-    Args:
-        gt_weight: weight of the ground-truth density term (1).
-        teacher_weight: weight of the teacher density term (1).
-        cos_weight: λ_cos (0.5).
-        fsp_weight: λ_fsp (0.5).
-        reduction: ``sum`` (reference) or ``mean``; per-sample values are averaged over the batch.
-        per_sample_fsp: ``False`` reproduces the reference's batch-element-0 FSP.
+# (student items, teacher items or None, ground-truth density [B, 1, h, w], reduction, per-sample FSP) -> loss
+TermFn = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor] | None, torch.Tensor, Reduction, bool],
+                  torch.Tensor]
 
-    Forward:
-        ``student``: 7 items (6 adapted taps + density); ``teacher``: 7 items; ``target``: ``[B, 1, h, w]``.
-        Returns ``{"loss", "loss_gt", "loss_teacher", "loss_cos", "loss_fsp"}`` scalars (unweighted parts).
+
+@dataclass(frozen=True)
+class SKTLossTerm:
+    """One term of the SKT objective.
+
+    Attributes:
+        weight_key: the :class:`~vkd.skt.config.SKTLossConfig` field (and :class:`SKTLoss` keyword) of its weight.
+        default_weight: the weight when none is given (spec §5).
+        needs_teacher: the term compares with the frozen teacher; at weight 0 it is skipped and logged as 0.
+        needs_adapters: the term reads the student taps mapped to the teacher's widths by the 1×1 adapters.
+        functional: the loss function.
+        module: its module form.
+        apply: evaluates ``functional`` on the SKT items (see ``TermFn``).
     """
 
-    def __init__(self, gt_weight: float = 1.0, teacher_weight: float = 1.0, cos_weight: float = 0.5,
-                 fsp_weight: float = 0.5, reduction: Literal["sum", "mean"] = "sum", per_sample_fsp: bool = True):
+    weight_key: str
+    default_weight: float
+    needs_teacher: bool
+    needs_adapters: bool
+    functional: Callable[..., torch.Tensor]
+    module: type[nn.Module]
+    apply: TermFn
+
+
+def _gt_term(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor] | None, target: torch.Tensor,
+             reduction: Reduction, per_sample_fsp: bool) -> torch.Tensor:
+    return density_loss(student[-1], target, reduction)
+
+
+def _teacher_term(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor] | None, target: torch.Tensor,
+                  reduction: Reduction, per_sample_fsp: bool) -> torch.Tensor:
+    return density_loss(student[-1], teacher[-1].detach(), reduction)
+
+
+def _cos_term(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor] | None, target: torch.Tensor,
+              reduction: Reduction, per_sample_fsp: bool) -> torch.Tensor:
+    return cosine_transfer_loss(student[:-1], [t.detach() for t in teacher[:-1]], reduction)
+
+
+def _fsp_term(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor] | None, target: torch.Tensor,
+              reduction: Reduction, per_sample_fsp: bool) -> torch.Tensor:
+    return dense_fsp_loss(student, teacher, reduction, per_sample=per_sample_fsp)
+
+
+# name -> term, in the order they are computed and summed (the order is part of bitwise reproducibility);
+# the logged value of each is ``loss_<name>``.
+SKT_LOSS_TERMS: dict[str, SKTLossTerm] = {
+    # ‖D_S − D_GT‖²: the ground truth
+    "gt": SKTLossTerm("gt_weight", 1.0, needs_teacher=False, needs_adapters=False, functional=density_loss,
+                      module=DensityLoss, apply=_gt_term),
+    # ‖D_S − D_T‖²: the teacher's density
+    "teacher": SKTLossTerm("teacher_weight", 1.0, needs_teacher=True, needs_adapters=False,
+                           functional=density_loss, module=DensityLoss, apply=_teacher_term),
+    # λ_cos L_intra: intra-layer pattern transfer on the 6 adapted taps
+    "cos": SKTLossTerm("cos_weight", 0.5, needs_teacher=True, needs_adapters=True,
+                       functional=cosine_transfer_loss, module=CosineTransferLoss, apply=_cos_term),
+    # λ_fsp L_inter: inter-layer relation transfer on the 6 adapted taps + density
+    "fsp": SKTLossTerm("fsp_weight", 0.5, needs_teacher=True, needs_adapters=True, functional=dense_fsp_loss,
+                       module=DenseFSPLoss, apply=_fsp_term),
+}
+
+
+class SKTLoss(nn.Module):
+    """The SKT objective ``w_gt‖D_S−D_GT‖² + w_t‖D_S−D_T‖² + λ_cos L_intra + λ_fsp L_inter`` (spec §5), summed
+    over the terms of :data:`SKT_LOSS_TERMS`.
+
+    Args:
+        reduction: ``sum`` (reference) or ``mean``; per-sample values are averaged over the batch.
+        per_sample_fsp: ``False`` reproduces the reference's batch-element-0 FSP.
+        **weights: each term's weight by its ``weight_key`` (``gt_weight=1``, ``teacher_weight=1``,
+            ``cos_weight=0.5``, ``fsp_weight=0.5`` when not given).
+
+    Forward:
+        ``student``: 7 items (6 adapted taps + density); ``teacher``: 7 items, or ``None`` when no weighted term
+        needs it; ``target``: ``[B, 1, h, w]``. Returns ``{"loss_gt", "loss_teacher", "loss_cos", "loss_fsp",
+        "loss"}`` scalars (the parts unweighted). A teacher term at weight 0 (or without a teacher) is 0.
+
+    Examples:
+        >>> shapes = [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4), (512, 4, 4), (256, 4, 4), (1, 4, 4)]
+        >>> student = [torch.rand(2, *s) for s in shapes]  # adapted taps [B, C_l, H_l, W_l] + density [B, 1, h, w]
+        >>> teacher = [torch.rand(2, *s) for s in shapes]
+        >>> out = SKTLoss(reduction="mean", cos_weight=0.5)(student, teacher, torch.rand(2, 1, 4, 4))
+        >>> sorted(out), out["loss"].shape
+        (['loss', 'loss_cos', 'loss_fsp', 'loss_gt', 'loss_teacher'], torch.Size([]))
+    """
+
+    def __init__(self, *, reduction: Literal["sum", "mean"] = "sum", per_sample_fsp: bool = True,
+                 **weights: float):
         super().__init__()
-        self.gt_weight, self.teacher_weight = gt_weight, teacher_weight
-        self.cos_weight, self.fsp_weight = cos_weight, fsp_weight
+        known = {term.weight_key for term in SKT_LOSS_TERMS.values()}
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise TypeError(f"SKTLoss got unknown weights {unknown}; known: {sorted(known)}")
+        self.weights = {name: float(weights.get(term.weight_key, term.default_weight))
+                        for name, term in SKT_LOSS_TERMS.items()}
         self.reduction, self.per_sample_fsp = reduction, per_sample_fsp
+
+    @classmethod
+    def from_weights(cls, weights: Mapping[str, float], reduction: Literal["sum", "mean"] = "sum",
+                     per_sample_fsp: bool = True) -> SKTLoss:
+        """From ``{weight_key: weight}`` (e.g. :meth:`vkd.skt.config.SKTLossConfig.weights`)."""
+        return cls(reduction=reduction, per_sample_fsp=per_sample_fsp, **weights)
 
     def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor] | None,
                 target: torch.Tensor) -> dict[str, torch.Tensor]:
         red: Reduction = "none" if self.reduction == "sum" else "mean"
-
-        def batch_mean(x: torch.Tensor) -> torch.Tensor:
-            return x.mean() if x.ndim else x
-
-        d_s = student[-1]
-        zero = d_s.new_zeros(())
-        out = {"loss_gt": batch_mean(density_loss(d_s, target, red))}
-        out["loss_teacher"] = (batch_mean(density_loss(d_s, teacher[-1].detach(), red))
-                               if teacher is not None and self.teacher_weight else zero)
-        out["loss_cos"] = (batch_mean(cosine_transfer_loss(student[:-1], [t.detach() for t in teacher[:-1]], red))
-                           if teacher is not None and self.cos_weight else zero)
-        out["loss_fsp"] = (batch_mean(dense_fsp_loss(student, teacher, red, per_sample=self.per_sample_fsp))
-                           if teacher is not None and self.fsp_weight else zero)
-        out["loss"] = (self.gt_weight * out["loss_gt"] + self.teacher_weight * out["loss_teacher"]
-                       + self.cos_weight * out["loss_cos"] + self.fsp_weight * out["loss_fsp"])
+        zero = student[-1].new_zeros(())
+        out: dict[str, torch.Tensor] = {}
+        for name, term in SKT_LOSS_TERMS.items():
+            if term.needs_teacher and (teacher is None or not self.weights[name]):
+                out[f"loss_{name}"] = zero
+                continue
+            value = term.apply(student, teacher, target, red, self.per_sample_fsp)
+            out[f"loss_{name}"] = value.mean() if value.ndim else value  # per-sample [B] -> batch mean
+        total = None
+        for name in SKT_LOSS_TERMS:  # left to right, as w_gt·gt + w_t·t + λ_cos·cos + λ_fsp·fsp
+            weighted = self.weights[name] * out[f"loss_{name}"]
+            total = weighted if total is None else total + weighted
+        assert total is not None
+        out["loss"] = total
         return out

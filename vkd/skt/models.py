@@ -8,11 +8,13 @@ are **not** part of the model: an exported 1/4 student has exactly 1,017,681 par
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from vkd.errors import UserError
@@ -25,6 +27,7 @@ __all__ = [
     "csrnet_widths",
     "make_adapters",
     "load_vgg16_imagenet",
+    "is_vgg_state_file",
     "load_reference_checkpoint",
     "count_parameters",
     "count_macs",
@@ -195,7 +198,7 @@ def load_vgg16_imagenet(model: CSRNet, weights: str = "imagenet") -> None:
         UserError: the weights cannot be found or loaded (offline without a cached file, bad file).
     """
     if weights == "imagenet":
-        from torchvision.models import VGG16_Weights
+        from torchvision.models import VGG16_Weights  # start-up time: torchvision.models is slow to import
 
         try:
             state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
@@ -214,11 +217,17 @@ def load_vgg16_imagenet(model: CSRNet, weights: str = "imagenet") -> None:
     _copy_vgg_features(model, state, str(path))
 
 
+def is_vgg_state_file(path: Path) -> bool:
+    """Whether ``path`` is a VGG-16 state dict (``features.*`` keys) rather than a whole CSRNet / SKT checkpoint."""
+    state = _torch_load(path) if path.is_file() else {}
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return isinstance(state, dict) and any(str(k).startswith("features.") for k in state)
+
+
 def _torch_load(path: Path) -> Any:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
@@ -305,8 +314,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int, int]) -> int:
         model: any module; it is deep-copied to the meta device.
         input_shape: ``(B, C, H, W)``.
     """
-    import copy
-
     meta_model = copy.deepcopy(model).to("meta")
     total = [0]
 
