@@ -9,8 +9,14 @@ from PIL import Image
 
 from vkd.errors import DataError
 from vkd.hello.config import ClassifierConfig, HelloDataConfig
-from vkd.hello.data import class_subset, load_imagefolder, load_split, prompt_names
-from vkd.hello.data import read_distilled_set, write_distilled_set
+from vkd.hello.data import (
+    class_subset,
+    load_imagefolder,
+    load_split,
+    prompt_names,
+    read_distilled_set,
+    write_distilled_set,
+)
 from vkd.hello.teacher import build_classifier, load_teacher, load_teacher_run, save_teacher
 
 
