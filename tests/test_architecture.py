@@ -110,14 +110,8 @@ def test_cycle_finder_finds_a_planted_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# Cycles still being removed (issue 16), listed so that any new one fails; empty this when they are gone.
-KNOWN_CYCLES: list[list[str]] = [
-    ["vkd.feature3dgs.distiller", "vkd.feature3dgs.evaluate", "vkd.feature3dgs.runs"],
-]
-
-
 def test_no_import_cycles_function_level_imports_included():
-    assert _cycles(_graph()) == KNOWN_CYCLES
+    assert _cycles(_graph()) == []
 
 
 def test_shared_layers_never_name_a_method_package():
@@ -149,18 +143,11 @@ def test_a_method_never_imports_another_method():
     assert not offenders, offenders
 
 
-# Packages not yet moved to the file roles (issue 16): their missing roles, so that a regression elsewhere fails.
-PENDING_ROLES: dict[str, list[str]] = {
-    "hello": ["model"],  # the teacher and student classifiers live in teacher.py
-    "feature3dgs": ["data"],  # scene formats are still one scene.py
-}
-
-
 @pytest.mark.parametrize("name", METHOD_PACKAGES)
 def test_every_method_has_the_same_file_roles(name):
     missing = [role for role, files in ROLES.items()
                if not (role == "data" and name in DATA_FREE) and not any((PACKAGE / name / f).exists() for f in files)]
-    assert missing == PENDING_ROLES.get(name, []), f"vkd/{name} lacks the roles {missing}"
+    assert not missing, f"vkd/{name} lacks the roles {missing}"
 
 
 def test_every_declaration_resolves():
@@ -180,10 +167,6 @@ def test_every_declaration_resolves():
             assert callable(ref.resolve()), ref.target
 
 
-# commands.py functions still doing work (issue 16), listed so that a new long one fails.
-PENDING_THICK: list[str] = ["feature3dgs/commands.py:run (26 lines)"]
-
-
 def test_commands_are_thin_adapters():
     """``commands.py`` holds adapters of at most 15 lines (docstrings excluded); the work lives elsewhere."""
     long = []
@@ -196,4 +179,4 @@ def test_commands_are_thin_adapters():
                 lines = body[-1].end_lineno - body[0].lineno + 1
                 if lines > 15:
                     long.append(f"{name}/commands.py:{node.name} ({lines} lines)")
-    assert long == PENDING_THICK, long
+    assert not long, long

@@ -170,7 +170,7 @@ def test_crowds_built_by_two_processes_at_once(tmp_path):
 
 
 def test_feature_cache_build_under_inference_mode(tmp_path):
-    from vkd.feature3dgs.teacher import FeatureCache
+    from vkd.feature3dgs.feature_cache import FeatureCache
 
     images = [torch.rand(3, 8, 8) for _ in range(3)]
     cache_obj = FeatureCache(tmp_path / "feats")

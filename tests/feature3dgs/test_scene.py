@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from vkd.errors import DataError
-from vkd.feature3dgs.scene import load_colmap, load_scene, load_transforms, qvec_to_rotmat, split_indices
+from vkd.feature3dgs.data import load_colmap, load_scene, load_transforms, split_indices
 from vkd.feature3dgs.synthetic import LABEL_NAMES, ensure_synthetic_scene
+from vkd.render import quat_to_rotmat
 
 # Two cameras, three images; quaternions wxyz (world-to-camera, OpenCV axes as COLMAP stores them).
 CAMERAS = {1: ("PINHOLE", 40, 30, [50.0, 52.0, 20.0, 15.0]), 2: ("SIMPLE_PINHOLE", 40, 30, [45.0, 19.5, 14.5])}
@@ -76,7 +77,7 @@ def test_colmap_loader(tmp_path, fmt):
     assert [c.name for c in scene.cameras] == ["a.png", "b.png", "c.png"]  # sorted by name
     assert scene.test_ids == [0, 2] and scene.train_ids == [1]
     a = scene.cameras[0]  # image id 2: rotation about y by 0.6 rad
-    R = qvec_to_rotmat(torch.tensor(IMAGES[1][1], dtype=torch.float64)).float()
+    R = quat_to_rotmat(torch.tensor(IMAGES[1][1], dtype=torch.float64)).float()
     torch.testing.assert_close(a.viewmat[:3, :3], R)
     torch.testing.assert_close(a.viewmat[:3, 3], torch.tensor([0.1, -0.2, 4.5]))
     torch.testing.assert_close(a.K, torch.tensor([[50.0, 0, 20.0], [0, 52.0, 15.0], [0, 0, 1]]))

@@ -12,17 +12,14 @@ import torch.nn.functional as F
 
 from vkd.errors import DataError, UserError
 from vkd.feature3dgs.config import TeacherConfig
-from vkd.feature3dgs.teacher import (
-    RANDOM_INIT_WARNING,
-    CallableTeacher,
-    FeatureCache,
+from vkd.feature3dgs.feature_cache import FeatureCache
+from vkd.feature3dgs.maskclip import (
     MaskCLIPTeacher,
-    build_teacher,
     interpolate_pos_embed,
-    load_text_encoder,
     maskclip_dense_features,
     token_dense_features,
 )
+from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, CallableTeacher, build_teacher, load_text_encoder
 from vkd.models.tiny_clip import ClipBundle, TinyClipConfig, build_tiny_clip
 
 

@@ -17,7 +17,8 @@ from vkd.hello.data import (
     read_distilled_set,
     write_distilled_set,
 )
-from vkd.hello.teacher import build_classifier, load_teacher, load_teacher_run, save_teacher
+from vkd.hello.model import build_classifier
+from vkd.hello.teacher import load_teacher, load_teacher_run, save_teacher
 
 
 def _tree(root, classes=("cat", "golden_retriever"), n=3, size=20):

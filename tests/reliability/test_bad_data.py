@@ -302,7 +302,7 @@ TRANSFORMS_FAULTS = {
 
 @pytest.mark.parametrize("fault", list(TRANSFORMS_FAULTS))
 def test_transforms_scene_faults(tmp_path, fault):
-    from vkd.feature3dgs.scene import load_scene
+    from vkd.feature3dgs.data import load_scene
 
     (tmp_path / "secret.png").write_bytes(png_bytes(16, 16))  # exists: an escape must not reach it
     root = _transforms_scene(tmp_path / "scene")
@@ -317,7 +317,7 @@ def test_transforms_scene_faults(tmp_path, fault):
 @pytest.mark.parametrize("name", bad_image_ids())
 def test_scene_images_that_fail_to_decode(tmp_path, corpus, name):
     """With w/h in transforms.json the loader reads no pixels; decoding the broken view is a DataError."""
-    from vkd.feature3dgs.scene import load_scene
+    from vkd.feature3dgs.data import load_scene
 
     root = _transforms_scene(tmp_path / "scene")
     shutil.copyfile(corpus / name, root / "images" / "f1.png")
@@ -373,7 +373,7 @@ COLMAP_FAULTS = {
 
 @pytest.mark.parametrize("fault", list(COLMAP_FAULTS))
 def test_colmap_scene_faults(tmp_path, fault):
-    from vkd.feature3dgs.scene import load_scene
+    from vkd.feature3dgs.data import load_scene
 
     (tmp_path / "secret.png").write_bytes(png_bytes(16, 16))
     root = _colmap_scene(tmp_path / "scene")
@@ -386,7 +386,7 @@ def test_colmap_scene_faults(tmp_path, fault):
 
 
 def test_colmap_points_with_unknown_images_are_dropped_and_counted(tmp_path, caplog):
-    from vkd.feature3dgs.scene import load_scene
+    from vkd.feature3dgs.data import load_scene
 
     # point 2 is seen by image 3 (exists) and image 42 (does not)
     root = _colmap_scene(tmp_path / "scene", "1 0.1 0.2 0.3 255 0 0 0.5 1 0 2 0\n2 0.3 0.1 0.2 0 255 0 0.5 3 1 42 0\n")

@@ -1,8 +1,10 @@
 """Feature 3DGS: distil dense CLIP features into a 3D Gaussian feature field (Zhou et al., CVPR 2024).
 
-Parts: ``scene`` (COLMAP / transforms.json loaders), ``synthetic`` (embedded scene generator), ``teacher`` (MaskCLIP
-dense features, fp16 cache), ``model`` (Gaussians + 1x1 decoder), ``losses``, ``distiller`` (the training task),
-``query`` (text queries, editing), ``evaluate``, ``render``, ``export``, ``commands`` (CLI adapters).
+Parts: ``data`` (scene formats table: COLMAP, transforms.json; ``prepare_scene``), ``synthetic`` (embedded scene
+generator), ``teacher`` (teacher kinds table, ``prepare_teacher``), ``maskclip`` (dense CLIP features),
+``feature_cache`` (fp16 memory-mapped teacher maps), ``model`` (Gaussians + 1x1 decoder), ``losses``, ``distiller``
+(the training task), ``runs`` (reopen a run), ``evaluate``, ``query`` (text queries, editing), ``render``,
+``export``, ``commands`` (CLI adapters), ``demo``.
 """
 
 from pathlib import Path

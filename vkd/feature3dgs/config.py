@@ -7,10 +7,12 @@ synthetic preset (``configs/feature3dgs/synthetic.yaml``) shortens it for CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from vkd.config import TaskConfig, TrainConfig
+from vkd.config import TaskConfig, TrainConfig, check_nonnegative, check_positive
 from vkd.errors import ConfigError
+from vkd.feature3dgs.data import SCENE_FORMATS
 
 __all__ = [
     "SyntheticConfig",
@@ -25,19 +27,10 @@ __all__ = [
     "QueryConfig",
     "ComputeConfig",
     "Feature3DGSConfig",
+    "cache_root",
 ]
 
-
-def _positive(obj, names: list[str]) -> None:
-    for name in names:
-        if getattr(obj, name) <= 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {getattr(obj, name)}")
-
-
-def _nonnegative(obj, names: list[str]) -> None:
-    for name in names:
-        if getattr(obj, name) < 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {getattr(obj, name)}")
+SceneFormatName = Literal[("auto", *SCENE_FORMATS)]  # type: ignore[valid-type]  # vkd.feature3dgs.data.SCENE_FORMATS
 
 
 @dataclass
@@ -52,7 +45,7 @@ class SyntheticConfig:
     out_dir: str | None = None  # None: <run.output_dir>/feature3dgs/_scenes/synthetic-<hash>
 
     def __post_init__(self) -> None:
-        _positive(self, ["num_views", "resolution", "supersample", "num_points"])
+        check_positive(self, ["num_views", "resolution", "supersample", "num_points"])
         if self.num_views < 4:
             raise ConfigError(f"data.synthetic.num_views must be >= 4, got {self.num_views}")
 
@@ -62,7 +55,7 @@ class DataConfig:
     """Where the scene comes from and how it is split and scaled."""
 
     path: str = "synthetic"  # "synthetic" (embedded generator) or a COLMAP / transforms.json scene directory
-    format: Literal["auto", "colmap", "transforms"] = "auto"
+    format: SceneFormatName = "auto"  # "auto" detects; else a key of vkd.feature3dgs.data.SCENE_FORMATS
     downscale: int = 1  # integer factor; uses images_<k>/ when present, else resizes on load
     test_every: int = 8  # hold out every N-th image (sorted by name) unless the scene lists its splits
     test_offset: int = 0  # first held-out index (the Replica protocol uses 2)
@@ -71,8 +64,8 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:
-        _positive(self, ["downscale", "test_every"])
-        _nonnegative(self, ["test_offset", "max_points"])
+        check_positive(self, ["downscale", "test_every"])
+        check_nonnegative(self, ["test_offset", "max_points"])
 
 
 @dataclass
@@ -95,7 +88,7 @@ class TinyTeacherConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, ["image_size", "patch_size", "width", "layers", "heads", "embed_dim", "steps",
+        check_positive(self, ["image_size", "patch_size", "width", "layers", "heads", "embed_dim", "steps",
                          "batch_size", "lr", "crops_per_view"])
 
 
@@ -118,7 +111,7 @@ class TeacherConfig:
     tiny: TinyTeacherConfig = field(default_factory=TinyTeacherConfig)
 
     def __post_init__(self) -> None:
-        _positive(self, ["input_size", "batch_size"])
+        check_positive(self, ["input_size", "batch_size"])
         if self.kind == "callable" and ":" not in self.target:
             raise ConfigError("teacher.target must be 'module:function' when teacher.kind is 'callable'")
 
@@ -140,7 +133,7 @@ class ModelConfig:
     rasterize_mode: Literal["classic", "antialiased"] = "classic"
 
     def __post_init__(self) -> None:
-        _positive(self, ["render_dim", "sh_degree_interval", "num_random_points", "init_scale"])
+        check_positive(self, ["render_dim", "sh_degree_interval", "num_random_points", "init_scale"])
         if not 0 <= self.sh_degree <= 3:
             raise ConfigError(f"model.sh_degree must be in 0..3, got {self.sh_degree}")
         if not 0.0 < self.init_opacity < 1.0:
@@ -161,7 +154,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ssim_lambda <= 1.0:
             raise ConfigError(f"loss.ssim_lambda must be in [0, 1], got {self.ssim_lambda}")
-        _nonnegative(self, ["feature_weight"])
+        check_nonnegative(self, ["feature_weight"])
         if self.ssim_window < 3 or self.ssim_window % 2 == 0:
             raise ConfigError(f"loss.ssim_window must be an odd number >= 3, got {self.ssim_window}")
 
@@ -181,7 +174,7 @@ class OptimConfig:
     decoder_lr: float = 1e-4
 
     def __post_init__(self) -> None:
-        _nonnegative(self, ["means_lr", "means_lr_final", "sh0_lr", "shN_lr", "opacities_lr", "scales_lr",
+        check_nonnegative(self, ["means_lr", "means_lr_final", "sh0_lr", "shN_lr", "opacities_lr", "scales_lr",
                             "quats_lr", "features_lr", "decoder_lr"])
 
 
@@ -201,8 +194,8 @@ class DensifyConfig:
     max_gaussians: int = 0  # stop growing above this count (pruning continues); 0: no cap
 
     def __post_init__(self) -> None:
-        _positive(self, ["refine_every", "reset_every"])
-        _nonnegative(self, ["refine_start", "refine_stop", "grow_grad2d", "max_gaussians"])
+        check_positive(self, ["refine_every", "reset_every"])
+        check_nonnegative(self, ["refine_start", "refine_stop", "grow_grad2d", "max_gaussians"])
 
 
 @dataclass
@@ -216,8 +209,8 @@ class EvalConfig:
     max_views: int = 0  # 0: all held-out views
 
     def __post_init__(self) -> None:
-        _positive(self, ["top_k", "max_width", "fps_repeats"])
-        _nonnegative(self, ["max_views"])
+        check_positive(self, ["top_k", "max_width", "fps_repeats"])
+        check_nonnegative(self, ["max_views"])
 
 
 @dataclass
@@ -228,7 +221,7 @@ class QueryConfig:
     negatives: list[str] = field(default_factory=lambda: ["object", "things", "stuff", "texture"])
 
     def __post_init__(self) -> None:
-        _positive(self, ["temperature"])
+        check_positive(self, ["temperature"])
 
 
 @dataclass
@@ -241,7 +234,7 @@ class ComputeConfig:
     cpu_threads: int = 0
 
     def __post_init__(self) -> None:
-        _nonnegative(self, ["cpu_threads"])
+        check_nonnegative(self, ["cpu_threads"])
 
 
 def _default_train() -> TrainConfig:
@@ -263,3 +256,8 @@ class Feature3DGSConfig(TaskConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+def cache_root(cfg: Feature3DGSConfig) -> Path:
+    """``<run.output_dir>/feature3dgs/_cache``: the generated scene, tiny CLIPs and teacher features of a config."""
+    return Path(cfg.run.output_dir) / cfg.task / "_cache"

@@ -12,24 +12,29 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from vkd.engine import torch_threads, train_task
 from vkd.engine.task import DistillationTask
-from vkd.errors import ConfigError, DataError
+from vkd.errors import ConfigError
 from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.data import Scene
+from vkd.feature3dgs.data.prepare import prepare_scene
+from vkd.feature3dgs.evaluate import Evaluator
+from vkd.feature3dgs.export import export_field
+from vkd.feature3dgs.feature_cache import FeatureCache
 from vkd.feature3dgs.losses import Feature3DGSLoss, resize_features
 from vkd.feature3dgs.model import GaussianField
-from vkd.feature3dgs.scene import Scene, load_scene
-from vkd.feature3dgs.teacher import FeatureCache, build_teacher, scene_fingerprint
+from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, prepare_teacher, save_teacher_for_queries
 
-__all__ = ["SceneDataset", "Feature3DGSTask", "Prepared", "prepare_scene", "prepare_teacher", "build_field",
-           "build_task"]
+__all__ = ["SceneDataset", "Feature3DGSTask", "Prepared", "build_field", "build_task", "distill"]
 
 log = logging.getLogger(__name__)
 
@@ -55,61 +60,8 @@ class SceneDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Building blocks shared by training, evaluation and rendering
+# The initial field
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def cache_root(cfg: Feature3DGSConfig) -> Path:
-    """``<run.output_dir>/feature3dgs/_cache`` (scenes, tiny CLIPs, teacher features)."""
-    return Path(cfg.run.output_dir) / cfg.task / "_cache"
-
-
-def prepare_scene(cfg: Feature3DGSConfig) -> Scene:
-    """Load ``data.path`` (generating the embedded synthetic scene first when it is ``"synthetic"``)."""
-    d = cfg.data
-    path: str | Path = d.path
-    if d.path == "synthetic":
-        from vkd.feature3dgs.synthetic import ensure_synthetic_scene
-
-        s = d.synthetic
-        root = Path(s.out_dir) if s.out_dir else cache_root(cfg) / "scenes"
-        path = ensure_synthetic_scene(root, s.num_views, s.resolution, s.supersample, s.num_points, s.seed,
-                                      d.test_every, d.test_offset, exact_dir=s.out_dir is not None)
-    require_points = cfg.model.init != "random"
-    scene = load_scene(path, d.format, d.downscale, d.test_every, d.test_offset, d.white_background,
-                       require_points=require_points)
-    if cfg.model.init == "points" and scene.points is None:
-        raise DataError(f"model.init=points but the scene {scene.root} has no point cloud; use model.init=random")
-    return scene
-
-
-def teacher_cache_dir(cfg: Feature3DGSConfig, scene: Scene, teacher_key: str) -> Path:
-    import hashlib
-
-    if cfg.teacher.cache_dir:
-        return Path(cfg.teacher.cache_dir)
-    h = hashlib.sha1(f"{scene_fingerprint(scene)}|{teacher_key}".encode()).hexdigest()[:12]
-    return cache_root(cfg) / "teacher" / h
-
-
-def prepare_teacher(cfg: Feature3DGSConfig, scene: Scene, progress: bool = True) -> tuple[Any, dict, FeatureCache]:
-    """Build the teacher and fill the fp16 feature cache for every view.
-
-    Returns:
-        (teacher module, teacher info, cache).
-    """
-    teacher, info = build_teacher(cfg.teacher, scene, cache_root(cfg), progress=progress)
-    key = teacher.key
-    if info.get("tiny_clip_dir"):
-        key += ":" + Path(info["tiny_clip_dir"]).name
-    cache = FeatureCache(teacher_cache_dir(cfg, scene, key))
-    expected = {"teacher": key, "scene": str(scene.root.resolve()), "fingerprint": scene_fingerprint(scene),
-                "num_images": len(scene.cameras), "random_init": bool(info.get("random_init"))}
-    cache.build(teacher, scene.load_image, [c.name for c in scene.cameras], expected,
-                batch_size=cfg.teacher.batch_size, progress=progress)
-    info["cache_dir"] = str(cache.root)
-    info["feature_shape"] = list(cache.shape)
-    return teacher, info, cache
 
 
 def build_field(cfg: Feature3DGSConfig, scene: Scene, teacher_dim: int) -> GaussianField:
@@ -152,7 +104,7 @@ class Prepared:
     """Everything a run builds before training (also reused by eval and render)."""
 
     scene: Scene
-    teacher: Any
+    teacher: nn.Module
     teacher_info: dict
     cache: FeatureCache
 
@@ -164,12 +116,13 @@ class Feature3DGSTask(DistillationTask):
         cfg: the task config.
         field: the initialised :class:`GaussianField`.
         scene_extent: 3DGS ``cameras_extent`` (scales the means' lr and the densification thresholds).
-        evaluator: optional :class:`vkd.feature3dgs.evaluate.Evaluator` used by :meth:`evaluate`.
+        evaluator: optional :class:`Evaluator` used by :meth:`evaluate`.
     """
 
     frozen_modules = ("teacher",)
 
-    def __init__(self, cfg: Feature3DGSConfig, field: GaussianField, scene_extent: float, evaluator: Any = None,
+    def __init__(self, cfg: Feature3DGSConfig, field: GaussianField, scene_extent: float,
+                 evaluator: Evaluator | None = None,
                  background: tuple[float, float, float] = (0.0, 0.0, 0.0)):
         super().__init__()
         self.cfg = cfg
@@ -182,7 +135,9 @@ class Feature3DGSTask(DistillationTask):
         self.strategy = None
         self.strategy_state: dict[str, Any] = {}
         if cfg.densify.enabled:
-            from gsplat.strategy import DefaultStrategy
+            from gsplat.strategy import (
+                DefaultStrategy,  # imported on use: gsplat's import probes CUDA and is slow
+            )
 
             d = cfg.densify
             self.strategy = DefaultStrategy(prune_opa=d.prune_opa, grow_grad2d=d.grow_grad2d,
@@ -263,8 +218,6 @@ class Feature3DGSTask(DistillationTask):
             self.evaluator.save_samples(self.student, Path(out_dir) / f"step_{step:06d}.png")
 
     def export(self, run_dir: Path) -> None:
-        from vkd.feature3dgs.export import export_field
-
         export_field(self.student, Path(run_dir) / "export", self.cfg)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -291,8 +244,6 @@ def build_task(cfg: Feature3DGSConfig, progress: bool = True, with_evaluator: bo
     field = build_field(cfg, scene, teacher_dim)
     evaluator = None
     if with_evaluator:
-        from vkd.feature3dgs.evaluate import Evaluator
-
         evaluator = Evaluator.build(cfg, scene, cache, teacher, info)
     task = Feature3DGSTask(cfg, field, scene.extent(), evaluator, scene.background)
     dataset = SceneDataset(scene, cache, scene.train_ids)
@@ -302,3 +253,42 @@ def build_task(cfg: Feature3DGSConfig, progress: bool = True, with_evaluator: bo
     log.info("feature3dgs: %d train / %d test views, %d Gaussians, teacher %s %s", len(scene.train_ids),
              len(scene.test_ids), field.num_gaussians, info.get("kind"), json.dumps(info.get("feature_shape")))
     return task, dataset, Prepared(scene, teacher, info, cache)
+
+
+def distill(cfg: Feature3DGSConfig, resume: str | None = None) -> dict:
+    """Build scene, teacher cache and Gaussian field, train with the shared engine, return the summary.
+
+    The run directory gets the teacher's description (and tiny CLIP weights) under ``teacher/`` first, so that a
+    run interrupted mid-training still answers text queries.
+
+    The summary adds ``teacher`` (kind, model, whether it is randomly initialised), ``timings_s`` (scene, teacher,
+    training) and, for a random teacher, a loud ``warning``.
+
+    Examples:
+        >>> from vkd.config import load_config
+        >>> cfg = load_config(Feature3DGSConfig, "configs/feature3dgs/synthetic.yaml", ["train.steps=50"])
+        >>> summary = distill(cfg)  # doctest: +SKIP
+        >>> summary["num_gaussians"], summary["final"]["loss"]  # doctest: +SKIP
+    """
+    with torch_threads(cfg.compute.cpu_threads):  # restored afterwards: the setting is process-wide
+        t0 = time.perf_counter()
+        task, dataset, prep = build_task(cfg)
+        t_prep = time.perf_counter() - t0
+        run_dir = cfg.run_dir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = save_teacher_for_queries(prep.teacher_info, run_dir)
+        if info.get("random_init"):
+            log.warning(RANDOM_INIT_WARNING)
+        t1 = time.perf_counter()
+        summary = train_task(cfg, task, dataset, resume=resume)
+        summary["teacher"] = {k: info.get(k) for k in ("kind", "model", "pretrained", "random_init", "feature_shape",
+                                                       "tiny_clip_zero_shot")}
+        summary["timings_s"] = {"scene_and_teacher": t_prep, "training": time.perf_counter() - t1}
+        summary["num_gaussians"] = task.student.num_gaussians
+        if info.get("random_init"):
+            summary["warning"] = RANDOM_INIT_WARNING
+            log.warning(RANDOM_INIT_WARNING)
+        path = run_dir / "summary.json"
+        if path.is_file():
+            path.write_text(json.dumps(summary, indent=2, default=str))
+        return summary

@@ -26,8 +26,15 @@ from kornia.metrics import psnr as kornia_psnr
 from kornia.metrics import ssim as kornia_ssim
 from torch import Tensor
 
+from vkd.engine import torch_threads
+from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.data import Scene
+from vkd.feature3dgs.feature_cache import FeatureCache
 from vkd.feature3dgs.losses import resize_features
+from vkd.feature3dgs.model import GaussianField
 from vkd.feature3dgs.query import ADE20K_LABELS, ADE20K_MERGES, label_map, prompts
+from vkd.feature3dgs.runs import LoadedRun, load_run
+from vkd.feature3dgs.visualize import PCAColorizer, save_png
 
 __all__ = ["segmentation_metrics", "true_label_confusion", "render_fps", "Evaluator", "evaluate_run"]
 
@@ -103,8 +110,8 @@ class Evaluator:
     """Held-out evaluation of a field against the scene and the cached teacher maps.
 
     Args:
-        scene: the :class:`~vkd.feature3dgs.scene.Scene`.
-        cache: the teacher :class:`~vkd.feature3dgs.teacher.FeatureCache`.
+        scene: the :class:`~vkd.feature3dgs.data.Scene`.
+        cache: the teacher :class:`~vkd.feature3dgs.feature_cache.FeatureCache`.
         views: indices of the evaluated (held-out) views.
         text: ``[K, M]`` text embeddings of ``labels`` (``None``: the teacher is not text-aligned).
         labels: label names for the protocol.
@@ -113,7 +120,7 @@ class Evaluator:
         top_k, max_width, fps_repeats: protocol / timing options.
     """
 
-    def __init__(self, scene: Any, cache: Any, views: list[int], text: Tensor | None, labels: list[str],
+    def __init__(self, scene: Scene, cache: FeatureCache, views: list[int], text: Tensor | None, labels: list[str],
                  merges: dict[int, int] | None = None, background: tuple[float, ...] = (0.0, 0.0, 0.0),
                  top_k: int = 7, max_width: int = 480, fps_repeats: int = 3, backend: str = "auto"):
         self.scene, self.cache, self.views = scene, cache, list(views)
@@ -126,7 +133,9 @@ class Evaluator:
             self.true_ids = [scene.label_names.index(lab) for lab in labels]
 
     @classmethod
-    def build(cls, cfg: Any, scene: Any, cache: Any, teacher: Any, info: dict) -> Evaluator:
+    def build(cls, cfg: Feature3DGSConfig, scene: Scene, cache: FeatureCache, teacher: Any, info: dict) -> Evaluator:
+        """The evaluator of a config: its label set, held-out views and, for a text-aligned ``teacher`` (anything
+        with ``text_aligned`` and ``encode_text``), the labels' text embeddings."""
         e = cfg.eval
         if e.labels:
             labels = list(e.labels)
@@ -155,7 +164,7 @@ class Evaluator:
                              align_corners=True), True
 
     @torch.no_grad()
-    def evaluate(self, field: Any, fps: bool = True) -> dict[str, float]:
+    def evaluate(self, field: GaussianField, fps: bool = True) -> dict[str, float]:
         """All metrics averaged over ``views`` (see module docstring)."""
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
@@ -217,10 +226,8 @@ class Evaluator:
         return metrics
 
     @torch.no_grad()
-    def save_samples(self, field: Any, path: Path, max_views: int = 3) -> Path:
+    def save_samples(self, field: GaussianField, path: Path, max_views: int = 3) -> Path:
         """Grid per held-out view: ground truth | render | teacher PCA | student PCA (teacher res) | student PCA."""
-        from vkd.feature3dgs.visualize import PCAColorizer, save_png
-
         views = self.views[:max_views]
         device = field.params["means"].device
         teachers = [self.cache.get(i) for i in views]
@@ -243,17 +250,33 @@ class Evaluator:
         return save_png(torch.cat(rows, 0), path)
 
 
+class _TextOnly:
+    """Teacher stand-in for the evaluator of a finished run: text embeddings from the run's saved text tower."""
+
+    def __init__(self, run: LoadedRun):
+        self.text_aligned = bool(run.teacher_info.get("text_aligned", True))
+        self._run = run
+        self._enc = None
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        if self._enc is None:
+            self._enc = self._run.text_encoder()
+        return self._enc(prompts)
+
+
+def run_evaluator(run: LoadedRun) -> Evaluator:
+    """The evaluator of a reopened run (its teacher cache rebuilt when it was deleted; text from the saved tower)."""
+    return Evaluator.build(run.cfg, run.scene, run.cache(), _TextOnly(run), run.teacher_info)
+
+
 def evaluate_run(run_dir: Path, overrides: list[str], out_dir: Path | None) -> dict:
     """``vkd eval feature3dgs --run RUN``: rebuild the run's field from its latest checkpoint and evaluate it.
 
     Writes ``eval.json`` under ``out_dir`` (default: the run dir) and returns the metrics.
     """
-    from vkd.engine import torch_threads
-    from vkd.feature3dgs.runs import load_run
-
     run = load_run(run_dir, overrides)
     with torch_threads(run.cfg.compute.cpu_threads):  # restored afterwards: process-wide setting
-        metrics = run.evaluator().evaluate(run.field)
+        metrics = run_evaluator(run).evaluate(run.field)
         if run.teacher_info.get("random_init"):
             metrics["teacher_random_init"] = 1.0
         out = Path(out_dir) if out_dir is not None else Path(run_dir)

@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from torch import nn
 
+from vkd.config import load_config
+from vkd.engine import latest_checkpoint, load_checkpoint_weights, load_training_state
+from vkd.engine.runs import resolve_device
 from vkd.errors import UserError
-from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.config import Feature3DGSConfig, cache_root
+from vkd.feature3dgs.data import Scene
+from vkd.feature3dgs.data.prepare import prepare_scene
+from vkd.feature3dgs.feature_cache import FeatureCache
 from vkd.feature3dgs.model import GaussianField
-from vkd.feature3dgs.scene import Scene
-from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, FeatureCache
+from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, build_teacher, load_text_encoder, prepare_teacher
 
-__all__ = ["LoadedRun", "load_run", "field_from_state", "run_device"]
+__all__ = ["LoadedRun", "load_run", "field_from_state"]
 
 log = logging.getLogger(__name__)
-
-
-def run_device(cfg: Feature3DGSConfig) -> torch.device:
-    """Device for evaluation/rendering: ``train.device`` (``auto``: CUDA when available)."""
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def field_from_state(state: dict[str, torch.Tensor], sh_degree: int, prefix: str = "student.") -> GaussianField:
@@ -54,52 +53,26 @@ class LoadedRun:
     teacher_info: dict
     checkpoint: Path
     _cache: FeatureCache | None = None
-    _teacher: Any = field(default=None, repr=False)
+    _teacher: nn.Module | None = field(default=None, repr=False)
 
     def cache(self) -> FeatureCache:
         """The teacher feature cache (recomputed when it was deleted)."""
         if self._cache is None:
             cache = FeatureCache(self.teacher_info.get("cache_dir", ""))
             if len(cache) != len(self.scene.cameras):
-                from vkd.feature3dgs.distiller import prepare_teacher
-
                 self._teacher, info, cache = prepare_teacher(self.cfg, self.scene)
             self._cache = cache
         return self._cache
 
-    def teacher(self) -> Any:
+    def teacher(self) -> nn.Module:
         """The teacher (rebuilt on demand; tiny CLIP weights come from the run's cache)."""
         if self._teacher is None:
-            from vkd.feature3dgs.distiller import cache_root
-            from vkd.feature3dgs.teacher import build_teacher
-
             self._teacher, _ = build_teacher(self.cfg.teacher, self.scene, cache_root(self.cfg))
         return self._teacher
 
-    def text_encoder(self):
+    def text_encoder(self) -> Callable[[Sequence[str]], torch.Tensor]:
         """``prompts -> [K, M]`` of the run's teacher (raises UserError when it has no text tower)."""
-        from vkd.feature3dgs.teacher import load_text_encoder
-
         return load_text_encoder(self.run_dir, self.cfg.teacher)
-
-    def evaluator(self):
-        from vkd.feature3dgs.evaluate import Evaluator
-
-        return Evaluator.build(self.cfg, self.scene, self.cache(), _TextOnly(self), self.teacher_info)
-
-
-class _TextOnly:
-    """Teacher stand-in for the evaluator: text embeddings from the run's saved text tower."""
-
-    def __init__(self, run: LoadedRun):
-        self.text_aligned = bool(run.teacher_info.get("text_aligned", True))
-        self._run = run
-        self._enc = None
-
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        if self._enc is None:
-            self._enc = self._run.text_encoder()
-        return self._enc(prompts)
 
 
 def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
@@ -108,10 +81,6 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     Raises:
         UserError: not a Feature 3DGS run directory, or no checkpoint.
     """
-    from vkd.config import load_config
-    from vkd.engine import latest_checkpoint, load_checkpoint_weights, load_training_state
-    from vkd.feature3dgs.distiller import prepare_scene
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -131,4 +100,4 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if info.get("random_init"):
         log.warning(RANDOM_INIT_WARNING)
     scene = prepare_scene(cfg)
-    return LoadedRun(run_dir, cfg, scene, field.to(run_device(cfg)), info, ckpt)
+    return LoadedRun(run_dir, cfg, scene, field.to(resolve_device(cfg.train.device)), info, ckpt)

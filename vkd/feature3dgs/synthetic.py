@@ -1,7 +1,7 @@
 """The embedded synthetic scene: coloured primitives on a floor, ray-cast analytically in torch.
 
 The generator writes a nerfstudio-style scene directory, so the embedded default goes through the same loader as
-real captures (:func:`vkd.feature3dgs.scene.load_scene`)::
+real captures (:func:`vkd.feature3dgs.data.load_scene`)::
 
     <out>/transforms.json        # fl_x, fl_y, cx, cy, w, h, frames[] (OpenGL camera-to-world), splits, names
     <out>/images/frame_XXXXX.png # RGB renders (supersampled)

@@ -30,6 +30,7 @@ from vkd.hello.data import LabelledImages, load_split, prompt_names, write_disti
 from vkd.hello.evaluate import accuracy, augment_batch, make_augmenter
 from vkd.hello.images import auto_factor, image_update, rded_select, stitch
 from vkd.hello.losses import projector_fit_loss
+from vkd.hello.model import Classifier, build_classifier
 from vkd.hello.projector import (
     adapter_state_dict,
     add_lora,
@@ -38,7 +39,7 @@ from vkd.hello.projector import (
     lora_config,
     save_adapters,
 )
-from vkd.hello.teacher import Classifier, build_classifier, resolve_teachers, save_teacher
+from vkd.hello.teacher import resolve_teachers, save_teacher
 from vkd.models.tiny_clip import ClipBundle
 
 __all__ = ["HelloTeacherTask", "ProjectorFitTask", "snapshot_steps", "prepare_fit"]

@@ -34,9 +34,9 @@ from vkd.hello.config import HelloConfig, StudentConfig
 from vkd.hello.data import class_subset
 from vkd.hello.images import stitch, unstitch
 from vkd.hello.losses import soft_label_loss
+from vkd.hello.model import Classifier, build_classifier
 from vkd.hello.projector import projector_bytes
 from vkd.hello.runs import load_run
-from vkd.hello.teacher import Classifier, build_classifier
 
 __all__ = ["label_bytes", "storage_report", "augment_batch", "train_student", "accuracy",
            "evaluate_label_sources", "LabelFn"]

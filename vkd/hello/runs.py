@@ -14,8 +14,9 @@ from vkd.engine.runs import open_run, resolve_device
 from vkd.errors import DataError
 from vkd.hello.config import HelloConfig
 from vkd.hello.data import LabelledImages, load_split, prompt_names, read_distilled_set
+from vkd.hello.model import Classifier
 from vkd.hello.projector import build_clip, load_adapters, read_adapter_meta
-from vkd.hello.teacher import Classifier, resolve_teachers
+from vkd.hello.teacher import resolve_teachers
 
 __all__ = ["HelloRun", "load_run", "ADAPTERS_FILE"]
 

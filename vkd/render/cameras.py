@@ -39,6 +39,7 @@ __all__ = [
     "rotmat_to_quat",
     "quat_to_rotmat",
     "colmap_to_c2w",
+    "colmap_to_viewmat",
     "c2w_to_colmap",
     "nerf_synthetic_to_viewmat",
     "viewmat_to_nerf_synthetic",
@@ -158,10 +159,14 @@ def rotmat_to_quat(R: Tensor) -> Tensor:
 
 def colmap_to_c2w(qvec: Tensor, tvec: Tensor) -> Tensor:
     """COLMAP image pose (world-to-camera ``qvec [..., 4]`` wxyz, ``tvec [..., 3]``) → OpenCV ``c2w [..., 4, 4]``."""
-    return viewmat_to_c2w(_colmap_viewmat(qvec, tvec))
+    return viewmat_to_c2w(colmap_to_viewmat(qvec, tvec))
 
 
-def _colmap_viewmat(qvec: Tensor, tvec: Tensor) -> Tensor:
+def colmap_to_viewmat(qvec: Tensor, tvec: Tensor) -> Tensor:
+    """COLMAP image pose (``qvec [..., 4]`` wxyz, normalised here; ``tvec [..., 3]``) → gsplat ``viewmat [..., 4, 4]``.
+
+    COLMAP stores world-to-camera in OpenCV axes, so this only assembles ``[R | t]``.
+    """
     if qvec.shape[-1] != 4 or tvec.shape[-1] != 3 or qvec.shape[:-1] != tvec.shape[:-1]:
         raise ValueError(
             f"qvec must be [..., 4] and tvec [..., 3], got {list(qvec.shape)} and {list(tvec.shape)}"
