@@ -177,8 +177,8 @@ def _cmd_verb(args: argparse.Namespace) -> int:
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from vkd.metrics.fid import (
-        fid_command,  # here, not at the top: it imports torch, and `vkd --help` must not
+    from vkd.metrics.fid_command import (
+        fid_command,  # here, not at the top: it imports torch (`vkd --help` must not)
     )
 
     result = fid_command(args.real, args.fake, args.extractor, args.inception_weights, args.batch_size, args.num,

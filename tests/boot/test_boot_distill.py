@@ -90,7 +90,7 @@ def test_boot_smoke_resume_export_and_sample(tmp_path, teacher_dir):
 
 def test_fid_of_a_run_directory(tmp_path, teacher_dir):
     """``vkd fid --fake RUN`` samples the run's student with per-index seeds."""
-    from vkd.metrics.fid import fid_command
+    from vkd.metrics.fid_command import fid_command
 
     run_boot(_boot_cfg(tmp_path, teacher_dir, "fid", steps=1))
     run_dir = tmp_path / "runs" / "boot" / "fid"

@@ -18,14 +18,8 @@ from PIL import Image
 from torch import nn
 
 from vkd.errors import DataError, UserError
-from vkd.metrics.fid import (
-    FrechetStats,
-    fid_command,
-    frechet_distance,
-    load_reference,
-    quantize,
-    stats_from_images,
-)
+from vkd.metrics.fid import FrechetStats, frechet_distance, load_reference, quantize, stats_from_images
+from vkd.metrics.fid_command import fid_command
 
 
 def scipy_fid(x1: np.ndarray, x2: np.ndarray) -> float:
@@ -267,7 +261,7 @@ def test_quantize_matches_png_roundtrip(tmp_path):
 
 DIST_SCRIPT = textwrap.dedent("""
     import json, sys
-    from vkd.metrics.fid import fid_command
+    from vkd.metrics.fid_command import fid_command
     out = fid_command(sys.argv[1], sys.argv[2], sys.argv[3], None, 4, None, sys.argv[4], "cpu")
 """)
 

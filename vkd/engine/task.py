@@ -26,6 +26,26 @@ class DistillationTask(nn.Module):
         frozen_modules: names of child modules that are never trained nor checkpointed (rebuilt from
             the config on resume), typically the teacher.
         find_unused_parameters: passed to DDP when the task runs on several processes.
+
+    Examples:
+        A task holds the frozen teacher and the trainable student and returns its losses; ``"loss"`` is what the
+        engine back-propagates, the other entries are logged.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> class Regression(DistillationTask):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.teacher, self.student = nn.Linear(4, 2), nn.Linear(4, 2)
+        ...     def forward(self, batch):
+        ...         x = batch[0]  # [B, 4]
+        ...         with torch.no_grad():
+        ...             target = self.teacher(x)  # [B, 2]
+        ...         mse = nn.functional.mse_loss(self.student(x), target)
+        ...         return {"loss": mse, "mse": mse}
+        >>> task = Regression()
+        >>> sorted(task([torch.randn(8, 4)])), len(task.trainable_parameters())  # the teacher is frozen
+        (['loss', 'mse'], 2)
     """
 
     frozen_modules: tuple[str, ...] = ("teacher",)

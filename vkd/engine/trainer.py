@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm.auto import tqdm
 
 from vkd.config import TaskConfig, TrainConfig, save_config
 from vkd.engine.checkpoint import (
@@ -226,6 +228,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _make_accelerator(self):
+        # imported on use: accelerate takes seconds to import, and evaluation-only commands import vkd.engine
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
         from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available
@@ -282,41 +285,13 @@ class Trainer:
         task = self.task.to(acc.device)
 
         # ---- resume --------------------------------------------------------------------------
-        start_step = 0
-        resume_path: Path | None = None
-        if resume == "latest":
-            # the newest checkpoint that verifies: one damaged after it was written (disk fault, a user's copy)
-            # costs the steps since the previous checkpoint instead of the whole run
-            resume_path, corrupt = latest_valid_checkpoint(self.run_dir)
-            if resume_path is None and corrupt:
-                raise DataError(f"no intact checkpoint to resume from: {corrupt[0][1]}")
-            for path, reason in corrupt:
-                acc.print(f"vkd: warning: skipping corrupt checkpoint {path.name}: {reason}", file=sys.stderr)
-        elif resume is not None:
-            resume_path = Path(resume)
-            if not resume_path.is_dir():
-                raise UserError(f"checkpoint to resume from not found: {resume_path}")
-        state: dict[str, Any] = {}
-        if resume_path is not None:
-            meta = verify_checkpoint(resume_path)
-            start_step = int(meta["step"])
-            task.load_checkpoint_state_dict(load_checkpoint_weights(resume_path))
-            state = load_training_state(resume_path)
-            task.load_extra_state_dict(state.get("extra", {}))
+        resume_path = self._resume_path(acc, resume)
+        start_step, state = _load_task_state(task, resume_path)
         # Built after the weights are loaded: the task may have resized parameters (densification).
         optimizers, schedulers = self._optimizers(task)
         ema = EMA(task.student_module(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         if resume_path is not None:
-            for name, opt in optimizers.items():
-                opt.load_state_dict(state["optimizers"][name])
-            for name, sched in schedulers.items():
-                if sched is not None and name in state.get("schedulers", {}):
-                    sched.load_state_dict(state["schedulers"][name])
-            if ema is not None and (resume_path / "ema.safetensors").is_file():
-                ema.load_state_dict(load_checkpoint_weights(resume_path, "ema.safetensors"))
-            rng = state.get("rng", [])
-            if rank < len(rng):
-                set_rng_state(rng[rank])
+            _load_optimizer_state(state, resume_path, optimizers, schedulers, ema, rank)
 
         if start_step >= cfg.steps:
             acc.print(f"checkpoint is at step {start_step} >= train.steps={cfg.steps}: nothing to train")
@@ -325,28 +300,15 @@ class Trainer:
         prepared = {name: acc.prepare_optimizer(opt) for name, opt in optimizers.items()}
         unwrapped: DistillationTask = acc.unwrap_model(model)
 
-        sampler = GlobalBatchSampler(len(self.dataset) if self.dataset is not None else None,
-                                     cfg.batch_size, world, rank, cfg.grad_accum, self.seed, start_step,
-                                     self.shuffle)
-        if self.dataset is None:
-            batches: Iterator[Any] = iter(_IndexBatches(sampler))
-        else:
-            loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
-                                num_workers=cfg.num_workers, persistent_workers=False,
-                                worker_init_fn=_worker_init(self.seed) if cfg.num_workers else None)
-            batches = iter(loader)
+        batches = self._batches(world, rank, start_step)
 
         trackers = acc.log_with if hasattr(acc, "log_with") else None
         if trackers:
             acc.init_trackers("tensorboard")
 
         metrics_path = self.run_dir / "metrics.jsonl"
-        bar = None
-        if main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=start_step, desc=self.run_dir.name, dynamic_ncols=True,
-                       disable=None, file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=self.run_dir.name, dynamic_ncols=True, disable=None,
+                   file=sys.stderr) if main else None
 
         previous_handlers = self._install_signal_handlers()
         last_ckpt = latest_checkpoint(self.run_dir)
@@ -361,30 +323,7 @@ class Trainer:
                 while step < cfg.steps:
                     _seed_everything(step_seed(self.seed, step, rank))
                     model.train()
-                    sums: dict[str, torch.Tensor] = {}
-                    for micro in range(cfg.grad_accum):
-                        batch = next(batches)
-                        batch = _to_device(batch, acc.device)
-                        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(model)
-                        with sync:
-                            with acc.autocast():
-                                outputs = model(batch)
-                            if not isinstance(outputs, dict) or "loss" not in outputs:
-                                raise TypeError("task.forward must return a dict with a 'loss' entry")
-                            loss = outputs["loss"]
-                            self._check_finite(acc, loss, step, "loss", outputs, last_ckpt)
-                            try:
-                                acc.backward(loss / cfg.grad_accum)
-                            except RuntimeError as err:
-                                # anomaly mode raises in backward at the op that made a NaN (torch has just
-                                # printed that op's forward traceback): the same exit 3 as without it
-                                if not (cfg.detect_anomaly and "nan values" in str(err)):
-                                    raise
-                                first = str(err).strip().splitlines()[0]
-                                self._stop_non_finite(acc, step, f"gradient ({first})", outputs, last_ckpt)
-                        for key, value in outputs.items():
-                            if torch.is_tensor(value) and value.numel() == 1:
-                                sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum
+                    outputs, sums = self._forward_backward(acc, model, batches, step, last_ckpt)
                     unwrapped.on_before_optimizer_step(step)
                     grad_norm = self._grad_norm(acc, prepared)
                     self._check_finite(acc, grad_norm, step, "gradient norm", None, last_ckpt)
@@ -400,21 +339,10 @@ class Trainer:
                     unwrapped.on_step_end(step, outputs, optimizers)
 
                     if step % cfg.log_every == 0 or step == cfg.steps:
-                        keys = sorted(sums)
-                        stacked = torch.stack([sums[k] for k in keys]).to(acc.device)
-                        reduced = acc.reduce(stacked, reduction="mean") if world > 1 else stacked
-                        elapsed = time.time() - t_window
-                        last_logged = {k: float(v) for k, v in zip(keys, reduced.cpu(), strict=True)}
-                        record = {"step": step, **last_logged, "grad_norm": float(grad_norm),
-                                  "lr": _first_lr(prepared), "steps_per_s": steps_window / max(elapsed, 1e-9),
-                                  "time": time.time() - t_start}
+                        steps_per_s = steps_window / max(time.time() - t_window, 1e-9)
+                        last_logged = self._log_step(acc, step, sums, grad_norm, prepared, steps_per_s,
+                                                     time.time() - t_start, metrics_path, trackers, bar)
                         t_window, steps_window = time.time(), 0
-                        if main:
-                            _append_jsonl(metrics_path, record)
-                            if trackers:
-                                acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
-                            if bar is not None:
-                                bar.set_postfix(loss=f"{last_logged.get('loss', float('nan')):.4g}")
                     if bar is not None:
                         bar.update(1)
 
@@ -445,16 +373,10 @@ class Trainer:
             for tracker in acc.trackers:
                 tracker.finish()
         summary = {
-            "status": "finished",
-            "steps": step,
-            "final": last_logged,
-            "eval": eval_metrics,
-            "wall_time_s": time.time() - t_start,
-            "resumed_from": str(resume_path) if resume_path else None,
+            "status": "finished", "steps": step, "final": last_logged, "eval": eval_metrics,
+            "wall_time_s": time.time() - t_start, "resumed_from": str(resume_path) if resume_path else None,
             "mixed_precision": str(acc.mixed_precision),  # what train.mixed_precision=auto resolved to
-            "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "world_size": world,
-            "device": str(acc.device),
+            "checkpoint": str(last_ckpt) if last_ckpt else None, "world_size": world, "device": str(acc.device),
         }
         if main:
             _write_json(self.run_dir / "summary.json", summary)
@@ -462,6 +384,88 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------------------------------
+    def _resume_path(self, acc: Any, resume: str | Path | None) -> Path | None:
+        """The checkpoint ``resume`` names (``"latest"``: the newest that verifies), or ``None`` for a fresh run."""
+        if resume == "latest":
+            # the newest checkpoint that verifies: one damaged after it was written (disk fault, a user's copy)
+            # costs the steps since the previous checkpoint instead of the whole run
+            resume_path, corrupt = latest_valid_checkpoint(self.run_dir)
+            if resume_path is None and corrupt:
+                raise DataError(f"no intact checkpoint to resume from: {corrupt[0][1]}")
+            for path, reason in corrupt:
+                acc.print(f"vkd: warning: skipping corrupt checkpoint {path.name}: {reason}", file=sys.stderr)
+            return resume_path
+        if resume is not None:
+            resume_path = Path(resume)
+            if not resume_path.is_dir():
+                raise UserError(f"checkpoint to resume from not found: {resume_path}")
+            return resume_path
+        return None
+
+    def _batches(self, world: int, rank: int, start_step: int) -> Iterator[Any]:
+        """This rank's batches from ``start_step`` on (index batches for data-free tasks)."""
+        cfg = self.cfg
+        sampler = GlobalBatchSampler(len(self.dataset) if self.dataset is not None else None,
+                                     cfg.batch_size, world, rank, cfg.grad_accum, self.seed, start_step,
+                                     self.shuffle)
+        if self.dataset is None:
+            return iter(_IndexBatches(sampler))
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=cfg.num_workers, persistent_workers=False,
+                            worker_init_fn=_worker_init(self.seed) if cfg.num_workers else None)
+        return iter(loader)
+
+    def _forward_backward(self, acc: Any, model: nn.Module, batches: Iterator[Any], step: int,
+                          last_ckpt: Path | None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """``grad_accum`` micro-batches of forward + backward (gradients synchronised on the last one).
+
+        Returns:
+            the last micro-batch's outputs, and the scalar outputs averaged over the micro-batches.
+        """
+        cfg = self.cfg
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            batch = _to_device(next(batches), acc.device)
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else acc.no_sync(model)
+            with sync:
+                with acc.autocast():
+                    outputs = model(batch)
+                if not isinstance(outputs, dict) or "loss" not in outputs:
+                    raise TypeError("task.forward must return a dict with a 'loss' entry")
+                loss = outputs["loss"]
+                self._check_finite(acc, loss, step, "loss", outputs, last_ckpt)
+                try:
+                    acc.backward(loss / cfg.grad_accum)
+                except RuntimeError as err:
+                    # anomaly mode raises in backward at the op that made a NaN (torch has just printed that
+                    # op's forward traceback): the same exit 3 as without it
+                    if not (cfg.detect_anomaly and "nan values" in str(err)):
+                        raise
+                    first = str(err).strip().splitlines()[0]
+                    self._stop_non_finite(acc, step, f"gradient ({first})", outputs, last_ckpt)
+            for key, value in outputs.items():
+                if torch.is_tensor(value) and value.numel() == 1:
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() / cfg.grad_accum
+        return outputs, sums
+
+    def _log_step(self, acc: Any, step: int, sums: dict[str, torch.Tensor], grad_norm: torch.Tensor,
+                  optimizers: dict[str, Any], steps_per_s: float, elapsed_s: float, metrics_path: Path,
+                  trackers: Any, bar: Any) -> dict[str, float]:
+        """Average the step's losses over processes, append them to ``metrics.jsonl`` and TensorBoard."""
+        keys = sorted(sums)
+        stacked = torch.stack([sums[k] for k in keys]).to(acc.device)
+        reduced = acc.reduce(stacked, reduction="mean") if acc.num_processes > 1 else stacked
+        logged = {k: float(v) for k, v in zip(keys, reduced.cpu(), strict=True)}
+        record = {"step": step, **logged, "grad_norm": float(grad_norm), "lr": _first_lr(optimizers),
+                  "steps_per_s": steps_per_s, "time": elapsed_s}
+        if acc.is_main_process:
+            _append_jsonl(metrics_path, record)
+            if trackers:
+                acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{logged.get('loss', float('nan')):.4g}")
+        return logged
+
     def _optimizers(self, task: DistillationTask) -> tuple[dict[str, Any], dict[str, Any]]:
         spec = task.configure_optimizers(self.cfg)
         schedulers: Any = None
@@ -515,7 +519,7 @@ class Trainer:
 
     def _save(self, acc: Any, task: DistillationTask, optimizers: dict[str, Any], schedulers: dict[str, Any],
               ema: EMA | None, step: int) -> Path | None:
-        from accelerate.utils import gather_object
+        from accelerate.utils import gather_object  # on use, as in _make_accelerator
 
         states = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         path = None
@@ -565,6 +569,32 @@ class Trainer:
         return metrics
 
 
+def _load_task_state(task: DistillationTask, resume_path: Path | None) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint's weights and extra state into ``task``: ``(its step, its training state)``."""
+    if resume_path is None:
+        return 0, {}
+    meta = verify_checkpoint(resume_path)
+    task.load_checkpoint_state_dict(load_checkpoint_weights(resume_path))
+    state = load_training_state(resume_path)
+    task.load_extra_state_dict(state.get("extra", {}))
+    return int(meta["step"]), state
+
+
+def _load_optimizer_state(state: dict[str, Any], resume_path: Path, optimizers: dict[str, Any],
+                          schedulers: dict[str, Any], ema: EMA | None, rank: int) -> None:
+    """Restore optimizers, schedulers, the EMA and this rank's RNG state from a checkpoint."""
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    for name, sched in schedulers.items():
+        if sched is not None and name in state.get("schedulers", {}):
+            sched.load_state_dict(state["schedulers"][name])
+    if ema is not None and (resume_path / "ema.safetensors").is_file():
+        ema.load_state_dict(load_checkpoint_weights(resume_path, "ema.safetensors"))
+    rng = state.get("rng", [])
+    if rank < len(rng):
+        set_rng_state(rng[rank])
+
+
 @contextlib.contextmanager
 def _maybe_ema(task: DistillationTask, ema: EMA | None):
     if ema is None:
@@ -575,8 +605,6 @@ def _maybe_ema(task: DistillationTask, ema: EMA | None):
 
 
 def threading_is_main() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -630,6 +658,23 @@ def train_task(cfg: TaskConfig, task: DistillationTask, train_dataset: Dataset |
         overwrite: allow a fresh run in a directory that already holds checkpoints (they are kept
             until the new run's checkpoints replace them by ``keep_last``).
         shuffle: shuffle the data each epoch.
+
+    Returns:
+        the run summary (also written to ``summary.json``): ``status``, ``steps``, ``final`` (last logged losses),
+        ``eval``, ``wall_time_s``, ``checkpoint``, ...
+
+    Examples:
+        >>> import tempfile
+        >>> from vkd.config import load_config
+        >>> from vkd.engine.toy import ToyConfig, ToyTask, make_toy_data
+        >>> out = tempfile.mkdtemp()
+        >>> cfg = load_config(ToyConfig, None, ["train.steps=20", "train.checkpoint_every=10",
+        ...                                     f"run.output_dir={out}"])
+        >>> train_task(cfg, ToyTask(cfg), make_toy_data(cfg))["steps"]
+        20
+        >>> cfg = load_config(ToyConfig, None, ["train.steps=30", f"run.output_dir={out}"])
+        >>> train_task(cfg, ToyTask(cfg), make_toy_data(cfg), resume="latest")["resumed_from"].endswith("20")
+        True
     """
     run_dir = cfg.run_dir()
     if resume is None and not overwrite and list_checkpoints(run_dir / "checkpoints"):

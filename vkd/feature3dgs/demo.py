@@ -6,6 +6,10 @@ import json
 from pathlib import Path
 
 from vkd.config import find_preset, load_config
+from vkd.engine import latest_checkpoint
+from vkd.feature3dgs.commands import render, run
+from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.evaluate import evaluate_run
 from vkd.report import Section
 
 __all__ = ["demo_stage"]
@@ -16,11 +20,6 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
 
     ``quick`` trains 400 steps instead of the preset's 1000 and renders a shorter orbit.
     """
-    from vkd.engine import latest_checkpoint
-    from vkd.feature3dgs.commands import render, run
-    from vkd.feature3dgs.config import Feature3DGSConfig
-    from vkd.feature3dgs.evaluate import evaluate_run
-
     out = Path(out)
     extra = ["train.steps=400", "densify.refine_stop=320", "model.sh_degree_interval=200"] if quick else []
     cfg = load_config(Feature3DGSConfig, find_preset("feature3dgs", "synthetic"),

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vkd.errors import DataError
+from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.model import GaussianField
 from vkd.feature3dgs.ply import write_ply
 
 __all__ = ["export_ply", "export_field", "load_exported_field"]
 
 
 @torch.no_grad()
-def export_ply(field: Any, path: str | Path) -> Path:
+def export_ply(field: GaussianField, path: str | Path) -> Path:
     """Write the field as a 3DGS ``.ply`` with ``f_sem_*`` features."""
     p = {k: v.detach().float().cpu() for k, v in field.params.items()}
     n = p["means"].shape[0]
@@ -49,7 +51,8 @@ def export_ply(field: Any, path: str | Path) -> Path:
 
 
 @torch.no_grad()
-def export_field(field: Any, out_dir: str | Path, cfg: Any = None) -> dict[str, str]:
+def export_field(field: GaussianField, out_dir: str | Path, cfg: Feature3DGSConfig | None = None
+                 ) -> dict[str, str]:
     """Write ``point_cloud.ply`` and ``field.safetensors`` (+ ``field.json``) under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,12 +76,8 @@ def export_field(field: Any, out_dir: str | Path, cfg: Any = None) -> dict[str, 
     return {"ply": str(ply), "safetensors": str(st)}
 
 
-def load_exported_field(path: str | Path) -> Any:
+def load_exported_field(path: str | Path) -> GaussianField:
     """Rebuild a :class:`~vkd.feature3dgs.model.GaussianField` from ``field.safetensors``."""
-    from safetensors import safe_open
-
-    from vkd.feature3dgs.model import GaussianField
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"exported field not found: {path}")

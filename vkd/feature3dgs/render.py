@@ -15,7 +15,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vkd.engine import torch_threads
 from vkd.errors import UserError
+from vkd.feature3dgs.data import Scene
+from vkd.feature3dgs.model import GaussianField
+from vkd.feature3dgs.query import edit_opacity_mask, parse_query, prompts, relevancy, select_gaussians
+from vkd.feature3dgs.runs import LoadedRun, load_run
+from vkd.feature3dgs.visualize import PCAColorizer, colormap, save_png, to_uint8, write_video
 from vkd.render import orbit_path, spiral_path
 
 __all__ = ["camera_path", "render_run"]
@@ -38,7 +44,7 @@ def _focus(c2ws: Tensor) -> Tensor:
     return torch.linalg.solve(lhs, rhs)
 
 
-def camera_path(scene: Any, views: str, frames: int) -> tuple[Tensor, Tensor, int, int, list[str]]:
+def camera_path(scene: Scene, views: str, frames: int) -> tuple[Tensor, Tensor, int, int, list[str]]:
     """Cameras to render.
 
     Args:
@@ -85,9 +91,7 @@ def camera_path(scene: Any, views: str, frames: int) -> tuple[Tensor, Tensor, in
         f"{views}_{k:05d}" for k in range(frames)]
 
 
-def _query_setup(run: Any, query: str, edit: str | None, threshold: float | None) -> dict[str, Any]:
-    from vkd.feature3dgs.query import parse_query, prompts, select_gaussians
-
+def _query_setup(run: LoadedRun, query: str, edit: str | None, threshold: float | None) -> dict[str, Any]:
     labels = parse_query(query)
     if not labels:
         raise UserError("--query is empty")
@@ -111,14 +115,12 @@ def _query_setup(run: Any, query: str, edit: str | None, threshold: float | None
 
 
 @torch.no_grad()
-def fit_scene_pca(field: Any, scene: Any, backend: str = "auto", max_views: int = 4) -> Any:
+def fit_scene_pca(field: GaussianField, scene: Scene, backend: str = "auto", max_views: int = 4) -> PCAColorizer:
     """PCA colouring fitted once per scene on decoded feature maps of up to ``max_views`` training views.
 
     Rendered maps (blends of per-Gaussian features) have other statistics than the per-Gaussian features
     themselves, so fitting on renders gives better contrast; the same mapping is then used for every frame.
     """
-    from vkd.feature3dgs.visualize import PCAColorizer
-
     device = field.params["means"].device
     ids = scene.train_ids[:: max(1, len(scene.train_ids) // max_views)][:max_views]
     feats, weights = [], []
@@ -136,11 +138,6 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
                edit: str | None = None, threshold: float | None = None, out: Path | None = None,
                fmt: str = "mp4", fps: int = 24, progress: bool = True) -> dict:
     """Render a trained run (see module docstring). Returns a summary dict (also written as ``render.json``)."""
-    from vkd.engine import torch_threads
-    from vkd.feature3dgs.query import edit_opacity_mask, relevancy
-    from vkd.feature3dgs.runs import load_run
-    from vkd.feature3dgs.visualize import colormap, save_png, to_uint8, write_video
-
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if edit not in (None, "extract", "delete"):

@@ -193,6 +193,21 @@ def rasterization(
         ``depths``, ``conics``, ``opacities``, ``gaussian_ids=None``, ``width``, ``height``, ``n_cameras``,
         ``tile_size``, ...), so ``gsplat.strategy.DefaultStrategy`` works unchanged. ``meta["backend"]`` names the
         backend that rendered.
+
+    Examples:
+        >>> import torch
+        >>> from vkd.render import c2w_to_viewmat, intrinsics_from_fov, look_at, rasterization
+        >>> g = torch.Generator().manual_seed(0)
+        >>> means = 0.3 * torch.randn(100, 3, generator=g)  # [N, 3]
+        >>> quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]]).repeat(100, 1)  # [N, 4]
+        >>> scales, opacities = torch.full((100, 3), 0.05), torch.full((100,), 0.8)  # [N, 3], [N]
+        >>> colors = torch.rand(100, 3, generator=g)  # [N, 3]
+        >>> viewmats = c2w_to_viewmat(look_at(torch.tensor([0.0, -3.0, 0.0]), torch.zeros(3)))[None]  # [1, 4, 4]
+        >>> Ks = intrinsics_from_fov(64, 48, fov_x=60.0)[None]  # [1, 3, 3]
+        >>> rgb, alpha, meta = rasterization(means, quats, scales, opacities, colors, viewmats, Ks, 64, 48,
+        ...                                  backend="torch")
+        >>> rgb.shape, alpha.shape, meta["backend"]
+        (torch.Size([1, 48, 64, 3]), torch.Size([1, 48, 64, 1]), 'torch')
     """
     if packed:
         raise ValueError("packed=True is not supported by vkd.render.rasterization; use packed=False")

@@ -18,8 +18,8 @@ from torch import Tensor
 from vkd.data.files import IMAGE_EXTENSIONS, open_image, read_image, resolve_inside
 from vkd.errors import DataError
 
-__all__ = ["Camera", "Scene", "SceneOptions", "SceneFormat", "split_indices", "read_rgb", "scaled_size", "scaled_intrinsics", "inside",
-           "check_images", "check_points", "FRAME_EXTENSIONS"]
+__all__ = ["Camera", "Scene", "SceneOptions", "SceneFormat", "split_indices", "read_rgb", "scaled_size",
+           "scaled_intrinsics", "inside", "check_images", "check_points", "FRAME_EXTENSIONS"]
 
 # Suffixes tried for a frame path written without one (NeRF-synthetic's "./train/r_0"); Linux is case-sensitive.
 FRAME_EXTENSIONS = IMAGE_EXTENSIONS + tuple(ext.upper() for ext in IMAGE_EXTENSIONS)
