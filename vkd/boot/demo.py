@@ -19,14 +19,14 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
 
     Both modes are shorter than the presets (which ``scripts/bench_boot.py`` runs) so that the whole demo fits
     in about a quarter of an hour: full trains the teacher 1,000 steps and BOOT 500 steps and scores 1,000
-    samples; ``quick`` 300 / 100 steps and 300 samples.
+    samples; ``quick`` (a smoke test) 200 / 60 steps and 200 samples.
     """
 
     out = Path(out)
     runs = out / "runs"
     tcfg = load_config(BootTeacherConfig, find_preset("boot", "digits-teacher"),
-                       [f"run.output_dir={runs}"] + (["train.steps=300", "train.checkpoint_every=150",
-                                                       "train.sample_every=150"] if quick else
+                       [f"run.output_dir={runs}"] + (["train.steps=200", "train.checkpoint_every=100",
+                                                       "train.sample_every=100"] if quick else
                                                       ["train.steps=1000", "train.checkpoint_every=500",
                                                        "train.sample_every=500"]),
                        task="boot-teacher")
@@ -35,13 +35,13 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
         run_teacher(tcfg, "latest")
     bcfg = load_config(BootConfig, find_preset("boot", "digits"),
                        [f"run.output_dir={runs}", f"teacher.path={teacher_dir}", "eval.num_samples=0"]
-                       + (["train.steps=100", "train.checkpoint_every=50", "train.sample_every=50"] if quick
+                       + (["train.steps=60", "train.checkpoint_every=30", "train.sample_every=30"] if quick
                           else ["train.steps=500", "train.checkpoint_every=250", "train.sample_every=250"]),
                        task="boot")
     if not (bcfg.run_dir() / "student" / "vkd_student.json").is_file():
         run_boot(bcfg, "latest")
 
-    num = 300 if quick else 1000
+    num = 200 if quick else 1000
     steps = (1, 4, 10, 50)
     cmp = compare_generators(bcfg.run_dir(), num, steps, seed=2024, batch_size=250, grid_dir=out / "grids")
     (out / "compare.json").write_text(json.dumps(cmp, indent=2) + "\n")

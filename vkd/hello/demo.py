@@ -21,17 +21,18 @@ __all__ = ["demo_stage"]
 def demo_stage(out: Path, quick: bool = False) -> Section:
     """Run the embedded HeLlO pipeline in ``out`` and describe it as a report section.
 
-    ``quick``: one student seed and shorter fits; full: two student seeds (the benchmark runs three).
+    ``quick`` (a smoke test): one student seed and 120-step fits; full: two student seeds (the benchmark runs
+    three).
     """
 
     out = Path(out)
     runs = out / "runs"
-    extra_t = ["train.steps=200"] if quick else []
+    extra_t = ["train.steps=120"] if quick else []
     tcfg = load_config(HelloTeacherConfig, find_preset("hello", "digits-teacher"),
                        [f"run.output_dir={runs}"] + extra_t, task="hello-teacher")
     if not (tcfg.run_dir() / "teacher.json").is_file():
         run_teacher(tcfg, "latest")
-    extra = ["train.steps=200", "student.steps=200", "eval.seeds=[0]"] if quick else ["eval.seeds=[0,1]"]
+    extra = ["train.steps=120", "student.steps=120", "eval.seeds=[0]"] if quick else ["eval.seeds=[0,1]"]
     cfg = load_config(HelloConfig, find_preset("hello", "digits"),
                       [f"run.output_dir={runs}", f"clip.cache_dir={out / 'cache'}"] + extra, task="hello")
     if not (cfg.run_dir() / "projector_adapters.safetensors").is_file():

@@ -23,15 +23,15 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
     """Run the embedded SKT pipeline in ``out`` and describe it as a report section.
 
     Full mode trains the teacher 300 steps, the SKT student and the same student without transfer (the control)
-    200 steps each (the presets train 600 / 800 steps; ``scripts/bench_skt.py`` runs those); ``quick`` trains 50
-    steps each on fewer images and skips the control.
+    200 steps each (the presets train 600 / 800 steps; ``scripts/bench_skt.py`` runs those); ``quick`` (a smoke test)
+    trains 30 steps each on fewer images and skips the control.
     """
     out = Path(out)
     common = [f"run.output_dir={out / 'runs'}", f"data.root={out / 'data'}"]
     # shorter than the presets (which scripts/bench_skt.py runs) so that the whole demo fits in ~15 minutes
     short = ["data.synthetic.num_train=100", "data.synthetic.num_test=20"] if quick else []
-    teacher_steps = ["train.steps=50"] if quick else ["train.steps=300"]
-    student_steps = ["train.steps=50"] if quick else ["train.steps=200"]
+    teacher_steps = ["train.steps=30"] if quick else ["train.steps=300"]
+    student_steps = ["train.steps=30"] if quick else ["train.steps=200"]
     tcfg = load_config(SKTTeacherConfig, find_preset("skt", "synthetic-teacher"), common + short + teacher_steps,
                        task="skt-teacher")
     scfg = load_config(SKTConfig, find_preset("skt", "synthetic"), common + short + student_steps, task="skt")
