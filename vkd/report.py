@@ -129,7 +129,7 @@ def write_report(out_dir: Path, title: str, intro: list[str], sections: list[Sec
 def bar_chart(path: Path, labels: list[str], values: list[float], title: str, ylabel: str,
               errors: list[float] | None = None) -> Path:
     """A labelled bar chart PNG (matplotlib, Agg backend)."""
-    import matplotlib
+    import matplotlib  # on use: `vkd --help` imports this module; matplotlib is slow
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -155,7 +155,7 @@ def montage(path: Path, panels: list[tuple[str, Path]], height: int = 200) -> Pa
 
     Returns ``None`` when none of the panels exists.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # on use, as above
 
     tiles = []
     for title, p in panels:

@@ -49,7 +49,7 @@ def load_digits(split: Literal["train", "test", "all"] = "train", size: int = 16
     Returns:
         DigitsSplit with ``images [N, channels, size, size]`` and ``labels [N]``.
     """
-    from sklearn.datasets import load_digits as _sk_load
+    from sklearn.datasets import load_digits as _sk_load  # on use: scikit-learn is slow to import
     from sklearn.model_selection import train_test_split
 
     if channels not in (1, 3):

@@ -49,7 +49,9 @@ def knn_scales(points: Tensor, k: int = 3) -> Tensor:
     Returns:
         ``[P]`` positive distances.
     """
-    from scipy.spatial import cKDTree
+    from scipy.spatial import (
+        cKDTree,  # on use: slow to import; only point init needs it
+    )
 
     pts = points.detach().double().cpu().numpy()
     if len(pts) < 2:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 __all__ = ["PCAColorizer", "colormap", "to_uint8", "save_png", "write_video"]
@@ -58,7 +59,7 @@ class PCAColorizer:
 
 def colormap(values: Tensor, lo: float | None = None, hi: float | None = None, name: str = "turbo") -> Tensor:
     """Scalar map ``[..., H, W]`` -> RGB ``[..., H, W, 3]`` with a matplotlib colormap over ``[lo, hi]``."""
-    import matplotlib
+    import matplotlib  # on use: matplotlib is slow to import and only colormaps need it
 
     v = values.detach().float()
     lo = float(v.min()) if lo is None else lo
@@ -75,8 +76,6 @@ def to_uint8(image: Tensor) -> np.ndarray:
 
 def save_png(image: Tensor, path: str | Path) -> Path:
     """Write ``[H, W, 3]`` in [0, 1] as PNG."""
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_uint8(image)).save(path)
@@ -85,7 +84,7 @@ def save_png(image: Tensor, path: str | Path) -> Path:
 
 def write_video(frames: list[np.ndarray], path: str | Path, fps: int = 24) -> Path:
     """Write uint8 ``[H, W, 3]`` frames as MP4 (imageio-ffmpeg, libx264) or GIF, chosen by the suffix."""
-    import imageio.v2 as imageio
+    import imageio.v2 as imageio  # on use: only videos need imageio (and its ffmpeg)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ size) attributes.
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vkd.cache import atomic_torch_save, build_once, cache_dir, training_mode
+from vkd.data.digits import load_digits
 from vkd.errors import DataError, UserError
 
 __all__ = [
@@ -75,6 +77,7 @@ class InceptionExtractor(nn.Module):
 
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
+        # on use: torch-fidelity is only needed for the Inception extractor
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         if weights_path is not None:
@@ -85,8 +88,6 @@ class InceptionExtractor(nn.Module):
         else:
             path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
             if not path.is_file():
-                import socket
-
                 old = socket.getdefaulttimeout()
                 socket.setdefaulttimeout(20)  # an offline machine must fail fast, not hang
                 try:
@@ -221,8 +222,6 @@ def _load_classifier_checkpoint(path: Path) -> ClassifierExtractor:
 def train_digits_cnn(seed: int = 0, epochs: int = 30, batch_size: int = 64) -> tuple[DigitsCNN, float]:
     """Train :class:`DigitsCNN` on the digits train split (16×16, uint8-quantised like PNGs). Deterministic on a
     given machine (fixed seed, single thread order). Returns ``(model, test accuracy)``."""
-    from vkd.data.digits import load_digits
-
     def quantised(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         d = load_digits(split, size=16, channels=1, value_range="unit")
         u8 = (d.images * 255.0).round().clamp(0, 255).to(torch.uint8)

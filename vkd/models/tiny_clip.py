@@ -23,6 +23,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,7 +32,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from vkd.cache import build_lock, build_once, training_mode
 from vkd.cache import cache_dir as vkd_cache_dir
@@ -147,7 +150,7 @@ def _preprocess_cfg(cfg: TinyClipConfig) -> dict[str, Any]:
 
 def build_tiny_clip(cfg: TinyClipConfig) -> nn.Module:
     """A randomly initialised open_clip ``CLIP`` with the tiny config (eval mode, CPU)."""
-    import open_clip
+    import open_clip  # on use: open_clip (with transformers, torchvision) takes seconds to import
     from open_clip.model import set_model_preprocess_cfg
 
     torch.manual_seed(cfg.seed)
@@ -276,7 +279,7 @@ def load_clip(model_name: str, pretrained: str | None = None, device: str | torc
     Raises:
         UserError: the model or its weights cannot be loaded (e.g. offline and not cached).
     """
-    import open_clip
+    import open_clip  # on use, as in build_tiny_clip
     from open_clip.model import get_model_preprocess_cfg
 
     if not model_name.startswith(("local-dir:", "hf-hub:")) and (Path(model_name) / _CONFIG_FILE).is_file():
@@ -329,7 +332,7 @@ def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.
 
 
 def _cache_key(images: torch.Tensor, captions: Sequence[str], cfg: TinyClipConfig) -> str:
-    import open_clip
+    import open_clip  # on use, as in build_tiny_clip
 
     h = hashlib.sha256()
     h.update(f"vkd-tiny-clip-v{_RECIPE_VERSION}-open_clip-{open_clip.__version__}".encode())
@@ -389,8 +392,6 @@ def pretrain_tiny_clip(images: torch.Tensor, captions: Sequence[str], cfg: TinyC
 def _pretrain(images: torch.Tensor, captions: list[str], cfg: TinyClipConfig, out: Path, progress: bool,
               device: str | torch.device) -> None:
     """Train the tiny CLIP and write it to ``out`` (temporary directory, then rename)."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(cfg.seed)
     model = build_tiny_clip(cfg).to(device).train()
@@ -474,8 +475,6 @@ def _pretrain(images: torch.Tensor, captions: list[str], cfg: TinyClipConfig, ou
                                                 "preprocess_cfg": _preprocess_cfg(cfg)}, indent=2))
     (tmp / _INFO_FILE).write_text(json.dumps(info, indent=2))
     if out.exists():  # forced retrain (the build lock is held): replace the old result
-        import shutil
-
         shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

@@ -61,7 +61,7 @@ def gsplat_rasterize(**kwargs):
 
     Raises whatever gsplat raises; the caller decides whether to fall back.
     """
-    import gsplat
+    import gsplat  # on use: the optional CUDA backend; its import takes seconds
 
     out = gsplat.rasterization(packed=False, **kwargs)
     _STATE["status"] = True
