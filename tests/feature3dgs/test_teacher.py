@@ -1,4 +1,4 @@
-"""Dense CLIP teacher: pos-embed interpolation, MaskCLIP shapes and value path, token path, fp16 cache."""
+"""Dense CLIP teacher: pos-embed interpolation, MaskCLIP shapes and value path, token path, fp16 cache, tiny config."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vkd.errors import DataError, UserError
-from vkd.feature3dgs.config import TeacherConfig
+from vkd.config import apply_overrides
+from vkd.errors import ConfigError, DataError, UserError
+from vkd.feature3dgs.config import Feature3DGSConfig, TeacherConfig, TinyTeacherConfig
 from vkd.feature3dgs.feature_cache import FeatureCache
 from vkd.feature3dgs.maskclip import (
     MaskCLIPTeacher,
@@ -157,3 +158,22 @@ def test_text_encoder_of_untexted_run(tmp_path):
     with pytest.raises(UserError, match="text-aligned"):
         load_text_encoder(tmp_path, TeacherConfig())
     assert RANDOM_INIT_WARNING.startswith("!!!")
+
+
+def test_tiny_teacher_config_is_a_tiny_clip_config():
+    """teacher.tiny is a TinyClipConfig with scene defaults; its CLIP part ties text_width to embed_dim."""
+    tiny = TinyTeacherConfig()
+    clip = tiny.clip_config()
+    assert type(clip) is TinyClipConfig and not hasattr(clip, "crops_per_view")
+    # the values the synthetic preset has always pretrained with
+    assert (clip.patch_size, clip.pool_type, clip.steps, clip.batch_size, clip.lr) == (8, "avg", 200, 64, 2e-3)
+    assert clip.text_width == clip.embed_dim == 64
+    assert clip.mlp_ratio == TinyClipConfig().mlp_ratio and clip.warmup_steps == TinyClipConfig().warmup_steps
+    # an embed_dim override after the config was built still moves the text width with it
+    cfg = apply_overrides(Feature3DGSConfig(), ["teacher.tiny.embed_dim=32"])
+    assert cfg.teacher.tiny.clip_config().text_width == 32
+    assert apply_overrides(cfg, ["teacher.tiny.text_width=48"]).teacher.tiny.clip_config().text_width == 48
+    with pytest.raises(ConfigError, match="multiple of patch_size"):
+        TinyTeacherConfig(image_size=30)
+    with pytest.raises(ConfigError, match="crops_per_view"):
+        TinyTeacherConfig(crops_per_view=0)

@@ -6,13 +6,14 @@ synthetic preset (``configs/feature3dgs/synthetic.yaml``) shortens it for CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from vkd.config import TaskConfig, TrainConfig, check_nonnegative, check_positive
 from vkd.errors import ConfigError
 from vkd.feature3dgs.data import SCENE_FORMATS
+from vkd.models.tiny_clip import TinyClipConfig
 
 __all__ = [
     "SyntheticConfig",
@@ -69,27 +70,32 @@ class DataConfig:
 
 
 @dataclass
-class TinyTeacherConfig:
+class TinyTeacherConfig(TinyClipConfig):
     """The offline teacher of the synthetic scene: the shared tiny CLIP (:mod:`vkd.models.tiny_clip`) pretrained
-    contrastively on captioned crops of the training views, then used through MaskCLIP."""
+    contrastively on captioned crops of the training views, then used through MaskCLIP.
 
-    image_size: int = 32
+    Every :class:`~vkd.models.tiny_clip.TinyClipConfig` field applies; the defaults below differ from it (patch
+    tokens pooled, so dense features share the text space), and ``crops_per_view`` says how many captioned crops
+    each training view gives.
+    """
+
     patch_size: int = 8
-    width: int = 64
-    layers: int = 3
-    heads: int = 2
-    embed_dim: int = 64  # teacher feature width (and text width)
     pool_type: Literal["tok", "avg"] = "avg"  # avg: patch tokens share the text-aligned space (dense="tokens")
+    text_width: int = 0  # 0: the same as embed_dim (the teacher feature width)
     steps: int = 200
     batch_size: int = 64
     lr: float = 2e-3
-    crop_scale_min: float = 0.5
     crops_per_view: int = 24
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        check_positive(self, ["image_size", "patch_size", "width", "layers", "heads", "embed_dim", "steps",
-                         "batch_size", "lr", "crops_per_view"])
+        self.clip_config()  # validates the CLIP fields (text_width stays 0 here, so embed_dim overrides follow)
+        check_positive(self, ["crops_per_view"])
+
+    def clip_config(self) -> TinyClipConfig:
+        """The plain :class:`TinyClipConfig` to pretrain (its fields only: the cache key ignores the crop count)."""
+        values = {f.name: getattr(self, f.name) for f in fields(TinyClipConfig)}
+        values["text_width"] = self.text_width or self.embed_dim
+        return TinyClipConfig(**values)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from vkd.feature3dgs.config import Feature3DGSConfig, TeacherConfig, cache_root
 from vkd.feature3dgs.data import Scene
 from vkd.feature3dgs.feature_cache import FeatureCache, scene_fingerprint
 from vkd.feature3dgs.maskclip import MaskCLIPTeacher
-from vkd.models.tiny_clip import TinyClipConfig, load_clip, pretrain_tiny_clip, tiny_clip_name
+from vkd.models.tiny_clip import load_clip, pretrain_tiny_clip, tiny_clip_name
 
 __all__ = ["TEACHER_KINDS", "CallableTeacher", "synthetic_crops", "build_teacher", "prepare_teacher",
            "teacher_cache_dir", "save_teacher_for_queries", "load_text_encoder", "RANDOM_INIT_WARNING"]
@@ -152,10 +152,7 @@ def _build_callable(tcfg: TeacherConfig, scene: Scene, cache_dir: Path, progress
 
 def _build_tiny_clip(tcfg: TeacherConfig, scene: Scene, cache_dir: Path, progress: bool) -> tuple[nn.Module, dict]:
     t = tcfg.tiny
-    clip_cfg = TinyClipConfig(image_size=t.image_size, patch_size=t.patch_size, width=t.width, layers=t.layers,
-                              heads=t.heads, embed_dim=t.embed_dim, pool_type=t.pool_type, steps=t.steps,
-                              batch_size=t.batch_size, lr=t.lr, seed=t.seed, crop_scale_min=t.crop_scale_min,
-                              text_width=t.embed_dim)
+    clip_cfg = t.clip_config()
     crops, captions = synthetic_crops(scene, t.crops_per_view, t.image_size, seed=t.seed)
     path = pretrain_tiny_clip(crops, captions, clip_cfg, cache_dir=cache_dir, progress=progress)
     bundle = load_clip(tiny_clip_name(path))
