@@ -73,7 +73,7 @@ def test_boot_smoke_resume_export_and_sample(tmp_path, teacher_dir):
         torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
     # the exported student reproduces the task's one-step samples
-    student, meta = load_student(run_dir / "student")
+    student, meta = load_student(run_dir / "pipeline")
     assert meta["num_classes"] == 3 and student.t_sample == -1.0
     ckpt_student = {k[len("student."):]: v for k, v in weights.items()}
     assert all(torch.equal(student.state_dict()[k], v) for k, v in ckpt_student.items())
@@ -140,3 +140,44 @@ def test_teacher_training_task_exports_a_loadable_teacher(tmp_path):
     assert (tmp_path / "boot-teacher" / "tiny" / "samples" / "teacher_ddim2_step000002.png").is_file()
     x = teacher(torch.randn(2, 1, 8, 8), torch.tensor([900.0, 10.0]), torch.tensor([3, 7]))
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+
+
+_LOAD_PIPELINE = """
+import sys, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)  # pipeline_boot.py
+eps, labels = torch.load(sys.argv[2])
+images = pipe(class_labels=labels, latents=eps, num_inference_steps=1, output_type="pt").images
+pil = pipe(batch_size=2, class_labels=[0, 1], generator=torch.Generator().manual_seed(0)).images
+assert type(pipe).__name__ == "BootPipeline" and len(pil) == 2 and pil[0].size == (8, 8)
+assert not any(m == "vkd" or m.startswith("vkd.") for m in sys.modules), "vkd was imported"
+torch.save(images, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_every_run_exports_a_diffusers_pipeline(tmp_path, prediction_type):
+    """``DiffusionPipeline.from_pretrained(RUN/pipeline)`` in a fresh process, without vkd: one step, the
+    same images as ``vkd sample boot`` on the same noise."""
+    import subprocess
+    import sys
+
+    from vkd.boot.sample import noise_batches
+
+    teacher_dir = save_tiny_teacher(tmp_path / "t", prediction_type, num_classes=3)
+    run_boot(_boot_cfg(tmp_path, teacher_dir, "pipe", steps=2))
+    run_dir = tmp_path / "runs" / "boot" / "pipe"
+    index = json.loads((run_dir / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_boot", "BootPipeline"] and (run_dir / "pipeline" / "pipeline_boot.py").is_file()
+    sample(run_dir, 5, tmp_path / "s", None, 0, 5)  # vkd sample boot
+    _, eps, labels = next(noise_batches(5, 0, (1, 8, 8), 3, 5))
+    torch.save((eps, labels), tmp_path / "noise.pt")
+    subprocess.run([sys.executable, "-c", _LOAD_PIPELINE, str(run_dir / "pipeline"), str(tmp_path / "noise.pt"),
+                    str(tmp_path / "images.pt")], check=True, cwd=tmp_path, timeout=300)
+    images = torch.load(tmp_path / "images.pt")  # [5, 1, 8, 8] in [-1, 1]
+    student, _ = load_student(run_dir / "pipeline")
+    torch.testing.assert_close(images, student.generate(eps, labels), rtol=0, atol=1e-6)
+    u8 = ((images.clamp(-1, 1) + 1.0) * 127.5 + 0.5).floor().to(torch.uint8)
+    for k in range(5):
+        with Image.open(tmp_path / "s" / f"{k:06d}.png") as im:
+            assert torch.equal(torch.from_numpy(__import__("numpy").asarray(im)), u8[k, 0]), k

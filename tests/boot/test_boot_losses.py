@@ -103,10 +103,12 @@ def test_losses_gradcheck_float64():
     torch.testing.assert_close(bootstrap_loss(pred, target, w), ref)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_boundary_loss_zero_at_initialisation(tmp_path, prediction_type):
+@pytest.mark.parametrize("prediction_type,parameterization", [
+    ("epsilon", "teacher_to_x0"), ("v_prediction", "teacher_to_x0"), ("sample", "teacher_to_x0"),
+    ("v_prediction", "auto"), ("sample", "auto")])  # auto = preconditioned for v: its band reaches T
+def test_boundary_loss_zero_at_initialisation(tmp_path, prediction_type, parameterization):
     teacher = load_diffusers_teacher(str(save_tiny_teacher(tmp_path / "t", prediction_type)), clip_x0=False)
-    student = BootStudent.from_teacher(teacher)
+    student = BootStudent.from_teacher(teacher, parameterization)
     eps = torch.randn(4, 1, 8, 8)
     T = torch.full((4,), 999.0, dtype=torch.float64)
     with torch.no_grad():
@@ -153,3 +155,27 @@ def test_time_weight_callable(tmp_path):
     doubled = BootLoss(teacher, boundary_weight=0.0, time_weight=lambda tt: 2 * torch.ones_like(tt))(
         student, eps, t, s)["bootstrap"]
     torch.testing.assert_close(doubled, 2 * base)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_preconditioned_student_is_the_teacher_inside_its_band(tmp_path, prediction_type):
+    """g(ε, t) = f(ε, t) at step 0 where λ_t ∈ [λ_min, λ_max]; outside, the coefficients are the band's edge."""
+    teacher = load_diffusers_teacher(str(save_tiny_teacher(tmp_path / "t", prediction_type)), clip_x0=False)
+    student = BootStudent.from_teacher(teacher)  # auto
+    assert student.parameterization == "preconditioned"
+    lo, hi = student.lambda_range
+    t = torch.arange(0, 1000, dtype=torch.float64)
+    lam = teacher.schedule.lam(t)
+    inside = t[(lam >= lo) & (lam <= hi)]
+    assert inside.numel() > 50  # the band covers a real stretch of the schedule
+    eps = torch.randn(inside.numel(), 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(student(eps, inside), teacher(eps, inside), rtol=1e-5, atol=1e-5)
+    # the output weight |∂g/∂out| stays within the band's range at every t, clean endpoint included
+    _, sigma = student.coefficients(torch.cat([t, torch.tensor([-1.0], dtype=torch.float64)]))
+    alpha, _ = student.coefficients(torch.cat([t, torch.tensor([-1.0], dtype=torch.float64)]))
+    weight = sigma / alpha if prediction_type == "epsilon" else sigma
+    assert float(weight.max() / weight.min()) < 3.0
+    a, s = teacher.schedule.alpha_sigma(t)
+    plain = s / a if prediction_type == "epsilon" else s
+    assert float(plain.max() / plain.min()) > 50  # teacher_to_x0 on the same schedule: 100 (v), 15,700 (ε)

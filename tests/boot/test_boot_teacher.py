@@ -69,7 +69,12 @@ def test_float_timesteps_are_not_truncated(tmp_path):
 def test_refuses_non_vp_scheduler(tmp_path):
     path = save_tiny_teacher(tmp_path / "t")
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "ScoreSdeVeScheduler"}))
-    with pytest.raises(UserError, match="alphas_cumprod"):
+    with pytest.raises(UserError, match="variance-exploding scheduler; not supported yet"):
+        load_diffusers_teacher(str(path))
+    # a flow-matching teacher (SD3, FLUX) is named as such
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    with pytest.raises(UserError, match="FlowMatchEulerDiscreteScheduler is a flow-matching scheduler; not supported"):
         load_diffusers_teacher(str(path))
 
 

@@ -10,6 +10,7 @@ from vkd.boot.config import BootConfig, BootTeacherConfig
 from vkd.boot.distiller import BootTask, TeacherTrainingTask
 from vkd.boot.evaluate import evaluate_run
 from vkd.boot.runs import sample_run
+from vkd.boot.student import STUDENT_EXPORT_DIR
 from vkd.data.digits import load_digits
 from vkd.engine import train_task
 from vkd.engine.runs import check_run_dir
@@ -39,10 +40,10 @@ def _resolve_teacher_path(cfg: BootConfig) -> BootConfig:
 
 
 def run_boot(cfg: BootConfig, resume: str | None = None) -> dict:
-    """Data-free BOOT distillation; the student is exported to ``<run_dir>/student``."""
+    """Data-free BOOT distillation; the student is exported to ``<run_dir>/pipeline`` (a diffusers pipeline)."""
     cfg = _resolve_teacher_path(cfg)
     summary = train_task(cfg, BootTask(cfg), None, resume=resume)
-    summary["student"] = str(cfg.run_dir() / "student")
+    summary["student"] = str(cfg.run_dir() / STUDENT_EXPORT_DIR)
     return summary
 
 

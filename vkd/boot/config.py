@@ -157,8 +157,22 @@ class BootTeacherRef:
 
 @dataclass
 class BootStudentConfig:
-    parameterization: Literal["teacher_to_x0", "sample"] = "teacher_to_x0"
+    """The one-step student (a copy of the teacher network; vkd.boot.student)."""
+
+    # auto: preconditioned for ε/v teachers, teacher_to_x0 (the identity) for x0 teachers
+    parameterization: Literal["auto", "preconditioned", "teacher_to_x0", "sample"] = "auto"
+    # (λ_min, λ_max) band of the preconditioned output coefficients; null: per prediction type
+    # (ε [-1, 0], v [-0.5, inf)); λ = log(σ/α)
+    lambda_range: tuple[float, float] | None = None
     gradient_checkpointing: bool = False  # diffusers UNet gradient checkpointing (memory for compute)
+
+    def __post_init__(self) -> None:
+        if self.lambda_range is not None:
+            if len(self.lambda_range) != 2 or not self.lambda_range[0] <= self.lambda_range[1]:
+                raise ConfigError(f"student.lambda_range must be [lambda_min, lambda_max] with min <= max, "
+                                  f"got {self.lambda_range}")
+            if self.parameterization not in ("auto", "preconditioned"):
+                raise ConfigError("student.lambda_range only applies to parameterization auto|preconditioned")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 from vkd.boot.commands import run_boot, run_teacher
 from vkd.boot.config import BootConfig, BootTeacherConfig
 from vkd.boot.evaluate import compare_generators
+from vkd.boot.student import exported_student
 from vkd.config import find_preset, load_config
 from vkd.report import Section, bar_chart
 
@@ -38,7 +39,7 @@ def demo_stage(out: Path, quick: bool = False) -> Section:
                        + (["train.steps=60", "train.checkpoint_every=30", "train.sample_every=30"] if quick
                           else ["train.steps=500", "train.checkpoint_every=250", "train.sample_every=250"]),
                        task="boot")
-    if not (bcfg.run_dir() / "student" / "vkd_student.json").is_file():
+    if exported_student(bcfg.run_dir()) is None:
         run_boot(bcfg, "latest")
 
     num = 200 if quick else 1000

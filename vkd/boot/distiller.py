@@ -23,8 +23,15 @@ from vkd.boot.evaluate import DigitsFID, digits_fid_scores, digits_reference_ava
 from vkd.boot.losses import BootLoss
 from vkd.boot.sample import ddim_sample, noise_batches, sample_generator, save_grid, student_sample
 from vkd.boot.schedule import NoiseSchedule
-from vkd.boot.student import BootStudent, save_student
-from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, build_teacher, save_teacher, scheduler_config_of
+from vkd.boot.student import STUDENT_EXPORT_DIR, BootStudent, save_student
+from vkd.boot.teacher import (
+    DiffusionTeacher,
+    UNetDenoiser,
+    build_teacher,
+    cast_teacher,
+    save_teacher,
+    scheduler_config_of,
+)
 from vkd.engine import DistillationTask, latest_checkpoint, load_checkpoint_weights
 from vkd.errors import ConfigError
 
@@ -205,12 +212,14 @@ class BootTask(DistillationTask):
     def __init__(self, cfg: BootConfig, teacher: DiffusionTeacher | None = None, student: BootStudent | None = None):
         super().__init__()
         self.cfg = cfg
-        self.teacher = teacher if teacher is not None else build_teacher(cfg.teacher)
+        self.teacher = teacher if teacher is not None else build_teacher(cfg.teacher, cast=False)
         self.teacher.eval().requires_grad_(False)
         L = cfg.loss
         t_sample = -1.0 if L.clean_endpoint else 0.0
+        # the student is an fp32 copy of the fp32 teacher (master weights); only then is the teacher cast
         self.student = student if student is not None else BootStudent.from_teacher(
-            self.teacher, cfg.student.parameterization, t_sample)
+            self.teacher, cfg.student.parameterization, t_sample, cfg.student.lambda_range)
+        cast_teacher(self.teacher, cfg.teacher)
         if cfg.student.gradient_checkpointing and hasattr(getattr(self.student.net, "unet", None),
                                                           "enable_gradient_checkpointing"):
             self.student.net.unet.enable_gradient_checkpointing()
@@ -266,7 +275,7 @@ class BootTask(DistillationTask):
         return digits_fid_scores(self.student, self.teacher, self.cfg.eval, self._fid, self._teacher_fids)
 
     def export(self, run_dir: Path) -> None:
-        """``run_dir/student``: the one-step student in ``save_pretrained`` form (EMA weights when kept)."""
+        """``run_dir/pipeline``: the one-step student as a diffusers ``BootPipeline`` (EMA weights when kept)."""
         if not isinstance(self.student.net, UNetDenoiser):
             return
         student = self.student
@@ -276,6 +285,6 @@ class BootTask(DistillationTask):
             student.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"), strict=False)
         src = getattr(self.teacher, "source", self.cfg.teacher.path)
         sched_cfg = scheduler_config_of(self.cfg.teacher.path)
-        save_student(student, Path(run_dir) / "student", sched_cfg,
+        save_student(student, Path(run_dir) / STUDENT_EXPORT_DIR, sched_cfg,
                      {"teacher": str(src), "num_classes": self.teacher.num_classes, "delta": self.cfg.loss.delta,
                       "guidance_scale": self.teacher.guidance_scale})

@@ -11,8 +11,8 @@ import torch
 
 from vkd.boot.config import BootConfig
 from vkd.boot.sample import ddim_sample, noise_batches, save_grid, save_images, student_sample, to_uint8
-from vkd.boot.student import BootStudent, load_student
-from vkd.boot.teacher import DiffusionTeacher, build_teacher
+from vkd.boot.student import BootStudent, exported_student, load_student
+from vkd.boot.teacher import DiffusionTeacher, build_teacher, cast_teacher
 from vkd.engine import latest_checkpoint, load_checkpoint_weights
 from vkd.engine.runs import open_run, resolve_device
 from vkd.errors import DataError, UserError
@@ -22,7 +22,7 @@ __all__ = ["load_run", "sample_shape", "num_classes", "run_image_batches", "samp
 
 def load_run(run_dir: str | Path, need_teacher: bool = False, device: str | torch.device = "cpu"
              ) -> tuple[BootConfig, BootStudent, DiffusionTeacher | None]:
-    """``(cfg, student, teacher | None)`` of a BOOT run: the exported student (``student/``) when present,
+    """``(cfg, student, teacher | None)`` of a BOOT run: the exported student (``pipeline/``) when present,
     else the newest checkpoint (its EMA weights when the run kept an EMA).
 
     Examples:
@@ -31,17 +31,19 @@ def load_run(run_dir: str | Path, need_teacher: bool = False, device: str | torc
     run_dir = Path(run_dir)
     cfg = open_run(run_dir, BootConfig, "boot")
     teacher = None
-    if (run_dir / "student" / "vkd_student.json").is_file():
-        student, _ = load_student(run_dir / "student")
+    export = exported_student(run_dir)
+    if export is not None:
+        student, _ = load_student(export)
         if need_teacher:
             teacher = build_teacher(cfg.teacher)
     else:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise DataError(f"{run_dir} has neither an exported student nor a checkpoint")
-        teacher = build_teacher(cfg.teacher)
+        teacher = build_teacher(cfg.teacher, cast=False)
         student = BootStudent.from_teacher(teacher, cfg.student.parameterization,
-                                           -1.0 if cfg.loss.clean_endpoint else 0.0)
+                                           -1.0 if cfg.loss.clean_endpoint else 0.0, cfg.student.lambda_range)
+        cast_teacher(teacher, cfg.teacher)
         weights = load_checkpoint_weights(ckpt)
         state = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
         if (ckpt / "ema.safetensors").is_file():

@@ -43,6 +43,7 @@ __all__ = [
     "scheduler_config_of",
     "TEACHER_KINDS",
     "build_teacher",
+    "cast_teacher",
 ]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -66,10 +67,13 @@ def to_x0(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.
         prediction_type: ``epsilon`` | ``v_prediction`` | ``sample``.
 
     Returns:
-        ``[B, C, H, W]`` x0 in ``out``'s dtype.
+        ``[B, C, H, W]`` x0 in at least float32: a half-precision ``out`` is upcast first, because the ε
+        conversion at large t multiplies rounding by σ_t/α_t (157 at t = 999 on the linear schedule).
     """
     if out.shape != x.shape:
         raise ValueError(f"out {tuple(out.shape)} and x {tuple(x.shape)} must have the same shape")
+    dtype = torch.promote_types(torch.promote_types(out.dtype, x.dtype), torch.float32)
+    out, x = out.to(dtype), x.to(dtype)
     if prediction_type == "sample":
         return out
     a, s = _bcast(alpha, out), _bcast(sigma, out)
@@ -168,13 +172,18 @@ class DiffusionTeacher(nn.Module):
         return to_x0(out, x, alpha, sigma, self.prediction_type)
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Guided raw output ``out_∅ + w·(out_c − out_∅)`` ``[B, C, H, W]`` (one batched forward under CFG)."""
-        if self.guidance_scale == 1.0 or class_labels is None:
-            return self.net(x, t, class_labels)
-        null = torch.full_like(class_labels, int(self.null_class))
-        both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]))
-        cond, uncond = both.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+        """Guided raw output ``out_∅ + w·(out_c − out_∅)`` ``[B, C, H, W]`` (one batched forward under CFG).
+
+        The teacher runs in its own dtype (``teacher.dtype``), never under the caller's autocast: a
+        training run's ``mixed_precision`` is the student's, and the frozen teacher stays separate.
+        """
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.guidance_scale == 1.0 or class_labels is None:
+                return self.net(x, t, class_labels)
+            null = torch.full_like(class_labels, int(self.null_class))
+            both = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([class_labels, null]))
+            cond, uncond = both.chunk(2)
+            return uncond + self.guidance_scale * (cond - uncond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """x0 prediction ``[B, C, H, W]`` from ``x [B, C, H, W]`` at float timesteps ``t [B]``."""
@@ -185,32 +194,41 @@ class DiffusionTeacher(nn.Module):
         return x0
 
 
-class _GaussianX0(nn.Module):
-    """Exact x0 predictor of data ~ N(μ, c²I): ``μ + α_t c²/(α_t²c² + σ_t²)·(x_t − α_t μ)``."""
+class _GaussianNet(nn.Module):
+    """Exact predictor of data ~ N(μ, c²I): x0 = ``μ + α_t c²/(α_t²c² + σ_t²)·(x_t − α_t μ)``, returned as
+    x0, ε = (x_t − α_t x0)/σ_t or v = α_t ε − σ_t x0."""
 
-    def __init__(self, schedule: NoiseSchedule, mu: float, c: float):
+    def __init__(self, schedule: NoiseSchedule, mu: float, c: float, prediction_type: str = "sample"):
         super().__init__()
         self.schedule, self.mu, self.c = schedule, float(mu), float(c)
+        self.prediction_type = prediction_type
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         a, s = self.schedule.alpha_sigma(t)
         gain = a * self.c ** 2 / (a ** 2 * self.c ** 2 + s ** 2)
-        return self.mu + _bcast(gain, x) * (x - _bcast(a, x) * self.mu)
+        x0 = self.mu + _bcast(gain, x) * (x - _bcast(a, x) * self.mu)
+        if self.prediction_type == "sample":
+            return x0
+        eps = (x - _bcast(a, x) * x0) / _bcast(s, x)
+        return eps if self.prediction_type == "epsilon" else _bcast(a, x) * eps - _bcast(s, x) * x0
 
 
 class GaussianTeacher(DiffusionTeacher):
-    """Closed-form teacher for data ~ N(μ, c²I): parameter-free, ``prediction_type="sample"``, no clipping.
+    """Closed-form teacher for data ~ N(μ, c²I): parameter-free, no clipping.
 
     Args:
         schedule: the VP schedule.
         mu: data mean μ.
         c: data standard deviation c.
         sample_shape: ``(C, H, W)`` (any shape works, pixels are independent).
+        prediction_type: what its network returns (``sample``, ``epsilon`` or ``v_prediction``); the x0
+            predictor is the same exact posterior mean for all three, up to float64 rounding.
     """
 
     def __init__(self, schedule: NoiseSchedule, mu: float = 0.3, c: float = 0.5,
-                 sample_shape: tuple[int, int, int] = (1, 4, 4)):
-        super().__init__(_GaussianX0(schedule, mu, c), schedule, "sample", sample_shape=sample_shape)
+                 sample_shape: tuple[int, int, int] = (1, 4, 4), prediction_type: str = "sample"):
+        super().__init__(_GaussianNet(schedule, mu, c, prediction_type), schedule, prediction_type,
+                         sample_shape=sample_shape)
         self.mu, self.c = float(mu), float(c)
 
     def _z(self, eps: torch.Tensor) -> torch.Tensor:
@@ -330,6 +348,10 @@ def _build_scheduler(config: dict[str, Any], where: str) -> tuple[Any, torch.Ten
     except (ValueError, TypeError, NotImplementedError) as err:
         raise UserError(f"{where}: cannot build {name}: {_first_error_line(err)}") from None
     acp = getattr(scheduler, "alphas_cumprod", None)
+    kind = "flow-matching" if "FlowMatch" in name else "variance-exploding" if "Ve" in name else None
+    if kind is not None and not isinstance(acp, torch.Tensor):
+        raise UserError(f"{where}: {name} is a {kind} scheduler; not supported yet (vkd's BOOT distils "
+                        "variance-preserving DDPM/DDIM-type teachers)")
     if not isinstance(acp, torch.Tensor):
         raise UserError(f"{where}: scheduler {name} has no alphas_cumprod; BOOT needs a variance-preserving "
                         "(DDPM/DDIM-type) teacher")
@@ -456,8 +478,12 @@ def scheduler_config_of(source: str) -> dict[str, Any]:
 
 def _diffusers_teacher(ref: BootTeacherRef) -> DiffusionTeacher:
     clip: bool | str = "scheduler" if ref.clip_x0 == "scheduler" else (ref.clip_x0 == "true")
-    teacher = load_diffusers_teacher(ref.path, guidance_scale=ref.guidance_scale, clip_x0=clip, interp=ref.interp,
-                                     null_class=ref.null_class)
+    return load_diffusers_teacher(ref.path, guidance_scale=ref.guidance_scale, clip_x0=clip, interp=ref.interp,
+                                  null_class=ref.null_class)
+
+
+def cast_teacher(teacher: DiffusionTeacher, ref: BootTeacherRef) -> DiffusionTeacher:
+    """Cast the frozen teacher's network to ``teacher.dtype`` (after the fp32 student was copied from it)."""
     if ref.dtype != "float32":
         teacher.net.to(getattr(torch, ref.dtype))
     return teacher
@@ -469,8 +495,13 @@ TEACHER_KINDS: dict[str, Callable[[BootTeacherRef], DiffusionTeacher]] = {
 }
 
 
-def build_teacher(ref: BootTeacherRef) -> DiffusionTeacher:
+def build_teacher(ref: BootTeacherRef, cast: bool = True) -> DiffusionTeacher:
     """The frozen teacher named by a config's ``teacher`` section.
+
+    Args:
+        ref: the ``teacher`` section.
+        cast: cast to ``ref.dtype`` (:func:`cast_teacher`); ``False`` keeps the loaded float32 weights,
+            to copy a student from before casting.
 
     Examples:
         >>> teacher = build_teacher(BootTeacherRef(path="google/ddpm-cifar10-32"))  # doctest: +SKIP
@@ -479,4 +510,5 @@ def build_teacher(ref: BootTeacherRef) -> DiffusionTeacher:
     """
     if ref.kind not in TEACHER_KINDS:
         raise ConfigError(f"teacher.kind must be one of {', '.join(TEACHER_KINDS)}, got '{ref.kind}'")
-    return TEACHER_KINDS[ref.kind](ref)
+    teacher = TEACHER_KINDS[ref.kind](ref)
+    return cast_teacher(teacher, ref) if cast else teacher
