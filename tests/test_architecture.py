@@ -23,7 +23,7 @@ SHARED = ["cli.py", "demo.py", "report.py", "config.py", "cache.py", "method.py"
 ROLES = {"config": ["config.py"], "teacher": ["teacher.py"], "model": ["model.py", "student.py", "models.py"],
          "losses": ["losses.py"], "distiller": ["distiller.py"], "data": ["data.py", "data", "datasets.py"],
          "runs": ["runs.py"], "evaluate": ["evaluate.py"], "commands": ["commands.py"], "demo": ["demo.py"]}
-DATA_FREE = {"boot"}  # BOOT distils without training data: no data role
+DATA_FREE: set[str] = set()  # BOOT is data-free, but its data role reads prompt files
 
 
 def _modules() -> dict[str, Path]:

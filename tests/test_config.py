@@ -44,6 +44,17 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
     assert cfg.inner.maybe == 0.25 and cfg.run.name == "007"
 
 
+def test_yaml_boolean_words_select_the_literal_choice_of_that_name(tmp_path):
+    """YAML 1.1 reads ``no`` as False: ``--set train.mixed_precision=no`` and ``mixed_precision: no`` in a preset
+    both mean the choice "no"; a boolean matching no choice is still an error."""
+    assert load_config(Demo, None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("task: demo\ntrain:\n  mixed_precision: no\n")
+    assert load_config(Demo, path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="inner.mode"):
+        load_config(Demo, None, ["inner.mode=no"])
+
+
 def test_round_trip_reproduces_config(tmp_path):
     cfg = apply_overrides(Demo(), ["inner.size=11", "inner.tags=[u, v]", "train.scheduler=cosine"])
     save_config(cfg, tmp_path / "config.yaml")

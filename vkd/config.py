@@ -158,6 +158,12 @@ def _convert(value: Any, tp: Any, key: str, from_string: bool = False) -> Any:
     if origin is Literal:
         if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
             return value
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads no/off/yes/on as booleans: `mixed_precision: no` means the choice "no"
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            for arg in args:
+                if isinstance(arg, str) and arg.lower() in words:
+                    return arg
         if from_string:
             for arg in args:
                 if str(arg) == str(value):

@@ -1,9 +1,11 @@
 """BOOT: data-free distillation of a diffusion teacher into a one-step generator (Gu et al., arXiv 2306.05544).
 
-Files: ``config`` (typed configs), ``teacher`` (diffusers teachers of every prediction type), ``schedule`` (noise
-schedules), ``student`` (the one-step generator), ``losses`` (bootstrap and boundary losses), ``distiller`` (the
-engine tasks), ``sample`` (sampling, DDIM, image files), ``runs`` (reopen a run), ``evaluate`` (FID and speed of a
-run), ``commands`` (CLI adapters), ``demo`` (the ``vkd demo`` stage).
+Files: ``config`` (typed configs), ``teacher`` (the table of teacher kinds: diffusers UNet2DModel and text-to-image
+pipelines, every prediction type), ``conditioning`` (prompt tables on a frozen text encoder, latent decoders),
+``data`` (prompt files, BOOT's only data), ``schedule`` (noise schedules), ``student`` (the one-step generator),
+``losses`` (bootstrap and boundary losses), ``distiller`` (the engine tasks), ``sample`` (sampling, DDIM, image
+files), ``runs`` (reopen a run), ``evaluate`` (FID and speed of a run), ``commands`` (CLI adapters), ``demo`` (the
+``vkd demo`` stage), ``pipeline_boot`` (the exported diffusers pipeline).
 """
 
 from pathlib import Path

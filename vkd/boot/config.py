@@ -21,6 +21,7 @@ __all__ = [
     "EvalConfig",
     "BootTeacherConfig",
     "BootTeacherRef",
+    "BootDataConfig",
     "BootStudentConfig",
     "BootLossConfig",
     "BootConfig",
@@ -140,19 +141,33 @@ class BootTeacherConfig(TaskConfig):
 class BootTeacherRef:
     """Which teacher to distil, and how its x0 predictor is formed (boot.md §7, §9)."""
 
-    kind: str = "diffusers"  # a key of vkd.boot.teacher.TEACHER_KINDS (checked when the teacher is built)
+    # a key of vkd.boot.teacher.TEACHER_KINDS (checked when the teacher is built); auto: text-to-image when the
+    # pipeline has a text_encoder, else unet2d
+    kind: str = "auto"
     path: str = "runs/boot-teacher/digits/teacher"  # local save_pretrained dir or a hub id
     guidance_scale: float = 1.0  # CFG scale w folded into the teacher
     clip_x0: Literal["scheduler", "true", "false"] = "scheduler"
     null_class: int | None = None  # ∅ class for CFG (default: from vkd_teacher.json)
     interp: Literal["lambda", "index"] = "lambda"  # fractional timesteps (continuous time sampling)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # teacher forward precision (GPU)
+    negative_prompt: str = ""  # text-to-image: the ∅ prompt of guidance (empty prompt by default)
+    prompt_cache_mb: float = 256.0  # text-to-image: embed every prompt once when the table fits in this many MB
 
     def __post_init__(self) -> None:
+        if self.prompt_cache_mb < 0:
+            raise ConfigError(f"teacher.prompt_cache_mb must be >= 0, got {self.prompt_cache_mb}")
         if not self.path:
             raise ConfigError("teacher.path must name a teacher directory or hub id")
         if self.guidance_scale < 0:
             raise ConfigError(f"teacher.guidance_scale must be >= 0, got {self.guidance_scale}")
+
+
+@dataclass
+class BootDataConfig:
+    """BOOT's only data: the prompts of a text-to-image teacher (data-free otherwise)."""
+
+    prompts: str | None = None  # one prompt per line (.txt), or a JSON/JSONL/CSV/TSV column (vkd.boot.data)
+    prompt_column: str | None = None  # JSON key / CSV column (default: prompt, caption or text)
 
 
 @dataclass
@@ -201,6 +216,7 @@ class BootConfig(TaskConfig):
 
     task: str = "boot"
     teacher: BootTeacherRef = field(default_factory=BootTeacherRef)
+    data: BootDataConfig = field(default_factory=BootDataConfig)
     student: BootStudentConfig = field(default_factory=BootStudentConfig)
     loss: BootLossConfig = field(default_factory=BootLossConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

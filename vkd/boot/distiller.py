@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from torch import nn
 
+from vkd.boot.conditioning import TextUNetDenoiser
 from vkd.boot.config import BootConfig, BootTeacherConfig, EvalConfig
 from vkd.boot.evaluate import DigitsFID, digits_fid_scores, digits_reference_available, uint8_batches
 from vkd.boot.losses import BootLoss
@@ -34,6 +36,8 @@ from vkd.boot.teacher import (
 )
 from vkd.engine import DistillationTask, latest_checkpoint, load_checkpoint_weights
 from vkd.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["build_unet", "build_scheduler", "draw_boot_inputs", "TeacherTrainingTask", "BootTask",
            "DigitsFID"]
@@ -212,7 +216,7 @@ class BootTask(DistillationTask):
     def __init__(self, cfg: BootConfig, teacher: DiffusionTeacher | None = None, student: BootStudent | None = None):
         super().__init__()
         self.cfg = cfg
-        self.teacher = teacher if teacher is not None else build_teacher(cfg.teacher, cast=False)
+        self.teacher = teacher if teacher is not None else build_teacher(cfg.teacher, cfg.data, cast=False)
         self.teacher.eval().requires_grad_(False)
         L = cfg.loss
         t_sample = -1.0 if L.clean_endpoint else 0.0
@@ -230,6 +234,9 @@ class BootTask(DistillationTask):
                               f"{self.teacher.schedule.num_train_timesteps}")
         self._fid: DigitsFID | None = None
         self._teacher_fids: dict[int, float] = {}
+        if cfg.eval.num_samples > 0 and not self._reference_available():
+            log.info("eval: the digits-CNN FID needs the embedded digits teacher, so it is off for %s "
+                     "(score samples with `vkd sample boot` + `vkd fid`)", cfg.teacher.path)
 
     def train(self, mode: bool = True) -> BootTask:
         super().train(mode)
@@ -276,7 +283,7 @@ class BootTask(DistillationTask):
 
     def export(self, run_dir: Path) -> None:
         """``run_dir/pipeline``: the one-step student as a diffusers ``BootPipeline`` (EMA weights when kept)."""
-        if not isinstance(self.student.net, UNetDenoiser):
+        if not isinstance(self.student.net, (UNetDenoiser, TextUNetDenoiser)):
             return
         student = self.student
         ckpt = latest_checkpoint(run_dir)
@@ -285,6 +292,8 @@ class BootTask(DistillationTask):
             student.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"), strict=False)
         src = getattr(self.teacher, "source", self.cfg.teacher.path)
         sched_cfg = scheduler_config_of(self.cfg.teacher.path)
+        text = isinstance(self.student.net, TextUNetDenoiser)
         save_student(student, Path(run_dir) / STUDENT_EXPORT_DIR, sched_cfg,
-                     {"teacher": str(src), "num_classes": self.teacher.num_classes, "delta": self.cfg.loss.delta,
-                      "guidance_scale": self.teacher.guidance_scale})
+                     {"teacher": str(src), "num_classes": None if text else self.teacher.num_classes,
+                      "num_prompts": self.teacher.num_classes if text else None, "prompts": self.cfg.data.prompts,
+                      "delta": self.cfg.loss.delta, "guidance_scale": self.teacher.guidance_scale})

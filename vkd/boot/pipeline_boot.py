@@ -11,6 +11,7 @@ Examples:
     >>> from diffusers import DiffusionPipeline
     >>> pipe = DiffusionPipeline.from_pretrained("runs/boot/digits/pipeline", trust_remote_code=True)  # doctest: +SKIP
     >>> images = pipe(batch_size=8, class_labels=[7] * 8, num_inference_steps=1).images  # doctest: +SKIP
+    >>> images = pipe(["a handwritten seven"] * 8, num_inference_steps=1).images  # text-to-image  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,24 +27,41 @@ class BootPipeline(DiffusionPipeline):
     """One network evaluation from noise to image.
 
     Args:
-        unet: the student ``UNet2DModel`` (an output with twice the image channels is cut to its first half).
+        unet: the student ``UNet2DModel`` or ``UNet2DConditionModel`` (an output with twice the image channels is
+            cut to its first half).
         scheduler: the teacher's scheduler (kept for its config; the one step does not call it).
+        text_encoder: the teacher's frozen text encoder (text-to-image students), else ``None``.
+        tokenizer: its tokenizer.
+        vae: the teacher's ``AutoencoderKL`` (latent students), else ``None``.
         prediction_type: ``epsilon`` | ``v_prediction`` | ``sample``: what the student's network outputs.
         t_sample: the timestep the network reads (``-1``: BOOT's clean endpoint).
         alpha: α̃ of the output conversion at ``t_sample``.
         sigma: σ̃ of the output conversion at ``t_sample``.
+        max_length: prompt tokens (padding and truncation, as the student was trained).
+        use_attention_mask: pass the attention mask to the text encoder (T5 / ``use_attention_mask``).
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["text_encoder", "tokenizer", "vae"]
 
-    def __init__(self, unet, scheduler, prediction_type: str = "sample", t_sample: float = -1.0, alpha: float = 1.0,
-                 sigma: float = 0.0):
+    def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, vae=None, prediction_type: str = "sample",
+                 t_sample: float = -1.0, alpha: float = 1.0, sigma: float = 0.0, max_length: int = 77,
+                 use_attention_mask: bool = False):
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         self.register_to_config(prediction_type=prediction_type, t_sample=float(t_sample), alpha=float(alpha),
-                                sigma=float(sigma))
+                                sigma=float(sigma), max_length=int(max_length),
+                                use_attention_mask=bool(use_attention_mask))
+
+    def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
+        """``[B, L, D]`` text-encoder states: padded to ``max_length``, truncated, ``last_hidden_state``."""
+        tok = self.tokenizer(prompt, padding="max_length", max_length=self.config.max_length, truncation=True,
+                             return_tensors="pt")
+        mask = tok["attention_mask"].to(device) if self.config.use_attention_mask else None
+        with torch.autocast(device_type=device.type, enabled=False):
+            return self.text_encoder(tok["input_ids"].to(device), attention_mask=mask)[0]
 
     def _to_x0(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out, x = out.float(), x.float()  # the conversion in float32 whatever the UNet's dtype
@@ -55,13 +73,15 @@ class BootPipeline(DiffusionPipeline):
         return (x - s * out) / a if ptype == "epsilon" else a * x - s * out
 
     @torch.no_grad()
-    def __call__(self, batch_size: int = 1, class_labels: list[int] | torch.Tensor | None = None,
+    def __call__(self, prompt: str | list[str] | None = None, batch_size: int = 1,
+                 class_labels: list[int] | torch.Tensor | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  num_inference_steps: int = 1, output_type: str = "pil", return_dict: bool = True):
         """Generate ``batch_size`` images in one step.
 
         Args:
-            batch_size: number of images (``len(class_labels)`` or ``latents.shape[0]`` when given).
+            prompt: the prompt(s) of a text-to-image student (one image per prompt).
+            batch_size: number of images (``len(prompt)``, ``len(class_labels)`` or ``latents.shape[0]`` when given).
             class_labels: ``[B]`` class indices for a class-conditional student.
             generator: seeds the noise when ``latents`` is not given.
             latents: ``[B, C, H, W]`` the noise ε to start from.
@@ -73,10 +93,19 @@ class BootPipeline(DiffusionPipeline):
             raise ValueError(f"a BOOT student generates in one step; got num_inference_steps={num_inference_steps}")
         unet = self.unet
         device = self._execution_device
+        text_states = None
+        if self.text_encoder is not None:
+            if prompt is None:
+                raise ValueError("this student is text-to-image: pass prompt")
+            prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            text_states = self.encode_prompt(prompt, device)
+            batch_size = len(prompt)
+        elif prompt is not None:
+            raise ValueError("this student has no text encoder: it takes no prompt")
         if class_labels is not None:
             class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
             batch_size = int(class_labels.numel())
-        elif getattr(unet, "class_embedding", None) is not None:
+        elif getattr(unet, "class_embedding", None) is not None and text_states is None:
             raise ValueError("this student is class-conditional: pass class_labels")
         if latents is None:
             size = unet.config.sample_size
@@ -85,10 +114,20 @@ class BootPipeline(DiffusionPipeline):
                                    dtype=torch.float32)
         eps = latents.to(device)
         t = torch.full((eps.shape[0],), self.config.t_sample, dtype=torch.float32, device=device)
-        out = unet(eps.to(unet.dtype), t, class_labels=class_labels).sample
+        if text_states is not None:
+            out = unet(eps.to(unet.dtype), t, encoder_hidden_states=text_states.to(unet.dtype)).sample
+        else:
+            out = unet(eps.to(unet.dtype), t, class_labels=class_labels).sample
         if out.shape[1] == 2 * eps.shape[1]:
             out = out[:, : eps.shape[1]]
-        image = self._to_x0(out, eps).clamp(-1.0, 1.0)
+        image = self._to_x0(out, eps)
+        if self.vae is not None:  # a latent student: decode as the SD pipelines do, in float32
+            scale = float(getattr(self.vae.config, "scaling_factor", 1.0) or 1.0)
+            shift = float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+            vae_param = next(self.vae.parameters())
+            with torch.autocast(device_type=device.type, enabled=False):
+                image = self.vae.decode((image / scale + shift).to(vae_param)).sample.float()
+        image = image.clamp(-1.0, 1.0)
         if output_type != "pt":
             image = ((image + 1.0) / 2.0).cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":

@@ -9,8 +9,18 @@ from pathlib import Path
 
 import torch
 
+from vkd.boot.conditioning import TextUNetDenoiser
 from vkd.boot.config import BootConfig
-from vkd.boot.sample import ddim_sample, noise_batches, save_grid, save_images, student_sample, to_uint8
+from vkd.boot.data import read_prompts
+from vkd.boot.sample import (
+    ddim_sample,
+    noise_batches,
+    noise_for_indices,
+    save_grid,
+    save_images,
+    student_sample,
+    to_uint8,
+)
 from vkd.boot.student import BootStudent, exported_student, load_student
 from vkd.boot.teacher import DiffusionTeacher, build_teacher, cast_teacher
 from vkd.engine import latest_checkpoint, load_checkpoint_weights
@@ -33,14 +43,15 @@ def load_run(run_dir: str | Path, need_teacher: bool = False, device: str | torc
     teacher = None
     export = exported_student(run_dir)
     if export is not None:
-        student, _ = load_student(export)
+        prompts = read_prompts(cfg.data.prompts, cfg.data.prompt_column).prompts if cfg.data.prompts else ()
+        student, _ = load_student(export, prompts)
         if need_teacher:
-            teacher = build_teacher(cfg.teacher)
+            teacher = build_teacher(cfg.teacher, cfg.data)
     else:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
             raise DataError(f"{run_dir} has neither an exported student nor a checkpoint")
-        teacher = build_teacher(cfg.teacher, cast=False)
+        teacher = build_teacher(cfg.teacher, cfg.data, cast=False)
         student = BootStudent.from_teacher(teacher, cfg.student.parameterization,
                                            -1.0 if cfg.loss.clean_endpoint else 0.0, cfg.student.lambda_range)
         cast_teacher(teacher, cfg.teacher)
@@ -51,15 +62,22 @@ def load_run(run_dir: str | Path, need_teacher: bool = False, device: str | torc
         student.load_state_dict(state, strict=False)
         student.eval().requires_grad_(False)
     student.to(device)
+    if student.decoder is not None:  # held by reference: not moved with the student
+        student.decoder.to(device)
     if teacher is not None:
         teacher.to(device)
     return cfg, student, teacher
 
 
 def num_classes(student: BootStudent, teacher: DiffusionTeacher | None, cfg: BootConfig) -> int | None:
-    """The number of classes samples cycle through (``None``: unconditional)."""
+    """The number of classes (or prompts, for text-to-image) samples cycle through (``None``: unconditional)."""
     if teacher is not None:
         return teacher.num_classes
+    if isinstance(student.net, TextUNetDenoiser):
+        if student.net.prompts.num_prompts == 0:
+            raise UserError("this run's student is text-to-image and has no prompts: set data.prompts in the run's "
+                            "config.yaml to a prompt file")
+        return student.net.prompts.num_prompts
     unet = getattr(student.net, "unet", None)
     if unet is None or getattr(unet, "class_embedding", None) is None:
         return None
@@ -94,7 +112,11 @@ def run_image_batches(run_dir: str | Path, indices: range | list[int], seed: int
         for _, eps, labels in noise_batches(len(idx), seed, shape, ncls, batch_size, device, indices=idx):
             yield to_uint8(student_sample(student, eps, labels)).cpu()
 
-    return batches(), (shape[1], shape[2])
+    size = (shape[1], shape[2])
+    if student.decoder is not None:  # a latent student: the image size is the VAE's, not the latents'
+        probe, _ = noise_for_indices([0], seed, shape)
+        size = tuple(student.decoder(probe.to(device)).shape[-2:])
+    return batches(), size
 
 
 def sample_run(run_dir: Path, num: int, out: Path, teacher_steps: int | None = None, seed: int = 0,
@@ -135,8 +157,9 @@ def sample_run(run_dir: Path, num: int, out: Path, teacher_steps: int | None = N
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0
         save_images(x, out, start)
+        image_shape = tuple(x.shape[1:])  # decoded images (a latent student's shape differs from its latents)
         if sum(len(g) for g in grid) < 100:
             grid.append(x.cpu())
     return {"generator": what, "num": num, "seed": seed, "out": str(out),
             "grid": str(save_grid(torch.cat(grid)[:100], out / "grid" / "grid.png")),
-            "image_size": "x".join(str(v) for v in shape), "images_per_s": num / max(elapsed, 1e-9)}
+            "image_size": "x".join(str(v) for v in image_shape), "images_per_s": num / max(elapsed, 1e-9)}

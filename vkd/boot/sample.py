@@ -80,7 +80,7 @@ def ddim_sample(teacher: DiffusionTeacher, eps: torch.Tensor, class_labels: torc
         eps: ``[B, C, H, W]`` initial noise.
         class_labels: ``[B]`` or ``None``.
         steps: number of teacher evaluations K.
-        clamp: clamp the result to [-1, 1].
+        clamp: images clamped to [-1, 1] (a latent teacher's latents decoded first); else the raw final state.
 
     Returns:
         ``[B, C, H, W]`` samples.
@@ -96,7 +96,7 @@ def ddim_sample(teacher: DiffusionTeacher, eps: torch.Tensor, class_labels: torc
         a_t, s_t = sched.alpha_sigma(tt)
         a_s, s_s = sched.alpha_sigma(ss)
         x = ddim_step(x, x0, a_t, s_t, a_s, s_s)
-    return x.clamp(-1.0, 1.0) if clamp else x
+    return teacher.decode(x).clamp(-1.0, 1.0) if clamp else x
 
 
 @torch.no_grad()

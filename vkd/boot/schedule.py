@@ -16,7 +16,18 @@ from typing import Literal
 import torch
 from torch import nn
 
-__all__ = ["NoiseSchedule", "ddim_timesteps"]
+__all__ = ["NoiseSchedule", "ddim_timesteps", "as_timesteps"]
+
+
+def as_timesteps(t: torch.Tensor | float | int, batch: int, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-sample float timesteps ``[B]``: UNet2DModel truncates Python scalars to ``long``."""
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+    return t.to(dtype)
 
 
 class NoiseSchedule(nn.Module):

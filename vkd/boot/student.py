@@ -24,12 +24,14 @@ from typing import Any, Literal
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from vkd.boot import pipeline_boot
+from vkd.boot.conditioning import LatentDecoder, PromptEncoder, SharedModule, TextUNetDenoiser
 from vkd.boot.schedule import NoiseSchedule
-from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, _as_timesteps, _build_scheduler, to_x0
+from vkd.boot.schedule import as_timesteps as _as_timesteps
+from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, _build_scheduler, to_x0
 from vkd.errors import UserError
 
 __all__ = ["BootStudent", "PARAMETERIZATIONS", "DEFAULT_LAMBDA_RANGE", "resolve_parameterization",
@@ -65,12 +67,16 @@ class BootStudent(nn.Module):
         parameterization: ``auto`` | ``preconditioned`` | ``teacher_to_x0`` | ``sample`` (module docstring).
         t_sample: timestep used for one-step sampling (-1 with the clean endpoint, else 0).
         lambda_range: ``(λ_min, λ_max)`` of ``preconditioned`` (``None``: :data:`DEFAULT_LAMBDA_RANGE`).
+        decoder: latents → images (a latent teacher's VAE decoder), held by reference: never trained nor saved
+            in the student's checkpoints; ``None`` in pixel space.
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction_type: str,
                  parameterization: Literal["auto", "preconditioned", "teacher_to_x0", "sample"] = "auto",
-                 t_sample: float = -1.0, lambda_range: tuple[float, float] | None = None):
+                 t_sample: float = -1.0, lambda_range: tuple[float, float] | None = None,
+                 decoder: nn.Module | None = None):
         super().__init__()
+        self._decoder = None if decoder is None else SharedModule(decoder)
         parameterization = resolve_parameterization(parameterization, prediction_type)
         if prediction_type == "sample" and parameterization == "preconditioned":
             parameterization = "teacher_to_x0"  # an x0 head has nothing to precondition
@@ -95,10 +101,17 @@ class BootStudent(nn.Module):
         A half-precision teacher gives a float32 copy (master weights for AdamW and the EMA); build the
         student before casting a teacher to half precision, or its weights start rounded.
         """
-        net = copy.deepcopy(teacher.net).requires_grad_(True).train()
+        # a text teacher's net copies its UNet only: the frozen text encoder is shared, not trained
+        net = teacher.net.student_copy() if hasattr(teacher.net, "student_copy") else copy.deepcopy(teacher.net)
+        net.requires_grad_(True).train()
         if any(p.dtype in (torch.float16, torch.bfloat16) for p in net.parameters()):
             net.float()  # float64 stays float64 (exact tests); half precision never holds master weights
-        return cls(net, teacher.schedule, teacher.prediction_type, parameterization, t_sample, lambda_range)
+        return cls(net, teacher.schedule, teacher.prediction_type, parameterization, t_sample, lambda_range,
+                   decoder=getattr(teacher, "decoder", None))
+
+    @property
+    def decoder(self) -> nn.Module | None:
+        return None if self._decoder is None else self._decoder.module
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(α̃_t, σ̃_t)`` float64 ``[B]`` the output conversion uses at float timesteps ``t [B]``.
@@ -130,9 +143,16 @@ class BootStudent(nn.Module):
 
     @torch.no_grad()
     def generate(self, eps: torch.Tensor, class_labels: torch.Tensor | None = None, clamp: bool = True) -> torch.Tensor:
-        """One-step sample ``x0 = g(ε, t_sample, c)`` ``[B, C, H, W]``, clamped to [-1, 1] for export."""
+        """One-step sample ``x0 = g(ε, t_sample, c)`` ``[B, C, H, W]``.
+
+        ``clamp``: images in [-1, 1] (a latent student's latents decoded first); else the raw output (latents).
+        """
         x0 = self(eps, self.t_sample, class_labels)
-        return x0.clamp(-1.0, 1.0) if clamp else x0
+        if not clamp:
+            return x0
+        if self.decoder is not None:
+            x0 = self.decoder(x0)
+        return x0.clamp(-1.0, 1.0)
 
 
 def save_student(student: BootStudent, path: str | Path, scheduler_config: dict[str, Any],
@@ -144,11 +164,20 @@ def save_student(student: BootStudent, path: str | Path, scheduler_config: dict[
     works without vkd), and ``vkd_student.json`` (parameterisation, λ band, teacher, δ).
     """
 
-    if not isinstance(student.net, UNetDenoiser):
-        raise ValueError("save_student needs a UNet student (net is not a UNetDenoiser)")
+    if not isinstance(student.net, (UNetDenoiser, TextUNetDenoiser)):
+        raise ValueError("save_student needs a UNet student (net is not a UNetDenoiser or TextUNetDenoiser)")
     path = Path(path)
     (path / "unet").mkdir(parents=True, exist_ok=True)
     student.net.unet.save_pretrained(str(path / "unet"))
+    text = isinstance(student.net, TextUNetDenoiser)
+    if text:  # the frozen text encoder and tokenizer travel with the student: pipe("a prompt") needs them
+        prompts = student.net.prompts
+        prompts.text_encoder.save_pretrained(str(path / "text_encoder"))
+        prompts.tokenizer.save_pretrained(str(path / "tokenizer"))
+        meta = {**meta, "text_to_image": True, "negative_prompt": prompts.negative_prompt,
+                "max_length": prompts.max_length, "use_attention_mask": prompts.use_attention_mask}
+    if student.decoder is not None:
+        student.decoder.vae.save_pretrained(str(path / "vae"))
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     if "timesteps" in cfg and "num_train_timesteps" not in cfg:
         cfg["num_train_timesteps"] = cfg.pop("timesteps")
@@ -170,15 +199,29 @@ def _write_pipeline_index(student: BootStudent, path: Path, scheduler_class: str
     t = torch.tensor([student.t_sample], dtype=torch.float64)
     alpha, sigma = student.coefficients(t)
     shutil.copyfile(Path(pipeline_boot.__file__), path / "pipeline_boot.py")
-    index = {"_class_name": ["pipeline_boot", "BootPipeline"], "_diffusers_version": diffusers.__version__,
-             "unet": ["diffusers", type(student.net.unet).__name__], "scheduler": ["diffusers", scheduler_class],
-             "prediction_type": student.prediction_type, "t_sample": student.t_sample,
-             "alpha": float(alpha[0]), "sigma": float(sigma[0])}
+    index: dict[str, Any] = {
+        "_class_name": ["pipeline_boot", "BootPipeline"], "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", type(student.net.unet).__name__], "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": [None, None], "tokenizer": [None, None], "vae": [None, None],
+        "prediction_type": student.prediction_type, "t_sample": student.t_sample,
+        "alpha": float(alpha[0]), "sigma": float(sigma[0])}
+    if isinstance(student.net, TextUNetDenoiser):
+        prompts = student.net.prompts
+        index["text_encoder"] = ["transformers", type(prompts.text_encoder).__name__]
+        index["tokenizer"] = ["transformers", type(prompts.tokenizer).__name__]
+        index["max_length"], index["use_attention_mask"] = prompts.max_length, prompts.use_attention_mask
+    if student.decoder is not None:
+        index["vae"] = ["diffusers", type(student.decoder.vae).__name__]
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def load_student(path: str | Path) -> tuple[BootStudent, dict[str, Any]]:
-    """Inverse of :func:`save_student`: ``(student in eval mode, metadata)``."""
+def load_student(path: str | Path, prompts: tuple[str, ...] = ()) -> tuple[BootStudent, dict[str, Any]]:
+    """Inverse of :func:`save_student`: ``(student in eval mode, metadata)``.
+
+    Args:
+        path: the export (``RUN/pipeline``).
+        prompts: a text-to-image student's prompt table (condition ``i`` is ``prompts[i]``).
+    """
 
     path = Path(path)
     meta_path = path / STUDENT_META_FILE
@@ -187,13 +230,23 @@ def load_student(path: str | Path) -> tuple[BootStudent, dict[str, Any]]:
     meta = json.loads(meta_path.read_text())
     sched_cfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     _, acp = _build_scheduler(sched_cfg, str(path))
+    text = bool(meta.get("text_to_image", False))
     try:
-        unet = UNet2DModel.from_pretrained(str(path / "unet"))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the student UNet from {path / 'unet'}: {err}") from None
-    student = BootStudent(UNetDenoiser(unet), NoiseSchedule(acp, interp=meta.get("interp", "lambda")),
+        unet = (UNet2DConditionModel if text else UNet2DModel).from_pretrained(str(path / "unet"))
+        decoder = LatentDecoder(AutoencoderKL.from_pretrained(str(path / "vae"))) if (path / "vae").is_dir() else None
+        if text:
+            import transformers  # slow to import (seconds), and only text-to-image students need it
+
+            index = json.loads((path / "model_index.json").read_text())
+            encoder = getattr(transformers, index["text_encoder"][1]).from_pretrained(str(path / "text_encoder"))
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise UserError(f"cannot load the exported student from {path}: {str(err).splitlines()[0]}") from None
+    net = TextUNetDenoiser(unet, PromptEncoder(encoder, tokenizer, prompts, meta.get("negative_prompt", ""))) \
+        if text else UNetDenoiser(unet)
+    student = BootStudent(net, NoiseSchedule(acp, interp=meta.get("interp", "lambda")),
                           meta["prediction_type"], meta["parameterization"], meta.get("t_sample", -1.0),
-                          _range_from_json(meta.get("lambda_range")))
+                          _range_from_json(meta.get("lambda_range")), decoder=decoder)
     return student.eval().requires_grad_(False), meta
 
 

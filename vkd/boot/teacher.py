@@ -1,4 +1,5 @@
-"""Teachers for BOOT: a diffusers ``UNet2DModel`` (any VP scheduler) or the closed-form Gaussian.
+"""Teachers for BOOT: a diffusers ``UNet2DModel`` (any VP scheduler), a text-to-image pipeline (Stable Diffusion
+or DeepFloyd IF layout; latent or pixel space), or the closed-form Gaussian.
 
 A teacher here is an x0 ("signal") predictor on per-sample float timesteps,
 ``f̃(x_t, t, c) = clip(to_x0(f_uncond + w·(f_cond − f_uncond), x_t, t))``, where the network output
@@ -8,25 +9,31 @@ guiding ε, v or x0 gives the same x0.
 
 Loading goes through ``UNet2DModel.from_pretrained`` and the scheduler's own ``from_config`` for
 local directories and hub ids alike, so the embedded digits teacher (written with
-``save_pretrained``) and ``google/ddpm-cifar10-32`` take exactly the same path.
+``save_pretrained``) and ``google/ddpm-cifar10-32`` take exactly the same path. ``TEACHER_KINDS`` is the table of
+teacher kinds; ``kind: auto`` picks ``text-to-image`` when the pipeline's ``model_index.json`` has a text encoder.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from huggingface_hub import hf_hub_download
 from torch import nn
 
-from vkd.boot.config import BootTeacherRef
+from vkd.boot.conditioning import LatentDecoder, PromptEncoder, TextUNetDenoiser
+from vkd.boot.config import BootDataConfig, BootTeacherRef
+from vkd.boot.data import read_prompts
 from vkd.boot.schedule import NoiseSchedule
+from vkd.boot.schedule import as_timesteps as _as_timesteps
 from vkd.errors import ConfigError, UserError
 
 __all__ = [
@@ -44,7 +51,12 @@ __all__ = [
     "TEACHER_KINDS",
     "build_teacher",
     "cast_teacher",
+    "dynamic_threshold",
+    "load_text_to_image_teacher",
+    "resolve_teacher_kind",
 ]
+
+log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TEACHER_META_FILE = "vkd_teacher.json"  # vkd metadata next to model_index.json (classes, null class)
@@ -82,17 +94,6 @@ def to_x0(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.
     if prediction_type == "v_prediction":
         return a * x - s * out
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
-
-
-def _as_timesteps(t: torch.Tensor | float | int, batch: int, device: torch.device,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-sample float timesteps ``[B]``: UNet2DModel truncates Python scalars to ``long``."""
-    t = torch.as_tensor(t, device=device)
-    if t.ndim == 0:
-        t = t.expand(batch)
-    if t.shape != (batch,):
-        raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
-    return t.to(dtype)
 
 
 class UNetDenoiser(nn.Module):
@@ -136,12 +137,16 @@ class DiffusionTeacher(nn.Module):
         guidance_scale: CFG scale w (1 = no guidance, one forward).
         num_classes: number of real classes (``None``: unconditional).
         null_class: class index used as ∅ for guidance (``None``: guidance unavailable).
-        sample_shape: ``(C, H, W)`` of the images.
+        sample_shape: ``(C, H, W)`` of what the network denoises (images, or latents with a ``decoder``).
+        decoder: latents → images in [-1, 1] (a :class:`~vkd.boot.conditioning.LatentDecoder`); ``None``: pixels.
+        threshold: ``(ratio, max_value)`` of dynamic thresholding (Imagen/IF; diffusers' ``thresholding=True``),
+            applied to the guided x0 instead of ``clip_x0``.
     """
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction_type: str, clip_x0: bool = False,
                  clip_range: float = 1.0, guidance_scale: float = 1.0, num_classes: int | None = None,
-                 null_class: int | None = None, sample_shape: tuple[int, int, int] = (1, 16, 16)):
+                 null_class: int | None = None, sample_shape: tuple[int, int, int] = (1, 16, 16),
+                 decoder: nn.Module | None = None, threshold: tuple[float, float] | None = None):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise UserError(f"unknown teacher prediction_type '{prediction_type}'; supported: "
@@ -161,10 +166,20 @@ class DiffusionTeacher(nn.Module):
         self.num_classes = num_classes
         self.null_class = null_class
         self.sample_shape = tuple(int(v) for v in sample_shape)
+        self.decoder = decoder
+        self.threshold = None if threshold is None else (float(threshold[0]), float(threshold[1]))
 
     @property
     def conditional(self) -> bool:
         return self.num_classes is not None
+
+    @property
+    def latent(self) -> bool:
+        return self.decoder is not None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """What the network denoises → images ``[B, C', H', W']`` in about [-1, 1] (identity in pixel space)."""
+        return x if self.decoder is None else self.decoder(x)
 
     def to_x0(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``to_x0`` at float timesteps ``t [B]``; ``t < 0`` uses the coefficients of index 0 (never σ = 0)."""
@@ -189,9 +204,20 @@ class DiffusionTeacher(nn.Module):
         """x0 prediction ``[B, C, H, W]`` from ``x [B, C, H, W]`` at float timesteps ``t [B]``."""
         t = _as_timesteps(t, x.shape[0], x.device, torch.float64)  # float64 for the coefficients
         x0 = self.to_x0(self.raw(x, t, class_labels), x, t)
-        if self.clip_x0:
+        if self.threshold is not None:
+            x0 = dynamic_threshold(x0, *self.threshold)
+        elif self.clip_x0:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         return x0
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float = 0.995, max_value: float = 1.0) -> torch.Tensor:
+    """Dynamic thresholding (Imagen; ``DDPMScheduler._threshold_sample``): per sample, s = the ``ratio`` quantile of
+    |x0| clamped to ``[1, max_value]``, then ``clamp(x0, −s, s) / s``. ``[B, ...]``."""
+    flat = x0.flatten(1)
+    s = torch.quantile(flat.abs().float(), ratio, dim=1).clamp(1.0, max_value).to(x0.dtype)  # [B]
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s
 
 
 class _GaussianNet(nn.Module):
@@ -489,17 +515,187 @@ def cast_teacher(teacher: DiffusionTeacher, ref: BootTeacherRef) -> DiffusionTea
     return teacher
 
 
+# ----------------------------------------------------------------------------------------------
+# text-to-image pipelines (StableDiffusionPipeline / IFPipeline layouts)
+# ----------------------------------------------------------------------------------------------
+
+TEXT_PIPELINE_COMPONENTS = ("unet", "text_encoder", "tokenizer", "scheduler")  # + optional vae
+
+
+def read_model_index(source: str) -> dict[str, Any] | None:
+    """``model_index.json`` of a pipeline directory or hub id (``None`` when there is none)."""
+    if _is_local(source):
+        path = Path(source).expanduser() / "model_index.json"
+        if not path.is_file():
+            return None
+        text = path.read_text()
+    else:
+        try:
+            text = Path(hf_hub_download(source, "model_index.json")).read_text()
+        except Exception:  # noqa: BLE001 - not on the hub / offline and not cached: not a pipeline we can read
+            return None
+    try:
+        index = json.loads(text)
+    except ValueError as err:
+        raise UserError(f"{source}/model_index.json is not valid JSON: {_first_error_line(err)}") from None
+    if not isinstance(index, dict):
+        raise UserError(f"{source}/model_index.json: expected a JSON object")
+    return index
+
+
+def _component(index: dict[str, Any], name: str) -> tuple[str, str] | None:
+    """``(library, class)`` of a pipeline component, ``None`` when absent or ``[null, null]``."""
+    entry = index.get(name)
+    if not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
+        return None
+    return str(entry[0]), str(entry[1])
+
+
+def _load_component(source: str, name: str, cls: Any) -> Any:
+    if _is_local(source) and not (Path(source).expanduser() / name).is_dir():
+        raise UserError(f"{source}: model_index.json lists {name}, but the pipeline has no {name}/ directory")
+    try:
+        return cls.from_pretrained(source, subfolder=name)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"cannot load {name}/ of {source}: {_first_error_line(err)}") from None
+
+
+def _text_width(text_encoder: nn.Module) -> int:
+    cfg = text_encoder.config
+    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", 0))
+
+
+def load_text_to_image_teacher(source: str, prompts: Sequence[str], negative_prompt: str = "",
+                               guidance_scale: float = 1.0, clip_x0: Literal["scheduler"] | bool = "scheduler",
+                               interp: str = "lambda", prompt_cache_mb: float = 256.0) -> DiffusionTeacher:
+    """A frozen text-to-image :class:`DiffusionTeacher` from a diffusers pipeline (directory or hub id).
+
+    Reads the ``StableDiffusionPipeline`` layout (``model_index.json``, ``unet/`` = ``UNet2DConditionModel``,
+    ``text_encoder/`` + ``tokenizer/`` from transformers, ``scheduler/``, optional ``vae/``): **latent** when a VAE is
+    present (the student generates latents; the VAE decodes them for samples and evaluation), pixel-space otherwise
+    (the DeepFloyd IF stage-I layout: T5 encoder, ``learned_range`` outputs cut to their first channels, dynamic
+    thresholding when the scheduler sets ``thresholding``). The condition is an index into ``prompts`` (index
+    ``len(prompts)`` is ``negative_prompt``, the ∅ of guidance).
+
+    Raises:
+        UserError: a missing component or directory, a UNet that is not ``UNet2DConditionModel``, SDXL-style added
+            conditions, a tokenizer/text-encoder or text-encoder/UNet mismatch, VAE/UNet channel mismatch, no prompts.
+    """
+    import transformers  # slow to import (seconds), and only text-to-image teachers need it
+
+    source = str(source)
+    index = read_model_index(source)
+    if index is None:
+        raise UserError(f"{source} is not a diffusers pipeline (no model_index.json)")
+    missing = [name for name in TEXT_PIPELINE_COMPONENTS if _component(index, name) is None]
+    if missing:
+        raise UserError(f"{source}: the pipeline has no {', '.join(missing)} (model_index.json); a text-to-image "
+                        "teacher needs unet, text_encoder, tokenizer and scheduler (vae optional)")
+    if _component(index, "text_encoder_2") is not None:
+        raise UserError(f"{source}: SDXL-style pipelines (two text encoders, added time ids) are not supported yet")
+    if not prompts:
+        raise UserError("a text-to-image teacher needs prompts: --set data.prompts=PROMPTS.txt")
+    unet_cls = _component(index, "unet")[1]
+    if unet_cls != "UNet2DConditionModel":
+        raise UserError(f"{source}: the text-to-image teacher's unet must be a UNet2DConditionModel, got {unet_cls}")
+    sched_cfg = _load_scheduler_config(source, _is_local(source))
+    scheduler, acp = _build_scheduler(sched_cfg, source)
+    prediction_type = sched_cfg.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"{source}: unknown prediction_type '{prediction_type}'; supported: " + ", ".join(PREDICTION_TYPES))
+    unet = _load_component(source, "unet", UNet2DConditionModel)
+    added = getattr(unet.config, "addition_embed_type", None)
+    if added not in (None, "text"):  # "text": IF's pooled text embedding, computed inside the UNet from the states
+        raise UserError(f"{source}: UNets with added conditions (addition_embed_type={added}, e.g. SDXL's "
+                        "text_time) are not supported yet")
+    enc_name = _component(index, "text_encoder")[1]
+    enc_cls = getattr(transformers, enc_name, None)
+    if enc_cls is None or not hasattr(enc_cls, "from_pretrained"):
+        raise UserError(f"{source}: unknown text encoder class {enc_name} (not in transformers)")
+    text_encoder = _load_component(source, "text_encoder", enc_cls)
+    tokenizer = _load_component(source, "tokenizer", transformers.AutoTokenizer)
+    vocab = int(getattr(text_encoder.config, "vocab_size", 0) or 0)
+    if vocab and len(tokenizer) > vocab:
+        raise UserError(f"{source}: the tokenizer has {len(tokenizer)} tokens but the text encoder's vocabulary has "
+                        f"{vocab} (a tokenizer/text-encoder mismatch)")
+    want = getattr(unet.config, "encoder_hid_dim", None) or unet.config.cross_attention_dim
+    if isinstance(want, (list, tuple)):
+        want = want[0]
+    if _text_width(text_encoder) != int(want):
+        raise UserError(f"{source}: the text encoder's width is {_text_width(text_encoder)} but the UNet expects "
+                        f"{int(want)} (text_encoder/ and unet/ do not belong together)")
+    decoder = None
+    if _component(index, "vae") is not None:
+        vae_cls = _component(index, "vae")[1]
+        if vae_cls != "AutoencoderKL":
+            raise UserError(f"{source}: only AutoencoderKL VAEs are supported, got {vae_cls}")
+        decoder = LatentDecoder(_load_component(source, "vae", AutoencoderKL))
+        if decoder.latent_channels != int(unet.config.in_channels):
+            raise UserError(f"{source}: the VAE has {decoder.latent_channels} latent channels but the UNet reads "
+                            f"{unet.config.in_channels}")
+    prompt_encoder = PromptEncoder(text_encoder, tokenizer, prompts, negative_prompt, prompt_cache_mb)
+    clip = bool(sched_cfg.get("clip_sample", True)) if clip_x0 == "scheduler" else bool(clip_x0)
+    threshold = None
+    if sched_cfg.get("thresholding", False):
+        threshold = (float(sched_cfg.get("dynamic_thresholding_ratio", 0.995)),
+                     float(sched_cfg.get("sample_max_value", 1.0)))
+    size = unet.config.sample_size
+    size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    teacher = DiffusionTeacher(TextUNetDenoiser(unet, prompt_encoder), NoiseSchedule(acp, interp=interp),
+                               prediction_type, clip_x0=clip, clip_range=float(sched_cfg.get("clip_sample_range", 1.0)),
+                               guidance_scale=guidance_scale, num_classes=len(prompts),
+                               null_class=prompt_encoder.null_index, sample_shape=(int(unet.config.in_channels), *size),
+                               decoder=decoder, threshold=threshold)
+    teacher.eval().requires_grad_(False)
+    teacher.source = source  # type: ignore[attr-defined]
+    return teacher
+
+
+def _text_to_image_teacher(ref: BootTeacherRef, data: BootDataConfig) -> DiffusionTeacher:
+    if not data.prompts:
+        raise UserError(f"{ref.path} is a text-to-image teacher: it needs prompts (--set data.prompts=PROMPTS.txt, one "
+                        "prompt per line or a JSON/CSV column)")
+    prompts = read_prompts(data.prompts, data.prompt_column)
+    clip: bool | str = "scheduler" if ref.clip_x0 == "scheduler" else (ref.clip_x0 == "true")
+    teacher = load_text_to_image_teacher(ref.path, prompts.prompts, ref.negative_prompt, ref.guidance_scale, clip,
+                                         ref.interp, ref.prompt_cache_mb)
+    enc = teacher.net.prompts
+    log.info("prompts: %d from %s (%d empty lines skipped, %d longer than %d tokens truncated)", len(prompts.prompts),
+             data.prompts, prompts.skipped_empty, enc.truncated, enc.max_length)
+    teacher.prompt_info = {"num_prompts": len(prompts.prompts), "skipped_empty": prompts.skipped_empty,  # type: ignore[attr-defined]
+                           "truncated": enc.truncated, "max_tokens": enc.max_length}
+    return teacher
+
+
+def _unet2d_teacher(ref: BootTeacherRef, data: BootDataConfig) -> DiffusionTeacher:
+    if data.prompts:
+        raise ConfigError(f"data.prompts is set, but {ref.path} is not a text-to-image pipeline (no text_encoder); "
+                          "prompts apply to text-to-image teachers only")
+    return _diffusers_teacher(ref)
+
+
+def resolve_teacher_kind(ref: BootTeacherRef) -> str:
+    """``auto`` → ``text-to-image`` when the pipeline's ``model_index.json`` has a text encoder, else ``unet2d``."""
+    if ref.kind != "auto":
+        return ref.kind
+    index = read_model_index(ref.path)
+    return "text-to-image" if index is not None and _component(index, "text_encoder") is not None else "unet2d"
+
+
 # teacher.kind -> builder of the frozen teacher; a new kind of teacher is one entry here.
-TEACHER_KINDS: dict[str, Callable[[BootTeacherRef], DiffusionTeacher]] = {
-    "diffusers": _diffusers_teacher,  # UNet2DModel + scheduler: a save_pretrained directory or a hub id
+TEACHER_KINDS: dict[str, Callable[[BootTeacherRef, BootDataConfig], DiffusionTeacher]] = {
+    "unet2d": _unet2d_teacher,  # UNet2DModel + scheduler (unconditional or class-conditional; DDPMPipeline layout)
+    "diffusers": _unet2d_teacher,  # the name of unet2d in runs written before text-to-image teachers
+    "text-to-image": _text_to_image_teacher,  # UNet2DConditionModel + text encoder (SD / IF layouts), prompts
 }
 
 
-def build_teacher(ref: BootTeacherRef, cast: bool = True) -> DiffusionTeacher:
-    """The frozen teacher named by a config's ``teacher`` section.
+def build_teacher(ref: BootTeacherRef, data: BootDataConfig | None = None, cast: bool = True) -> DiffusionTeacher:
+    """The frozen teacher named by a config's ``teacher`` section (and its prompts, for text-to-image teachers).
 
     Args:
-        ref: the ``teacher`` section.
+        ref: the ``teacher`` section (``kind: auto`` reads the pipeline's ``model_index.json``).
+        data: the ``data`` section (``data.prompts`` for text-to-image teachers).
         cast: cast to ``ref.dtype`` (:func:`cast_teacher`); ``False`` keeps the loaded float32 weights,
             to copy a student from before casting.
 
@@ -508,7 +704,8 @@ def build_teacher(ref: BootTeacherRef, cast: bool = True) -> DiffusionTeacher:
         >>> teacher.sample_shape  # doctest: +SKIP
         (3, 32, 32)
     """
-    if ref.kind not in TEACHER_KINDS:
-        raise ConfigError(f"teacher.kind must be one of {', '.join(TEACHER_KINDS)}, got '{ref.kind}'")
-    teacher = TEACHER_KINDS[ref.kind](ref)
+    kind = resolve_teacher_kind(ref)
+    if kind not in TEACHER_KINDS:
+        raise ConfigError(f"teacher.kind must be auto or one of {', '.join(TEACHER_KINDS)}, got '{ref.kind}'")
+    teacher = TEACHER_KINDS[kind](ref, data if data is not None else BootDataConfig())
     return cast_teacher(teacher, ref) if cast else teacher
