@@ -7,10 +7,16 @@ one-step student and of the teacher with DDIM 1, 4, 10 and 50 steps, on the same
     python scripts/bench_boot.py --reuse               # reuse finished runs in --out
     python scripts/bench_boot.py --teacher-steps 300 --boot-steps 200 --num-samples 500   # quick
     python scripts/bench_boot.py --prediction-type epsilon   # the digits teacher retrained as ε-prediction
+    python scripts/bench_boot.py --text                # the embedded text-to-image teacher, BOOT from prompts
 
 ``--prediction-type`` retrains the embedded teacher as an ε-, v- or x0-prediction model (runs named
 ``digits-<type>``; ``sample`` is the shipped default, run name ``digits``); the student parameterisation
 is the preset's (``auto``: preconditioned for ε and v).
+
+``--text`` trains the embedded text-to-image teacher (``digits-text-teacher``: UNet2DConditionModel + CLIPTextModel on
+captioned digits, ε-prediction) and distils it from its prompt file alone (``digits-text``); every generator then also
+reports its **prompt accuracy** (the digits classifier's agreement with the digit the prompt names).
+Every generator reports its same-noise RMS distance to the teacher's longest DDIM chain.
 
 Writes ``<out>/bench_boot_<run name>.json`` and prints a table. Wall times depend on what else runs on the machine:
 the JSON also records process CPU time and the load average so shared-machine numbers can be read.
@@ -46,8 +52,8 @@ def timed(fn):
 
 
 def main() -> int:
-    from vkd.boot.commands import run_boot, run_teacher
-    from vkd.boot.config import BootConfig, BootTeacherConfig
+    from vkd.boot.commands import run_boot, run_teacher, run_text_teacher
+    from vkd.boot.config import BootConfig, BootTeacherConfig, BootTextTeacherConfig
     from vkd.boot.evaluate import compare_generators
     from vkd.boot.student import exported_student
     from vkd.config import load_config
@@ -62,8 +68,12 @@ def main() -> int:
     p.add_argument("--boot-steps", type=int, default=None, help="override train.steps of digits")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in --out instead of training")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--prediction-type", choices=("sample", "epsilon", "v_prediction"), default="sample",
-                   help="the digits teacher's prediction type (sample = the embedded default)")
+    p.add_argument("--prediction-type", choices=("sample", "epsilon", "v_prediction"), default=None,
+                   help="retrain the teacher with this prediction type (default: the preset's: sample for the digits "
+                        "teacher, epsilon for the text teacher)")
+    p.add_argument("--text", action="store_true",
+                   help="the embedded text-to-image teacher (digits-text-teacher) and BOOT from its prompts (digits-text)")
+    p.add_argument("--run-seed", type=int, default=None, help="run.seed of both trainings (default: the presets')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override of the BOOT config (e.g. student.parameterization=teacher_to_x0)")
     p.add_argument("--tag", default="", help="suffix of the BOOT run name (the teacher run is shared)")
@@ -78,28 +88,47 @@ def main() -> int:
                                 "torch": torch.__version__, "loadavg_start": load_start},
                     "num_samples": args.num_samples, "seed": args.seed, "prediction_type": args.prediction_type,
                     "boot_overrides": args.set}
-    teacher_name = "digits" if args.prediction_type == "sample" else f"digits-{args.prediction_type}"
+    teacher_name = "digits-text" if args.text else "digits"
+    if args.prediction_type is not None and args.prediction_type != ("epsilon" if args.text else "sample"):
+        teacher_name += f"-{args.prediction_type}"
+    if args.run_seed is not None:
+        teacher_name += f"-seed{args.run_seed}"
     name = f"{teacher_name}-{args.tag}" if args.tag else teacher_name
+    result["text_to_image"] = args.text
+    seed_sets = [] if args.run_seed is None else [f"run.seed={args.run_seed}"]
 
     # ---- 1. teacher training -----------------------------------------------------------------
-    t_sets = [f"run.output_dir={out}", f"run.name={teacher_name}", f"scheduler.prediction_type={args.prediction_type}"]
+    t_sets = [f"run.output_dir={out}", f"run.name={teacher_name}", *seed_sets]
+    if args.prediction_type is not None:
+        t_sets.append(f"scheduler.prediction_type={args.prediction_type}")
     if args.teacher_steps:
         t_sets.append(f"train.steps={args.teacher_steps}")
-    tcfg = load_config(BootTeacherConfig, ROOT / "configs/boot/digits-teacher.yaml", t_sets, task="boot-teacher")
+    if args.text:
+        tcfg = load_config(BootTextTeacherConfig, ROOT / "configs/boot/digits-text-teacher.yaml", t_sets,
+                           task="boot-text-teacher")
+        train_teacher = run_text_teacher
+    else:
+        tcfg = load_config(BootTeacherConfig, ROOT / "configs/boot/digits-teacher.yaml", t_sets, task="boot-teacher")
+        train_teacher = run_teacher
     teacher_dir = tcfg.run_dir() / "teacher"
+    result["prediction_type"] = tcfg.scheduler.prediction_type
     if args.reuse and (teacher_dir / "model_index.json").is_file():
         result["teacher_training"] = json.loads((out / f"bench_times_{name}.json").read_text())["teacher_training"] \
             if (out / f"bench_times_{name}.json").is_file() else {"reused": True}
     else:
-        _, wall, cpu = timed(lambda: run_teacher(tcfg, resume=None if not tcfg.run_dir().exists() else "latest"))
+        _, wall, cpu = timed(lambda: train_teacher(tcfg, resume=None if not tcfg.run_dir().exists() else "latest"))
         result["teacher_training"] = {"steps": tcfg.train.steps, "wall_s": wall, "cpu_s": cpu}
 
     # ---- 2. BOOT distillation ------------------------------------------------------------------
     b_sets = [f"run.output_dir={out}", f"run.name={name}", f"teacher.path={teacher_dir}", "eval.num_samples=0",
-              *args.set]
+              *seed_sets]
+    if args.text:
+        b_sets.append(f"data.prompts={tcfg.run_dir() / 'prompts.txt'}")
+    b_sets += args.set
     if args.boot_steps:
         b_sets.append(f"train.steps={args.boot_steps}")
-    bcfg = load_config(BootConfig, ROOT / "configs/boot/digits.yaml", b_sets, task="boot")
+    preset = "digits-text" if args.text else "digits"
+    bcfg = load_config(BootConfig, ROOT / f"configs/boot/{preset}.yaml", b_sets, task="boot")
     if args.reuse and exported_student(bcfg.run_dir()) is not None:
         result["boot_training"] = json.loads((out / f"bench_times_{name}.json").read_text())["boot_training"] \
             if (out / f"bench_times_{name}.json").is_file() else {"reused": True}
@@ -121,26 +150,35 @@ def main() -> int:
     result["generators"] = rows
     s, d50, d1 = rows["boot_student_1step"], rows.get("teacher_ddim50"), rows.get("teacher_ddim1")
     targets = {}
+    fid_limit = 1.3 if args.text else 1.25
     if d50:
         targets["student_fid_over_ddim50_fid"] = s["fid"] / d50["fid"]
-        targets["fid_vs_ddim50_ok (<= 1.25)"] = s["fid"] <= 1.25 * d50["fid"]
+        targets[f"fid_vs_ddim50_ok (<= {fid_limit})"] = s["fid"] <= fid_limit * d50["fid"]
+        if "prompt_accuracy" in s and "prompt_accuracy" in d50:
+            targets["prompt_accuracy_over_ddim50"] = s["prompt_accuracy"] / max(d50["prompt_accuracy"], 1e-9)
+            targets["prompt_accuracy_ok (>= 0.95)"] = targets["prompt_accuracy_over_ddim50"] >= 0.95
         targets["speedup_vs_ddim50"] = s["images_per_s"] / d50["images_per_s"]
         targets["speedup_ok (>= 30)"] = targets["speedup_vs_ddim50"] >= 30
     if d1:
         targets["student_fid_over_ddim1_fid"] = s["fid"] / d1["fid"]
         targets["fid_vs_ddim1_ok (<= 0.5)"] = s["fid"] <= 0.5 * d1["fid"]
     if "train_total" in result:
+        limit_min = 15 if args.text else 10
         targets["train_total_wall_min"] = result["train_total"]["wall_s"] / 60
-        targets["train_total_ok (<= 10 min wall)"] = result["train_total"]["wall_s"] <= 600
+        targets[f"train_total_ok (<= {limit_min} min wall)"] = result["train_total"]["wall_s"] <= 60 * limit_min
     result["targets"] = targets
     result["machine"]["loadavg_end"] = os.getloadavg()
     (out / f"bench_boot_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\nBOOT benchmark (digits teacher, {args.prediction_type} prediction; FID with {result['extractor']}, "
-          f"{args.num_samples} samples vs {result['num_reference']} held-out digits)")
-    print(f"{'generator':<22s}{'NFE':>5s}{'FID':>10s}{'img/s':>12s}")
+    kind = "text-to-image digits teacher" if args.text else "digits teacher"
+    print(f"\nBOOT benchmark ({kind}, {result['prediction_type']} prediction; FID with {result['extractor']}, "
+          f"{args.num_samples} samples vs {result['num_reference']} held-out digits; RMS to {cmp['reference_chain']} "
+          f"on the same noise)")
+    print(f"{'generator':<22s}{'NFE':>5s}{'FID':>10s}{'img/s':>12s}{'RMS':>8s}{'prompt acc':>12s}")
     for gen, r in rows.items():
-        print(f"{gen:<22s}{r['nfe']:>5d}{r['fid']:>10.3f}{r['images_per_s']:>12.1f}")
+        acc = f"{r['prompt_accuracy']:>12.3f}" if "prompt_accuracy" in r else f"{'-':>12s}"
+        print(f"{gen:<22s}{r['nfe']:>5d}{r['fid']:>10.3f}{r['images_per_s']:>12.1f}"
+              f"{r.get('rms_to_reference', float('nan')):>8.3f}{acc}")
     for stage in ("teacher_training", "boot_training", "train_total"):
         if stage in result and "wall_s" in result[stage]:
             r = result[stage]

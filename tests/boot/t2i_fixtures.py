@@ -15,21 +15,23 @@ is made up here. The weights are random; only shapes, configs and file layouts a
 
 from __future__ import annotations
 
-import functools
-import gzip
-import importlib.util
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = ["CLIP_BOS_ID", "CLIP_EOS_ID", "CLIP_VOCAB_SIZE", "SD15_SCHEDULER", "SD21_SCHEDULER", "IF_I_SCHEDULER",
-           "clip_bpe_path", "clip_tokenizer", "t5_tokenizer", "write_sd_pipeline", "write_if_pipeline"]
+from vkd.models.clip_tokenizer import (
+    CLIP_BOS_ID,
+    CLIP_EOS_ID,
+    CLIP_VOCAB_SIZE,
+    clip_bpe_path,
+    clip_tokenizer,
+    clip_vocab_dir,
+)
 
-CLIP_VOCAB_SIZE = 49408
-CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407  # <|startoftext|>, <|endoftext|> (also the pad token of SD's tokenizer)
+__all__ = ["CLIP_BOS_ID", "CLIP_EOS_ID", "CLIP_VOCAB_SIZE", "SD15_SCHEDULER", "SD21_SCHEDULER", "IF_I_SCHEDULER",
+           "clip_bpe_path", "clip_tokenizer", "clip_vocab_dir", "t5_tokenizer", "write_sd_pipeline", "write_if_pipeline"]
 
 # scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5 (PNDM) and stabilityai/stable-diffusion-2-1
 # (DDIM, v-prediction), as published on the hub.
@@ -59,68 +61,6 @@ _T5_WORDS = ("a an the of in on at with and or to for from by is are this that p
              "one two three four five six seven eight nine zero digit number handwritten letter written "
              "simple detailed high quality realistic cartoon cute tiny large colorful blurry").split()
 _T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-()/&%+*#@"
-
-
-def clip_bpe_path() -> Path:
-    """The CLIP BPE merges file that ``open_clip`` ships (found without importing ``open_clip``)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open_clip is not installed: it ships the CLIP BPE vocabulary these fixtures use")
-    return Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) map of the 256 bytes to printable characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
-
-
-_VOCAB_DIR: tempfile.TemporaryDirectory | None = None  # kept alive for the process; removed at exit
-
-
-@functools.lru_cache(maxsize=1)
-def _clip_vocab_dir() -> Path:
-    """``vocab.json`` + ``merges.txt`` built once per process, as openai/clip-vit-large-patch14 has them."""
-    global _VOCAB_DIR
-    # The vocabulary as open_clip's SimpleTokenizer builds it: 256 byte tokens, the same with </w>, the merges,
-    # then the two special tokens (HF names them <|startoftext|> / <|endoftext|>; the ids are the same).
-    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    byte_tokens = list(_bytes_to_unicode().values())
-    vocab = byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
-    _VOCAB_DIR = tempfile.TemporaryDirectory(prefix="vkd-clip-vocab-")
-    path = Path(_VOCAB_DIR.name)
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
-                                     encoding="utf-8")
-    # HF's merges.txt starts with a version line that the readers skip, like the first line of the .gz file.
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return path
-
-
-def clip_tokenizer(max_length: int = 77):
-    """SD's CLIP tokenizer, built offline from open_clip's BPE file (same ids as openai/clip-vit-large-patch14).
-
-    It is ``transformers.CLIPTokenizer``, which in transformers 5 is the ``tokenizers``-backed (fast) tokenizer
-    (there is no slow one any more), loaded with ``from_pretrained`` from a cached ``vocab.json`` + ``merges.txt``.
-
-    Args:
-        max_length: ``model_max_length`` (77, CLIP's context, in the real checkpoints).
-
-    Returns:
-        A fresh ``CLIPTokenizer``: bos 49406, eos = pad = 49407, 49408 tokens.
-    """
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(_clip_vocab_dir(), model_max_length=max_length)
 
 
 def t5_tokenizer(max_length: int = 77):
@@ -215,7 +155,7 @@ def write_sd_pipeline(path: str | Path, prediction_type: str = "epsilon", sample
     # SD-1.5's tokenizer/ holds vocab.json + merges.txt (no tokenizer.json): write it so, so that loaders take the
     # path they take for the real checkpoint (transformers builds the fast tokenizer from the two files).
     for name in ("vocab.json", "merges.txt"):
-        shutil.copyfile(_clip_vocab_dir() / name, path / "tokenizer" / name)
+        shutil.copyfile(clip_vocab_dir() / name, path / "tokenizer" / name)
     (path / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     if not with_vae:  # make sure of the entry whatever save_pretrained wrote for the missing component
         index_path = path / "model_index.json"

@@ -178,6 +178,17 @@ def test_boot_teacher(tmp_path):
     assert_same_files(rc, sc, "ema.safetensors")
 
 
+def test_boot_text_teacher(tmp_path):
+    sets = ["model.block_out_channels=[8,16]", "model.norm_num_groups=4", "model.attention_head_dim=4",
+            "text_encoder.hidden_size=16", "text_encoder.intermediate_size=32", "text_encoder.num_layers=1",
+            "data.size=8", "train.batch_size=8", "train.checkpoint_every=4", "train.keep_last=2",
+            "train.ema_decay=0.9", "train.warmup_steps=2", "train.sample_every=0", "sample.num=4",
+            "sample.teacher_steps=2", "train.device=cpu"]
+    ref, res, (rc, sc) = kill_and_resume(tmp_path, "boot-text-teacher", sets, 40, _env())
+    assert_bitwise(ref, res)
+    assert_same_files(rc, sc, "ema.safetensors")
+
+
 def _tiny_boot_teacher(path: Path) -> Path:
     from diffusers import DDPMScheduler, UNet2DModel
 

@@ -22,6 +22,11 @@ METHOD = MethodSpec(
                  description="train the embedded DDPM teacher on scikit-learn digits (diffusers UNet2DModel)",
                  config=Ref("vkd.boot.config:BootTeacherConfig"), run=Ref("vkd.boot.commands:run_teacher"),
                  preset_dir="boot", default_preset="digits-teacher"),
+        TaskSpec(name="boot-text-teacher",
+                 description="train the embedded text-to-image DDPM on captioned digits (UNet2DConditionModel + "
+                             "CLIPTextModel, StableDiffusionPipeline layout)",
+                 config=Ref("vkd.boot.config:BootTextTeacherConfig"), run=Ref("vkd.boot.commands:run_text_teacher"),
+                 preset_dir="boot", default_preset="digits-text-teacher"),
         TaskSpec(name="boot", description="BOOT: data-free one-step distillation of a diffusers teacher",
                  config=Ref("vkd.boot.config:BootConfig"), run=Ref("vkd.boot.commands:run_boot"),
                  evaluate=Ref("vkd.boot.commands:evaluate_boot"), preset_dir="boot", default_preset="digits"),

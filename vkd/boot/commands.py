@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vkd.boot.config import BootConfig, BootTeacherConfig
-from vkd.boot.distiller import BootTask, TeacherTrainingTask
+from vkd.boot.config import BootConfig, BootTeacherConfig, BootTextTeacherConfig
+from vkd.boot.distiller import BootTask, TeacherTrainingTask, TextTeacherTrainingTask
 from vkd.boot.evaluate import evaluate_run
 from vkd.boot.runs import sample_run
 from vkd.boot.student import STUDENT_EXPORT_DIR
@@ -16,7 +16,7 @@ from vkd.engine import train_task
 from vkd.engine.runs import check_run_dir
 from vkd.errors import UserError
 
-__all__ = ["run_teacher", "run_boot", "evaluate_boot", "sample", "sample_command"]
+__all__ = ["run_teacher", "run_text_teacher", "run_boot", "evaluate_boot", "sample", "sample_command"]
 
 
 def run_teacher(cfg: BootTeacherConfig, resume: str | None = None) -> dict:
@@ -28,14 +28,31 @@ def run_teacher(cfg: BootTeacherConfig, resume: str | None = None) -> dict:
     return summary
 
 
+def run_text_teacher(cfg: BootTextTeacherConfig, resume: str | None = None) -> dict:
+    """Train the embedded text-to-image DDPM on captioned digits; exports ``<run_dir>/teacher`` (pipeline layout)
+    and ``<run_dir>/prompts.txt``."""
+    data = load_digits("train", size=cfg.data.size, channels=1, value_range="symmetric")
+    summary = train_task(cfg, TextTeacherTrainingTask(cfg), data.dataset(), resume=resume)
+    summary["teacher"] = str(cfg.run_dir() / "teacher")
+    summary["prompts"] = str(cfg.run_dir() / "prompts.txt")
+    return summary
+
+
+# the embedded teachers' default paths (presets digits, digits-text) -> how to make them
+_EMBEDDED_TEACHERS = {"runs/boot-teacher/digits/teacher": "vkd distill boot-teacher --config digits-teacher",
+                      "runs/boot-text-teacher/digits/teacher": "vkd distill boot-text-teacher --config digits-text-teacher"}
+
+
 def _resolve_teacher_path(cfg: BootConfig) -> BootConfig:
-    """Make a local teacher path absolute (the run's config.yaml must work from any directory)."""
+    """Make a local teacher path and prompt file absolute (the run's config.yaml must work from any directory)."""
     p = Path(cfg.teacher.path).expanduser()
     if p.exists():
         cfg.teacher.path = str(p.resolve())
-    elif cfg.teacher.path == BootConfig().teacher.path:
+    elif cfg.teacher.path in _EMBEDDED_TEACHERS:
         raise UserError(f"teacher not found at {cfg.teacher.path}: train the embedded teacher first with "
-                        "`vkd distill boot-teacher --config digits-teacher`, or set teacher.path")
+                        f"`{_EMBEDDED_TEACHERS[cfg.teacher.path]}`, or set teacher.path")
+    if cfg.data.prompts and Path(cfg.data.prompts).expanduser().exists():
+        cfg.data.prompts = str(Path(cfg.data.prompts).expanduser().resolve())
     return cfg
 
 

@@ -20,6 +20,9 @@ __all__ = [
     "SampleConfig",
     "EvalConfig",
     "BootTeacherConfig",
+    "TextUNetConfig",
+    "TextEncoderConfig",
+    "BootTextTeacherConfig",
     "BootTeacherRef",
     "BootDataConfig",
     "BootStudentConfig",
@@ -130,6 +133,67 @@ class BootTeacherConfig(TaskConfig):
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     data: DigitsDataConfig = field(default_factory=DigitsDataConfig)
     loss: TeacherTrainLossConfig = field(default_factory=TeacherTrainLossConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(num_samples=0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=3000, batch_size=64, lr=2e-3, scheduler="cosine", warmup_steps=100, grad_clip=1.0,
+        ema_decay=0.995, log_every=50, checkpoint_every=1000))
+
+
+@dataclass
+class TextUNetConfig:
+    """The embedded text-to-image teacher's pixel-space ``UNet2DConditionModel``."""
+
+    block_out_channels: tuple[int, ...] = (16, 32)
+    layers_per_block: int = 1
+    # per level, from the highest resolution: CrossAttnDownBlock2D / CrossAttnUpBlock2D (else Down/UpBlock2D);
+    # the mid block (UNetMidBlock2DCrossAttn) always cross-attends
+    cross_attention: tuple[bool, ...] = (False, False)
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+
+    def __post_init__(self) -> None:
+        UNetConfig(tuple(self.block_out_channels), self.layers_per_block, False, self.norm_num_groups)
+        if len(self.cross_attention) != len(self.block_out_channels):
+            raise ConfigError(f"model.cross_attention needs one entry per level ({len(self.block_out_channels)}), "
+                              f"got {list(self.cross_attention)}")
+        if self.attention_head_dim < 1:
+            raise ConfigError(f"model.attention_head_dim must be >= 1, got {self.attention_head_dim}")
+
+
+@dataclass
+class TextEncoderConfig:
+    """The embedded teacher's ``transformers.CLIPTextModel`` (CLIP's real BPE tokenizer, built offline)."""
+
+    hidden_size: int = 64  # = the UNet's cross_attention_dim
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 128
+    max_tokens: int = 16  # tokenizer model_max_length = position embeddings (every caption fits)
+    trainable: bool = True  # trained with the UNet (else a frozen random encoder)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size < 1 or self.num_layers < 1 or self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise ConfigError(f"text_encoder: hidden_size={self.hidden_size} must be a positive multiple of "
+                              f"num_heads={self.num_heads}, and num_layers >= 1")
+        if not 4 <= self.max_tokens <= 77:
+            raise ConfigError(f"text_encoder.max_tokens must be in [4, 77], got {self.max_tokens}")
+
+
+@dataclass
+class BootTextTeacherConfig(TaskConfig):
+    """``vkd distill boot-text-teacher``: train the embedded text-to-image DDPM on captioned digits.
+
+    The run exports ``RUN/teacher`` (a ``StableDiffusionPipeline``-layout directory without a VAE: ``unet/``,
+    ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json``) and ``RUN/prompts.txt`` (every caption).
+    """
+
+    task: str = "boot-text-teacher"
+    model: TextUNetConfig = field(default_factory=TextUNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DigitsDataConfig = field(default_factory=DigitsDataConfig)
+    loss: TeacherTrainLossConfig = field(default_factory=TeacherTrainLossConfig)  # cond_drop: caption -> ""
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(num_samples=0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(

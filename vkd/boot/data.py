@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vkd.data.digits import DIGIT_NAMES
 from vkd.errors import DataError
 
-__all__ = ["PromptFile", "read_prompts", "DEFAULT_COLUMNS", "FORMATS"]
+__all__ = ["PromptFile", "read_prompts", "DEFAULT_COLUMNS", "FORMATS", "DIGIT_CAPTION_TEMPLATES", "digit_captions",
+           "digit_named_in"]
 
 DEFAULT_COLUMNS = ("prompt", "caption", "text")  # tried in this order when no column is given
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}  # any other extension: "text"
@@ -259,3 +261,43 @@ def _csv_prompts(source: str, text: str, column: str | None, delimiter: str) -> 
         kind = "TSV" if delimiter == "\t" else "CSV"
         raise DataError(f"{source} is not valid {kind}: {e} (line {reader.line_num})") from None
     return raw, name
+
+
+# ----------------------------------------------------------------------------------------------
+# captions of the embedded text-to-image teacher (digits)
+# ----------------------------------------------------------------------------------------------
+
+# {word}: the digit's English name ("seven"), {d}: its numeral ("7"). Each template is a different way of asking
+# for the same digit, so the teacher must read the digit out of varied wording, as a text-to-image model does.
+DIGIT_CAPTION_TEMPLATES = (
+    "a handwritten {word}",
+    "the digit {d}",
+    "the number {word}, thick strokes",
+    "a small grey picture of a {word}",
+    "digit {d}, written by hand",
+    "a sketch of the numeral {d}",
+    "{word}",
+    "a blurry {word} on a dark background",
+    "the handwritten number {d}",
+    "an image of the digit {word}",
+)
+_NUMERAL = re.compile(r"(?<![0-9])[0-9](?![0-9])")
+
+
+def digit_captions(digit: int, names: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Every caption of one digit, in :data:`DIGIT_CAPTION_TEMPLATES` order (``"a handwritten seven"``, ...)."""
+    names = names or DIGIT_NAMES
+    return tuple(t.format(word=names[digit], d=digit) for t in DIGIT_CAPTION_TEMPLATES)
+
+
+def digit_named_in(prompt: str) -> int | None:
+    """The one digit a prompt names, as a word (``seven``) or a lone numeral (``7``); ``None`` for none or several.
+
+    Examples:
+        >>> digit_named_in("a handwritten seven"), digit_named_in("the digit 7"), digit_named_in("a red bicycle")
+        (7, 7, None)
+    """
+    words = re.findall(r"[a-z]+", prompt.lower())
+    found = {DIGIT_NAMES.index(w) for w in words if w in DIGIT_NAMES}
+    found |= {int(m) for m in _NUMERAL.findall(prompt)}
+    return found.pop() if len(found) == 1 else None

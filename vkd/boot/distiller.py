@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from vkd.boot.conditioning import TextUNetDenoiser
-from vkd.boot.config import BootConfig, BootTeacherConfig, EvalConfig
+from vkd.boot.conditioning import PromptEncoder, TextUNetDenoiser
+from vkd.boot.config import BootConfig, BootTeacherConfig, BootTextTeacherConfig, EvalConfig
+from vkd.boot.data import DIGIT_CAPTION_TEMPLATES, digit_captions
 from vkd.boot.evaluate import DigitsFID, digits_fid_scores, digits_reference_available, uint8_batches
 from vkd.boot.losses import BootLoss
 from vkd.boot.sample import ddim_sample, noise_batches, sample_generator, save_grid, student_sample
@@ -32,15 +33,18 @@ from vkd.boot.teacher import (
     build_teacher,
     cast_teacher,
     save_teacher,
+    save_text_teacher,
     scheduler_config_of,
 )
+from vkd.cache import atomic_write_text
 from vkd.engine import DistillationTask, latest_checkpoint, load_checkpoint_weights
 from vkd.errors import ConfigError
+from vkd.models.clip_tokenizer import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_unet", "build_scheduler", "draw_boot_inputs", "TeacherTrainingTask", "BootTask",
-           "DigitsFID"]
+__all__ = ["build_unet", "build_text_unet", "build_text_encoder", "build_scheduler", "caption_prompts",
+           "draw_boot_inputs", "TeacherTrainingTask", "TextTeacherTrainingTask", "BootTask", "DigitsFID"]
 
 
 def build_unet(cfg: BootTeacherConfig, num_classes: int = 10) -> nn.Module:
@@ -58,7 +62,41 @@ def build_unet(cfg: BootTeacherConfig, num_classes: int = 10) -> nn.Module:
                            num_class_embeds=(num_classes + 1) if m.class_conditional else None)
 
 
-def build_scheduler(cfg: BootTeacherConfig):
+def build_text_unet(cfg: BootTextTeacherConfig) -> UNet2DConditionModel:
+    """The embedded text-to-image teacher's pixel-space ``UNet2DConditionModel`` (seeded by ``run.seed``)."""
+    m = cfg.model
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in m.cross_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(m.cross_attention))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return UNet2DConditionModel(sample_size=cfg.data.size, in_channels=1, out_channels=1,
+                                    block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                                    down_block_types=down, up_block_types=up, norm_num_groups=m.norm_num_groups,
+                                    cross_attention_dim=cfg.text_encoder.hidden_size,
+                                    attention_head_dim=m.attention_head_dim)
+
+
+def build_text_encoder(cfg: BootTextTeacherConfig) -> nn.Module:
+    """A small ``transformers.CLIPTextModel`` over CLIP's full vocabulary (seeded by ``run.seed + 1``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel  # slow to import; only text teachers need it
+
+    e = cfg.text_encoder
+    config = CLIPTextConfig(hidden_size=e.hidden_size, intermediate_size=e.intermediate_size,
+                            num_hidden_layers=e.num_layers, num_attention_heads=e.num_heads,
+                            vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=e.max_tokens,
+                            bos_token_id=CLIP_BOS_ID, eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed + 1)
+        return CLIPTextModel(config)
+
+
+def caption_prompts() -> tuple[str, ...]:
+    """Every caption of the embedded text teacher, template-major: prompt ``p`` names digit ``p % 10``."""
+    per_digit = [digit_captions(d) for d in range(10)]
+    return tuple(per_digit[d][k] for k in range(len(DIGIT_CAPTION_TEMPLATES)) for d in range(10))
+
+
+def build_scheduler(cfg: BootTeacherConfig | BootTextTeacherConfig):
     s = cfg.scheduler
     return DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_schedule=s.beta_schedule,
                          beta_start=s.beta_start, beta_end=s.beta_end, prediction_type=s.prediction_type,
@@ -197,6 +235,128 @@ class TeacherTrainingTask(DistillationTask):
         save_teacher(model, self.noise_scheduler, Path(run_dir) / "teacher", meta)
 
 
+class TextConditionedUNet(nn.Module):
+    """The trainable pair of the embedded text teacher: ``unet`` (``UNet2DConditionModel``) + ``text_encoder``."""
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """``x [B, 1, S, S]``, ``t [B]``, token ids ``[B, L]`` → the prediction ``[B, 1, S, S]``."""
+        states = self.text_encoder(input_ids)[0]  # [B, L, D] last_hidden_state, as the SD pipeline reads it
+        return self.unet(x, t, encoder_hidden_states=states).sample
+
+
+class TextTeacherTrainingTask(DistillationTask):
+    """DDPM training of the embedded text-to-image teacher on captioned digits (batch = (images, labels)).
+
+    Each sample's caption is drawn from :data:`~vkd.boot.data.DIGIT_CAPTION_TEMPLATES` for its label, and replaced by
+    the empty prompt with probability ``loss.cond_drop_prob`` (the ∅ of classifier-free guidance, as SD trains).
+    The text encoder trains with the UNet unless ``text_encoder.trainable`` is off. Export: ``RUN/teacher`` in the
+    ``StableDiffusionPipeline`` layout (no VAE: pixel space) and ``RUN/prompts.txt``, so BOOT loads it through the
+    same path as a hub pipeline.
+    """
+
+    frozen_modules: tuple[str, ...] = ()
+
+    def __init__(self, cfg: BootTextTeacherConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = clip_tokenizer(cfg.text_encoder.max_tokens)
+        self.model = TextConditionedUNet(build_text_unet(cfg), build_text_encoder(cfg))
+        if not cfg.text_encoder.trainable:
+            self.model.text_encoder.requires_grad_(False)
+        self.prompts = caption_prompts()
+        tok = self.tokenizer([*self.prompts, ""], padding="max_length", max_length=cfg.text_encoder.max_tokens,
+                             truncation=True, return_tensors="pt")
+        self.register_buffer("input_ids", tok["input_ids"], persistent=False)  # [P + 1, L]; row P: ""
+        self.noise_scheduler = build_scheduler(cfg)
+        acp = self.noise_scheduler.alphas_cumprod.to(torch.float32)
+        self.register_buffer("alphas_cumprod", acp, persistent=False)
+        self._fid: DigitsFID | None = None
+
+    def student_module(self) -> nn.Module:
+        return self.model
+
+    def forward(self, batch: Any) -> dict[str, torch.Tensor]:
+        x0, labels = batch  # [B, 1, S, S] in [-1, 1], [B]
+        B, dev = x0.shape[0], x0.device
+        N = self.alphas_cumprod.numel()
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, N, (B,), device=dev)
+        acp = self.alphas_cumprod[t].view(B, 1, 1, 1)
+        a, s = acp.sqrt(), (1 - acp).sqrt()
+        x_t = a * x0 + s * noise
+        template = torch.randint(0, len(DIGIT_CAPTION_TEMPLATES), (B,), device=dev)
+        prompt = template * 10 + labels  # template-major table (caption_prompts)
+        drop = torch.rand(B, device=dev) < self.cfg.loss.cond_drop_prob
+        prompt = torch.where(drop, torch.full_like(prompt, len(self.prompts)), prompt)
+        out = self.model(x_t, t, self.input_ids[prompt])
+        ptype = self.cfg.scheduler.prediction_type
+        target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[ptype]
+        per = (out - target).pow(2).flatten(1).mean(1)  # [B]
+        if self.cfg.loss.snr_gamma > 0:
+            snr = (acp / (1 - acp)).flatten()
+            gamma = self.cfg.loss.snr_gamma
+            w = {"epsilon": torch.clamp(gamma / snr, max=1.0), "sample": torch.clamp(snr, max=gamma),
+                 "v_prediction": torch.clamp(snr, max=gamma) / (snr + 1)}[ptype]
+            per = per * w
+        return {"loss": per.mean()}
+
+    def as_teacher(self, model: TextConditionedUNet | None = None) -> DiffusionTeacher:
+        """A frozen :class:`DiffusionTeacher` over the captions, from a copy of the text encoder (the training one
+        keeps its grad flags); the UNet is shared."""
+        model = model if model is not None else self.model
+        encoder = PromptEncoder(copy.deepcopy(model.text_encoder), self.tokenizer, self.prompts)
+        sched = NoiseSchedule(self.alphas_cumprod)
+        return DiffusionTeacher(TextUNetDenoiser(model.unet, encoder), sched.to(self.alphas_cumprod.device),
+                                self.cfg.scheduler.prediction_type, clip_x0=self.cfg.scheduler.clip_sample,
+                                num_classes=len(self.prompts), null_class=encoder.null_index,
+                                sample_shape=(1, self.cfg.data.size, self.cfg.data.size))
+
+    @torch.no_grad()
+    def save_samples(self, step: int, out_dir: Path) -> None:
+        """A grid of DDIM samples: row ``k`` = caption template ``k``, column = digit."""
+        sc = self.cfg.sample
+        teacher = self.as_teacher()
+        dev = self.alphas_cumprod.device
+        _, eps, labels = next(noise_batches(sc.num, sc.seed, teacher.sample_shape, teacher.num_classes, sc.num, dev))
+        save_grid(ddim_sample(teacher, eps, labels, sc.teacher_steps),
+                  Path(out_dir) / f"teacher_ddim{sc.teacher_steps}_step{step:06d}.png", nrow=10)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Digits-CNN FID and prompt accuracy of teacher DDIM-K on the captions (``eval.teacher_steps``, default 50)."""
+        ev: EvalConfig = self.cfg.eval
+        if ev.num_samples == 0:
+            return {}
+        if self._fid is None:
+            self._fid = DigitsFID(self.cfg.data.size)
+        teacher = self.as_teacher()
+        out: dict[str, float] = {}
+        for k in ev.teacher_steps or (50,):
+            out.update(self._fid.score(lambda e, c, k=k: ddim_sample(teacher, e, c, k), ev, teacher.sample_shape,
+                                       teacher.num_classes, f"teacher_ddim{k}", self.alphas_cumprod.device,
+                                       self.prompts))
+        return out
+
+    def export(self, run_dir: Path) -> None:
+        """``RUN/teacher`` (pipeline layout; EMA weights when kept) and ``RUN/prompts.txt``."""
+        model = self.model
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is not None and (ckpt / "ema.safetensors").is_file():
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"))
+        meta = {"dataset": "digits", "image_size": self.cfg.data.size, "value_range": [-1, 1],
+                "conditioning": "text", "prompts": "../prompts.txt", "num_caption_templates":
+                len(DIGIT_CAPTION_TEMPLATES), "ema": model is not self.model, "trained_steps": self.cfg.train.steps}
+        save_text_teacher(model.unet, model.text_encoder, self.tokenizer, self.noise_scheduler,
+                          Path(run_dir) / "teacher", meta)
+        atomic_write_text(Path(run_dir) / "prompts.txt", "\n".join(self.prompts) + "\n")
+
+
 # ----------------------------------------------------------------------------------------------
 # BOOT
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +393,7 @@ class BootTask(DistillationTask):
             raise ConfigError(f"loss.delta={L.delta} must be < num_train_timesteps="
                               f"{self.teacher.schedule.num_train_timesteps}")
         self._fid: DigitsFID | None = None
-        self._teacher_fids: dict[int, float] = {}
+        self._teacher_scores: dict[int, dict[str, float]] = {}
         if cfg.eval.num_samples > 0 and not self._reference_available():
             log.info("eval: the digits-CNN FID needs the embedded digits teacher, so it is off for %s "
                      "(score samples with `vkd sample boot` + `vkd fid`)", cfg.teacher.path)
@@ -279,7 +439,7 @@ class BootTask(DistillationTask):
             return {}
         if self._fid is None:
             self._fid = DigitsFID(self.teacher.sample_shape[-1])
-        return digits_fid_scores(self.student, self.teacher, self.cfg.eval, self._fid, self._teacher_fids)
+        return digits_fid_scores(self.student, self.teacher, self.cfg.eval, self._fid, self._teacher_scores)
 
     def export(self, run_dir: Path) -> None:
         """``run_dir/pipeline``: the one-step student as a diffusers ``BootPipeline`` (EMA weights when kept)."""

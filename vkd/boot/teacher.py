@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ __all__ = [
     "load_teacher_source",
     "load_diffusers_teacher",
     "save_teacher",
+    "save_text_teacher",
     "scheduler_config_of",
     "TEACHER_KINDS",
     "build_teacher",
@@ -485,6 +488,45 @@ def save_teacher(unet: nn.Module, scheduler: Any, path: str | Path, meta: dict[s
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if meta:
         (path / TEACHER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def save_text_teacher(unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any, path: str | Path,
+                      meta: dict[str, Any] | None = None) -> Path:
+    """Write a pixel-space text-to-image teacher in the ``StableDiffusionPipeline.save_pretrained`` layout
+    (``vae``, ``safety_checker``, ``feature_extractor``, ``image_encoder`` null), plus ``vkd_teacher.json``;
+    :func:`load_text_to_image_teacher` reads it as it reads a hub pipeline.
+
+    Every component is written with its own ``save_pretrained``. Not through the pipeline's constructor: that
+    rewrites the scheduler's config (``clip_sample`` → false, ``steps_offset`` → 1), which would change the
+    teacher's sampler.
+
+    Args:
+        unet: a ``UNet2DConditionModel``.
+        text_encoder: a transformers text encoder (``CLIPTextModel``).
+        tokenizer: its tokenizer.
+        scheduler: a diffusers scheduler.
+        path: the pipeline directory (written to a temporary sibling, then renamed).
+        meta: vkd metadata (``dataset``, ...).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    components = {"unet": unet, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    for name, component in components.items():
+        component.save_pretrained(str(tmp / name))
+    index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+                             "requires_safety_checker": False}
+    for name in ("feature_extractor", "image_encoder", "safety_checker", "vae"):
+        index[name] = [None, None]
+    for name, component in components.items():
+        library = "diffusers" if type(component).__module__.startswith("diffusers") else "transformers"
+        index[name] = [library, type(component).__name__]
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if meta:
+        (tmp / TEACHER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
     return path
 
 

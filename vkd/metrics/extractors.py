@@ -196,6 +196,11 @@ class ClassifierExtractor(nn.Module):
         _check_images(images)
         return self.model.features(_to_grey16(images, self.model.input_size))
 
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, C, H, W]`` → the classifier's predicted class ``[N]`` (e.g. the digit drawn)."""
+        _check_images(images)
+        return self.model(_to_grey16(images, self.model.input_size)).argmax(1)
+
 
 def _load_classifier_checkpoint(path: Path) -> ClassifierExtractor:
     try:
