@@ -5,7 +5,9 @@ Measures, in one process:
 
 * wall time of scene generation + teacher (tiny CLIP pretraining + feature cache) and of the distillation;
 * held-out RGB PSNR / SSIM, feature cosine / L1 vs the teacher, teacher-label pixel accuracy / mIoU (Feature 3DGS
-  protocol), student / teacher accuracy against the true label maps;
+  protocol at the rendered resolution with raw label names, ``eval.segmentation=render``), student / teacher
+  accuracy against the true label maps; the same labels under vkd's earlier protocol (teacher patch grid, prompt
+  "a photo of the {}.") as ``metrics_earlier_protocol``, for comparison;
 * render FPS at ``--fps-size`` (default 256x256) of the trained geometry with rendered feature width N in
   {16, 64, 128}, without a decoder and with a 1x1 decoder to the teacher width (64) and to 512 (ViT-B/16 width).
   For N != the trained width the per-Gaussian features (and decoders) are random: FPS does not depend on values.
@@ -42,10 +44,13 @@ if str(REPO) not in sys.path:
 from vkd.config import find_preset, load_config  # noqa: E402
 from vkd.feature3dgs.commands import run  # noqa: E402
 from vkd.feature3dgs.config import Feature3DGSConfig  # noqa: E402
-from vkd.feature3dgs.evaluate import render_fps  # noqa: E402
+from vkd.feature3dgs.evaluate import render_fps, run_evaluator  # noqa: E402
 from vkd.feature3dgs.model import GaussianField  # noqa: E402
 from vkd.feature3dgs.runs import load_run  # noqa: E402
 
+EARLIER_PROTOCOL = ["eval.segmentation=teacher_grid", "eval.prompt_template=a photo of the {}."]
+LABEL_KEYS = ("teacher_label_acc", "teacher_label_miou", "true_label_acc", "true_label_miou", "teacher_true_label_acc",
+              "teacher_true_label_miou")
 TARGETS = {"psnr": 28.0, "feature_cosine": 0.9, "teacher_label_acc": 0.9, "training_s": 300.0, "fps_256_n16": 5.0}
 
 
@@ -135,6 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
     trained_fps = render_fps(loaded.field, torch.stack([c.viewmat for c in cams]), Ks, s, s, args.fps_repeats)
     trained_cpu_per_frame = (cpu_seconds() - c1) / (args.fps_repeats * len(cams) + 1)
     ev = summary.get("eval", {})
+    earlier = load_run(cfg.run_dir(), EARLIER_PROTOCOL)
+    with torch.no_grad():
+        ev_earlier = run_evaluator(earlier).evaluate(earlier.field, fps=False)
     result = {
         "command": "python scripts/bench_feature3dgs.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cold_start": bool(args.fresh),
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         "metrics": {k: ev.get(k) for k in ("psnr", "ssim", "feature_cosine", "feature_l1", "teacher_label_acc",
                                            "teacher_label_miou", "true_label_acc", "true_label_miou",
                                            "teacher_true_label_acc", "teacher_true_label_miou", "fps")},
+        "metrics_earlier_protocol": {k: ev_earlier.get(k) for k in LABEL_KEYS},
         "fps_trained_default_at_size": trained_fps,
         "cpu_s_per_frame_trained_default": trained_cpu_per_frame,
         "fps_size": args.fps_size,
@@ -182,6 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
               "teacher_true_label_miou"):
         if m.get(k) is not None:
             print(f"{k:<28}{m[k]:>12.4g}")
+    print("earlier protocol (teacher grid, 'a photo of the {}.'):")
+    for k, v in result["metrics_earlier_protocol"].items():
+        if v is not None:
+            print(f"  {k:<26}{v:>12.4g}")
     print(f"{'scene+teacher s':<28}{result['timings_s'].get('scene_and_teacher', float('nan')):>12.1f}")
     if result["cpu_s_total"] is not None:
         print(f"{'CPU s (whole run)':<28}{result['cpu_s_total']:>12.1f}   (CPU use {result['cpu_utilization']:.2f} "

@@ -127,10 +127,10 @@ def test_colmap_bad_input(tmp_path):
         load_colmap(tmp_path / "missing")
 
     cams = dict(CAMERAS)
-    cams[2] = ("SIMPLE_RADIAL", 40, 30, [45.0, 19.5, 14.5, 0.01])
+    cams[2] = ("SIMPLE_RADIAL_FISHEYE", 40, 30, [45.0, 19.5, 14.5, 0.01])  # SIMPLE_RADIAL: test_undistort.py
     write_colmap_txt(tmp_path / "model", cameras=cams)
     _write_images(tmp_path / "model", ["a.png", "b.png", "c.png"])
-    with pytest.raises(DataError, match="SIMPLE_RADIAL is not supported"):
+    with pytest.raises(DataError, match="SIMPLE_RADIAL_FISHEYE is not supported"):
         load_colmap(tmp_path / "model")
 
     write_colmap_bin(tmp_path / "empty", points=[])
@@ -182,12 +182,12 @@ def test_nerfstudio_transforms(tmp_path):
     # A world point above the target appears above the centre (smaller v).
     q = cam.viewmat @ torch.tensor([0.0, 0.5, 0.0, 1.0])
     assert float((cam.K @ (q[:3] / q[2]))[1]) < 12.0
-    # Distortion and fisheye are rejected with one line.
-    meta["k1"] = 0.1
+    # Ambiguous k4 distortion and fisheye are rejected with one line (OPENCV k1..p2: test_undistort.py).
+    meta["k4"] = 0.1
     (tmp_path / "transforms.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="distorted"):
+    with pytest.raises(DataError, match="k4"):
         load_scene(tmp_path)
-    meta["k1"], meta["camera_model"] = 0.0, "OPENCV_FISHEYE"
+    meta["k4"], meta["camera_model"] = 0.0, "OPENCV_FISHEYE"
     (tmp_path / "transforms.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="not supported"):
         load_scene(tmp_path)

@@ -177,3 +177,23 @@ def test_tiny_teacher_config_is_a_tiny_clip_config():
         TinyTeacherConfig(image_size=30)
     with pytest.raises(ConfigError, match="crops_per_view"):
         TinyTeacherConfig(crops_per_view=0)
+
+
+def test_teacher_runs_on_the_training_device(monkeypatch):
+    """teacher.device=auto follows train.device; on CUDA it is this process's GPU (LOCAL_RANK under torchrun)."""
+    from vkd.config import load_config
+    from vkd.feature3dgs.teacher import teacher_device
+
+    def cfg(*sets):
+        return load_config(Feature3DGSConfig, None, list(sets), task="feature3dgs")
+
+    assert teacher_device(cfg("train.device=cpu")) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert teacher_device(cfg("train.device=auto")) == torch.device("cpu")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        teacher_device(cfg("train.device=cpu", "teacher.device=cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert teacher_device(cfg("train.device=auto")) == torch.device("cuda", 1)
+    assert teacher_device(cfg("train.device=cpu", "teacher.device=cuda:0")) == torch.device("cuda", 0)
+    assert teacher_device(cfg("train.device=cuda", "teacher.device=cpu")) == torch.device("cpu")

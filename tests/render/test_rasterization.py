@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 
 import pytest
 import torch
@@ -502,9 +501,13 @@ def test_gsplat_backend_refuses_cpu_tensors():
         rasterization(**_good_args(), backend="gsplat")
 
 
-def test_auto_falls_back_once_with_warning(monkeypatch):
+def test_auto_on_cuda_stops_with_the_cause_instead_of_falling_back(monkeypatch):
+    """A GPU run must not crawl on the torch rasterizer unasked: ``auto`` on CUDA inputs whose gsplat call fails
+    stops with one line naming the cause and ``backend='torch'``; later calls say so again, explicit ``torch``
+    works, explicit ``gsplat`` chains the original error, and a CUDA out-of-memory error passes through unchanged."""
+    from vkd.errors import UserError
+
     gsb._reset_gsplat_status()
-    real_eligible = gsb.gsplat_eligible
     monkeypatch.setattr(gsb, "gsplat_eligible", lambda tensors: (True, ""))
     calls = []
 
@@ -514,18 +517,35 @@ def test_auto_falls_back_once_with_warning(monkeypatch):
 
     monkeypatch.setattr(gsb, "gsplat_rasterize", broken)
     try:
-        with pytest.warns(RuntimeWarning, match="CameraModelType"):
-            img, _, meta = rasterization(**_good_args(), backend="auto")
-        assert meta["backend"] == "torch" and len(calls) == 1
+        with pytest.raises(gsb.GsplatUnavailable, match=r"CameraModelType.*backend='torch'") as ei:
+            rasterization(**_good_args(), backend="auto")
+        assert isinstance(ei.value, UserError) and len(calls) == 1 and "\n" not in str(ei.value)
         assert isinstance(gsb.gsplat_status(), str)
-        monkeypatch.setattr(gsb, "gsplat_eligible", real_eligible)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            rasterization(**_good_args(), backend="auto")  # no second warning
+        # later calls on "CUDA" inputs: ineligible (disabled), and still refused with the cause
+        # (what gsplat_eligible answers on CUDA tensors once disabled; CPU tensors cannot reach that branch here)
+        monkeypatch.setattr(gsb, "gsplat_eligible",
+                            lambda tensors: (False, f"gsplat disabled earlier in this process: {gsb.gsplat_status()}"))
+        monkeypatch.setattr(gsb, "cuda_inputs", lambda tensors: True)
+        with pytest.raises(gsb.GsplatUnavailable, match="CameraModelType"):
+            rasterization(**_good_args(), backend="auto")
+        monkeypatch.undo()
+        img, _, meta = rasterization(**_good_args(), backend="torch")
+        assert meta["backend"] == "torch"
+        monkeypatch.setattr(gsb, "gsplat_eligible", lambda tensors: (True, ""))
+        monkeypatch.setattr(gsb, "gsplat_rasterize", broken)
         with pytest.raises(RuntimeError) as ei:  # explicit gsplat chains the original error
-            monkeypatch.setattr(gsb, "gsplat_eligible", lambda tensors: (True, ""))
             rasterization(**_good_args(), backend="gsplat")
         assert isinstance(ei.value.__cause__, AttributeError)
+
+        gsb._reset_gsplat_status()
+
+        def out_of_memory(**kw):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        monkeypatch.setattr(gsb, "gsplat_rasterize", out_of_memory)
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            rasterization(**_good_args(), backend="auto")
+        assert gsb.gsplat_status() is None  # not disabled: the next call tries gsplat again
     finally:
         gsb._reset_gsplat_status()
 

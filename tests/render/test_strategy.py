@@ -138,3 +138,59 @@ def test_mcmc_strategy_gpu():
             opt.zero_grad(set_to_none=True)
         strategy.step_post_backward(params, optimizers, state, step, meta, lr=1e-3)
     assert len(params["means"]) <= 400
+
+
+# ---- vkd.render.strategy.DensifyStrategy: vkd's schedule over gsplat's surgery ----------------------------------
+
+
+def _opacity_trace(strategy, steps):
+    """Max sigmoid opacity right after each step_post_backward (before the optimizer moves it again)."""
+    params, optimizers, viewmats, Ks = _setup()
+    state = strategy.initialize_state()
+    target = torch.rand(2, 24, 32, 5, generator=torch.Generator().manual_seed(0))
+    trace = []
+    for step in range(steps):
+        img, _, meta = _render(params, viewmats, Ks)
+        strategy.step_pre_backward(params, optimizers, state, step, meta)
+        ((img - target) ** 2).mean().backward()
+        strategy.step_post_backward(params, optimizers, state, step, meta, packed=False)
+        trace.append(float(torch.sigmoid(params["opacities"].detach()).max()))
+        for opt in optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return trace, optimizers
+
+
+def test_opacity_reset_fires_on_its_steps_and_not_at_step_0():
+    """3DGS resets every opacity to at most 2 x prune_opa on each reset step (gsplat 1.5.3's DefaultStrategy never
+    does: its `step % reset_every == 0 & step > 0` is a chained comparison ending in `0 > 0`)."""
+    from vkd.render.strategy import DensifyStrategy, opacity_reset_steps
+
+    prune_opa = 0.005
+    strategy = DensifyStrategy(refine_start_iter=1000, refine_stop_iter=100, reset_every=3, prune_opa=prune_opa)
+    trace, optimizers = _opacity_trace(strategy, 8)
+    assert opacity_reset_steps(3, 100, 8) == [3, 6]
+    for step in (3, 6):
+        assert trace[step] <= 2 * prune_opa * (1 + 1e-5), (step, trace)
+    assert min(trace[:3]) > 0.5, trace  # no reset before the first reset step (gsplat 1.5.2 reset at step 0)
+    # the reset also clears the opacity optimizer's moments (gsplat's reset_opa surgery)
+    exp_avg = optimizers["opacities"].state[optimizers["opacities"].param_groups[0]["params"][0]]["exp_avg"]
+    assert exp_avg.abs().max() < 1e-2  # one Adam step after the reset at step 6
+
+
+def test_no_reset_after_refine_stop():
+    from vkd.render.strategy import DensifyStrategy
+
+    trace, _ = _opacity_trace(DensifyStrategy(refine_start_iter=1000, refine_stop_iter=3, reset_every=3), 5)
+    assert min(trace) > 0.5
+
+
+def test_densify_strategy_grows_and_prunes_as_default_strategy():
+    """Away from reset steps the refine is gsplat's own (same selection and surgery)."""
+    from vkd.render.strategy import DensifyStrategy
+
+    kwargs = dict(refine_start_iter=1, refine_every=2, reset_every=1000, grow_grad2d=1e-6, prune_opa=0.05)
+    ours = _train(DensifyStrategy(**kwargs), 5)
+    torch.manual_seed(0)
+    theirs = _train(DefaultStrategy(**kwargs), 5)
+    assert ours[2] == theirs[2] and ours[2][-1] > ours[2][0]  # the same Gaussian counts at every step

@@ -244,8 +244,21 @@ class BootStudentConfig:
     # (ε [-1, 0], v [-0.5, inf)); λ = log(σ/α)
     lambda_range: tuple[float, float] | None = None
     gradient_checkpointing: bool = False  # diffusers UNet gradient checkpointing (memory for compute)
+    # LoRA student (peft): > 0 trains rank-r adapters on the UNet copy and freezes its weights; only the
+    # adapters are checkpointed and exported (RUN/lora, peft's adapter layout)
+    lora_rank: int = 0
+    lora_alpha: float = 0.0  # LoRA scale alpha/r; 0: alpha = rank
+    # module-name suffixes that get adapters (peft target_modules); empty: LORA_TARGETS of vkd.boot.student
+    # (attention, feed-forward and ResNet layers, the LCM-LoRA set)
+    lora_targets: tuple[str, ...] = ()
+    lora_merged_export: bool = False  # also write RUN/pipeline with the adapters merged into the UNet
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ConfigError(f"student.lora_rank and student.lora_alpha must be >= 0, got {self.lora_rank}, "
+                              f"{self.lora_alpha}")
+        if self.lora_rank == 0 and (self.lora_targets or self.lora_merged_export):
+            raise ConfigError("student.lora_targets / student.lora_merged_export need student.lora_rank > 0")
         if self.lambda_range is not None:
             if len(self.lambda_range) != 2 or not self.lambda_range[0] <= self.lambda_range[1]:
                 raise ConfigError(f"student.lambda_range must be [lambda_min, lambda_max] with min <= max, "

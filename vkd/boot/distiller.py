@@ -26,7 +26,16 @@ from vkd.boot.evaluate import DigitsFID, digits_fid_scores, digits_reference_ava
 from vkd.boot.losses import BootLoss
 from vkd.boot.sample import ddim_sample, noise_batches, sample_generator, save_grid, student_sample
 from vkd.boot.schedule import NoiseSchedule
-from vkd.boot.student import STUDENT_EXPORT_DIR, BootStudent, save_student
+from vkd.boot.student import (
+    LORA_EXPORT_DIR,
+    STUDENT_EXPORT_DIR,
+    BootStudent,
+    has_lora,
+    merged_student,
+    save_lora,
+    save_student,
+    student_from_config,
+)
 from vkd.boot.teacher import (
     DiffusionTeacher,
     UNetDenoiser,
@@ -379,10 +388,8 @@ class BootTask(DistillationTask):
         self.teacher = teacher if teacher is not None else build_teacher(cfg.teacher, cfg.data, cast=False)
         self.teacher.eval().requires_grad_(False)
         L = cfg.loss
-        t_sample = -1.0 if L.clean_endpoint else 0.0
         # the student is an fp32 copy of the fp32 teacher (master weights); only then is the teacher cast
-        self.student = student if student is not None else BootStudent.from_teacher(
-            self.teacher, cfg.student.parameterization, t_sample, cfg.student.lambda_range)
+        self.student = student if student is not None else student_from_config(self.teacher, cfg)
         cast_teacher(self.teacher, cfg.teacher)
         if cfg.student.gradient_checkpointing and hasattr(getattr(self.student.net, "unet", None),
                                                           "enable_gradient_checkpointing"):
@@ -441,8 +448,34 @@ class BootTask(DistillationTask):
             self._fid = DigitsFID(self.teacher.sample_shape[-1])
         return digits_fid_scores(self.student, self.teacher, self.cfg.eval, self._fid, self._teacher_scores)
 
+    # ---- LoRA students: only the adapters are averaged, checkpointed and exported --------------
+    def _lora_keys(self, prefix: str = "") -> list[str]:
+        return [prefix + k for k in self.student.state_dict() if ".lora_" in k]
+
+    def ema_state_keys(self) -> list[str] | None:
+        return self._lora_keys() if has_lora(self.student) else None
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().checkpoint_state_dict()
+        if has_lora(self.student):  # the frozen weights are the teacher's, rebuilt from it on resume
+            state = {k: v for k, v in state.items() if not k.startswith("student.") or ".lora_" in k}
+        return state
+
+    def load_checkpoint_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not has_lora(self.student):
+            return super().load_checkpoint_state_dict(state)
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k.startswith("student.") and ".lora_" in k]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the LoRA student: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+
     def export(self, run_dir: Path) -> None:
-        """``run_dir/pipeline``: the one-step student as a diffusers ``BootPipeline`` (EMA weights when kept)."""
+        """``run_dir/pipeline``: the one-step student as a diffusers ``BootPipeline`` (EMA weights when kept).
+
+        A LoRA student writes ``run_dir/lora`` (its adapters, peft layout) and, with
+        ``student.lora_merged_export``, also ``run_dir/pipeline`` with the adapters merged.
+        """
         if not isinstance(self.student.net, (UNetDenoiser, TextUNetDenoiser)):
             return
         student = self.student
@@ -451,9 +484,13 @@ class BootTask(DistillationTask):
             student = copy.deepcopy(self.student)
             student.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"), strict=False)
         src = getattr(self.teacher, "source", self.cfg.teacher.path)
-        sched_cfg = scheduler_config_of(self.cfg.teacher.path)
         text = isinstance(self.student.net, TextUNetDenoiser)
-        save_student(student, Path(run_dir) / STUDENT_EXPORT_DIR, sched_cfg,
-                     {"teacher": str(src), "num_classes": None if text else self.teacher.num_classes,
-                      "num_prompts": self.teacher.num_classes if text else None, "prompts": self.cfg.data.prompts,
-                      "delta": self.cfg.loss.delta, "guidance_scale": self.teacher.guidance_scale})
+        meta = {"teacher": str(src), "num_classes": None if text else self.teacher.num_classes,
+                "num_prompts": self.teacher.num_classes if text else None, "prompts": self.cfg.data.prompts,
+                "delta": self.cfg.loss.delta, "guidance_scale": self.teacher.guidance_scale}
+        if has_lora(student):
+            save_lora(student, Path(run_dir) / LORA_EXPORT_DIR, meta)
+            if not self.cfg.student.lora_merged_export:
+                return
+            student = merged_student(student)
+        save_student(student, Path(run_dir) / STUDENT_EXPORT_DIR, scheduler_config_of(self.cfg.teacher.path), meta)

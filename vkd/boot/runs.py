@@ -21,7 +21,14 @@ from vkd.boot.sample import (
     student_sample,
     to_uint8,
 )
-from vkd.boot.student import BootStudent, exported_student, load_student
+from vkd.boot.student import (
+    LORA_EXPORT_DIR,
+    BootStudent,
+    exported_student,
+    load_lora,
+    load_student,
+    student_from_config,
+)
 from vkd.boot.teacher import DiffusionTeacher, build_teacher, cast_teacher
 from vkd.engine import latest_checkpoint, load_checkpoint_weights
 from vkd.engine.runs import open_run, resolve_device
@@ -33,7 +40,8 @@ __all__ = ["load_run", "sample_shape", "num_classes", "run_image_batches", "samp
 def load_run(run_dir: str | Path, need_teacher: bool = False, device: str | torch.device = "cpu"
              ) -> tuple[BootConfig, BootStudent, DiffusionTeacher | None]:
     """``(cfg, student, teacher | None)`` of a BOOT run: the exported student (``pipeline/``) when present,
-    else the newest checkpoint (its EMA weights when the run kept an EMA).
+    else a LoRA run's adapters (``lora/``) on the teacher's copy, else the newest checkpoint (its EMA weights
+    when the run kept an EMA).
 
     Examples:
         >>> cfg, student, teacher = load_run("runs/boot/digits", need_teacher=True)  # doctest: +SKIP
@@ -48,19 +56,27 @@ def load_run(run_dir: str | Path, need_teacher: bool = False, device: str | torc
         if need_teacher:
             teacher = build_teacher(cfg.teacher, cfg.data)
     else:
+        lora_dir = run_dir / LORA_EXPORT_DIR
+        lora_export = (lora_dir / "adapter_model.safetensors").is_file()
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
+        if ckpt is None and not lora_export:
             raise DataError(f"{run_dir} has neither an exported student nor a checkpoint")
         teacher = build_teacher(cfg.teacher, cfg.data, cast=False)
-        student = BootStudent.from_teacher(teacher, cfg.student.parameterization,
-                                           -1.0 if cfg.loss.clean_endpoint else 0.0, cfg.student.lambda_range)
+        if lora_export:  # a LoRA run's export: the teacher's copy plus the adapters
+            student = load_lora(BootStudent.from_teacher(teacher, cfg.student.parameterization,
+                                                         -1.0 if cfg.loss.clean_endpoint else 0.0,
+                                                         cfg.student.lambda_range), lora_dir)
+        else:
+            student = student_from_config(teacher, cfg)
+            weights = load_checkpoint_weights(ckpt)
+            state = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
+            if (ckpt / "ema.safetensors").is_file():
+                state = load_checkpoint_weights(ckpt, "ema.safetensors")
+            student.load_state_dict(state, strict=False)
         cast_teacher(teacher, cfg.teacher)
-        weights = load_checkpoint_weights(ckpt)
-        state = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
-        if (ckpt / "ema.safetensors").is_file():
-            state = load_checkpoint_weights(ckpt, "ema.safetensors")
-        student.load_state_dict(state, strict=False)
         student.eval().requires_grad_(False)
+        if not need_teacher:
+            teacher = None
     student.to(device)
     if student.decoder is not None:  # held by reference: not moved with the student
         student.decoder.to(device)

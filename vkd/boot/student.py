@@ -11,6 +11,12 @@ The student is a copy of the teacher network; its output goes through the teache
   and LCM), so the output weight stays within a factor of 3; exact at step 0 wherever λ_t lies in the band.
   The default for ε and v teachers (``auto``).
 - ``sample``: the network output is x0 (exact at step 0 only for x0-prediction teachers).
+
+LoRA students (:func:`add_lora`, peft): rank-r adapters on the UNet copy's attention, feed-forward and
+ResNet layers (:data:`LORA_TARGETS`, the LCM-LoRA set); the copied weights stay frozen, so only the
+adapters train, go into checkpoints and the EMA, and are exported (:func:`save_lora`: ``RUN/lora`` in
+peft's adapter layout, loadable with ``peft.PeftModel.from_pretrained(teacher_unet, RUN/lora)``).
+The adapters' B factors start at zero, so a LoRA student equals the full student at step 0.
 """
 
 from __future__ import annotations
@@ -25,20 +31,29 @@ from typing import Any, Literal
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vkd.boot import pipeline_boot
 from vkd.boot.conditioning import LatentDecoder, PromptEncoder, SharedModule, TextUNetDenoiser
+from vkd.boot.config import BootConfig
 from vkd.boot.schedule import NoiseSchedule
 from vkd.boot.schedule import as_timesteps as _as_timesteps
 from vkd.boot.teacher import DiffusionTeacher, UNetDenoiser, _build_scheduler, to_x0
 from vkd.errors import UserError
 
 __all__ = ["BootStudent", "PARAMETERIZATIONS", "DEFAULT_LAMBDA_RANGE", "resolve_parameterization",
-           "STUDENT_META_FILE", "STUDENT_EXPORT_DIR", "exported_student", "save_student", "load_student"]
+           "STUDENT_META_FILE", "STUDENT_EXPORT_DIR", "exported_student", "save_student", "load_student",
+           "LORA_TARGETS", "LORA_EXPORT_DIR", "lora_target_names", "add_lora", "has_lora", "lora_state_dict",
+           "save_lora", "load_lora", "merged_student", "student_from_config"]
 
 STUDENT_META_FILE = "vkd_student.json"
 STUDENT_EXPORT_DIR = "pipeline"  # RUN/pipeline; runs exported before BootPipeline have RUN/student
+LORA_EXPORT_DIR = "lora"  # RUN/lora: a LoRA student's adapters (peft layout)
+LORA_META_FILE = "vkd_lora.json"
+# LoRA targets of a diffusers UNet (module-name suffixes, as peft's target_modules): the LCM-LoRA set
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 PARAMETERIZATIONS = ("auto", "preconditioned", "teacher_to_x0", "sample")
 
 # λ band of the preconditioned student per teacher prediction type: |c_out| = e^λ̃ ∈ [0.37, 1] for ε and
@@ -77,6 +92,7 @@ class BootStudent(nn.Module):
                  decoder: nn.Module | None = None):
         super().__init__()
         self._decoder = None if decoder is None else SharedModule(decoder)
+        self.lora_config: dict[str, Any] | None = None  # peft LoraConfig kwargs once add_lora ran
         parameterization = resolve_parameterization(parameterization, prediction_type)
         if prediction_type == "sample" and parameterization == "preconditioned":
             parameterization = "teacher_to_x0"  # an x0 head has nothing to precondition
@@ -153,6 +169,16 @@ class BootStudent(nn.Module):
         if self.decoder is not None:
             x0 = self.decoder(x0)
         return x0.clamp(-1.0, 1.0)
+
+
+def student_from_config(teacher: DiffusionTeacher, cfg: BootConfig) -> BootStudent:
+    """The trainable student of a BOOT run: the teacher's fp32 copy in ``cfg.student``'s parameterisation, with
+    LoRA adapters when ``cfg.student.lora_rank > 0`` (build it before a half-precision teacher is cast)."""
+    student = BootStudent.from_teacher(teacher, cfg.student.parameterization, -1.0 if cfg.loss.clean_endpoint else 0.0,
+                                       cfg.student.lambda_range)
+    if cfg.student.lora_rank > 0:
+        add_lora(student, cfg.student.lora_rank, cfg.student.lora_alpha, cfg.student.lora_targets, cfg.run.seed)
+    return student
 
 
 def save_student(student: BootStudent, path: str | Path, scheduler_config: dict[str, Any],
@@ -268,3 +294,147 @@ def exported_student(run_dir: str | Path) -> Path | None:
         if (Path(run_dir) / name / STUDENT_META_FILE).is_file():
             return Path(run_dir) / name
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA students (peft)
+# ----------------------------------------------------------------------------------------------
+
+
+def _student_unet(student: BootStudent) -> nn.Module:
+    unet = getattr(student.net, "unet", None)
+    if unet is None:
+        raise UserError(f"student.lora_rank needs a UNet student; this student's network is a "
+                        f"{type(student.net).__name__}")
+    return unet
+
+
+def lora_target_names(unet: nn.Module, targets: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Names of the ``Linear``/``Conv2d`` modules of ``unet`` whose name is, or ends with ``.`` + , a target.
+
+    ``targets``: module-name suffixes (peft's ``target_modules`` rule); empty: :data:`LORA_TARGETS`.
+    """
+    targets = tuple(targets) or LORA_TARGETS
+    return [name for name, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and any(name == t or name.endswith("." + t) for t in targets)]
+
+
+def add_lora(student: BootStudent, rank: int, alpha: float = 0.0, targets: tuple[str, ...] | list[str] = (),
+             seed: int = 0) -> dict[str, Any]:
+    """Freeze the student's network and inject rank-``rank`` LoRA adapters into its UNet (in place).
+
+    Args:
+        student: a UNet student (``student.net.unet``).
+        rank: LoRA rank r (> 0).
+        alpha: LoRA alpha (scale alpha / r); 0: alpha = r.
+        targets: module-name suffixes (empty: :data:`LORA_TARGETS`).
+        seed: seed of the A factors' random init (the global RNG is left as it was).
+
+    Returns:
+        The ``peft.LoraConfig`` keyword arguments (JSON-serialisable; also ``student.lora_config``).
+
+    Raises:
+        UserError: the network has no UNet, or no ``Linear``/``Conv2d`` layer matches ``targets``.
+
+    Examples:
+        >>> kwargs = add_lora(student, rank=8)  # doctest: +SKIP
+        >>> sum(p.numel() for p in student.parameters() if p.requires_grad)  # adapters only  # doctest: +SKIP
+    """
+    from peft import LoraConfig, inject_adapter_in_model  # imports transformers (seconds); LoRA runs only
+
+    unet = _student_unet(student)
+    if rank < 1:
+        raise UserError(f"student.lora_rank must be >= 1 to add adapters, got {rank}")
+    names = lora_target_names(unet, targets)
+    if not names:
+        raise UserError(f"student.lora_rank={rank}: no Linear/Conv2d layer of the {type(unet).__name__} matches "
+                        f"student.lora_targets {list(targets or LORA_TARGETS)}")
+    kwargs: dict[str, Any] = {"r": int(rank), "lora_alpha": float(alpha or rank), "lora_dropout": 0.0,
+                              "bias": "none", "target_modules": names}
+    student.net.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # a run's adapters start the same however the process got here
+        torch.manual_seed(seed)
+        inject_adapter_in_model(LoraConfig(**kwargs), unet)
+    for name, param in unet.named_parameters():  # peft's injection marks them; made explicit for any peft version
+        if ".lora_" in name:
+            param.requires_grad_(True)
+    student.lora_config = kwargs
+    return kwargs
+
+
+def has_lora(student: nn.Module) -> bool:
+    return getattr(student, "lora_config", None) is not None
+
+
+def lora_state_dict(student: BootStudent) -> dict[str, torch.Tensor]:
+    """The adapters only, in peft's saved-key form (``<module>.lora_A.weight``), on CPU."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(_student_unet(student))
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+_PEFT_PREFIX = "base_model.model."  # how peft's PeftModel.save_pretrained names the wrapped model's keys
+
+
+def save_lora(student: BootStudent, path: str | Path, meta: dict[str, Any]) -> Path:
+    """Write a LoRA student's adapters in peft's layout (``adapter_config.json``, ``adapter_model.safetensors``)
+    plus ``vkd_lora.json`` (parameterisation, λ band, ``t_sample``, teacher; what rebuilds the student).
+
+    ``peft.PeftModel.from_pretrained(unet, path)`` loads them onto the teacher's UNet (any framework).
+    """
+    from peft import LoraConfig
+
+    if not has_lora(student):
+        raise ValueError("save_lora needs a student with LoRA adapters (add_lora)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    LoraConfig(**student.lora_config, base_model_name_or_path=str(meta.get("teacher", ""))).save_pretrained(str(path))
+    state = {_PEFT_PREFIX + k: v for k, v in lora_state_dict(student).items()}
+    tmp = path / "adapter_model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / "adapter_model.safetensors")
+    info = {"parameterization": student.parameterization, "prediction_type": student.prediction_type,
+            "t_sample": student.t_sample, "lambda_range": _json_range(student.lambda_range),
+            "lora": student.lora_config, "adapter_params": sum(int(v.numel()) for v in state.values()), **meta}
+    (path / LORA_META_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def load_lora(student: BootStudent, path: str | Path) -> BootStudent:
+    """Inject the adapters saved by :func:`save_lora` into ``student`` (a copy of the same teacher) and load them."""
+    from peft import set_peft_model_state_dict
+
+    path = Path(path)
+    try:
+        kwargs = json.loads((path / "adapter_config.json").read_text())
+        state = load_file(str(path / "adapter_model.safetensors"))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the LoRA adapters in {path}: {str(err).splitlines()[0]}") from None
+    targets = kwargs.get("target_modules") or []
+    add_lora(student, int(kwargs["r"]), float(kwargs.get("lora_alpha") or kwargs["r"]),
+             sorted(targets) if isinstance(targets, list) else [targets])
+    unet = _student_unet(student)
+    state = {k[len(_PEFT_PREFIX):] if k.startswith(_PEFT_PREFIX) else k: v for k, v in state.items()}
+    result = set_peft_model_state_dict(unet, state)
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"the LoRA adapters in {path} do not fit this teacher's UNet "
+                        f"(unexpected {list(result.unexpected_keys)[:3]})")
+    return student
+
+
+def merged_student(student: BootStudent) -> BootStudent:
+    """A copy of a LoRA student with the adapters merged into plain diffusers UNet weights (for ``save_student``)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = copy.deepcopy(student)
+    unet = _student_unet(out)
+    for module in unet.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if ".lora_" not in k}
+    plain = type(unet).from_config(unet.config)
+    plain.load_state_dict(state)
+    out.net.unet = plain.to(dtype=next(iter(state.values())).dtype)
+    out.lora_config = None
+    return out

@@ -26,6 +26,10 @@ class DistillationTask(nn.Module):
         frozen_modules: names of child modules that are never trained nor checkpointed (rebuilt from
             the config on resume), typically the teacher.
         find_unused_parameters: passed to DDP when the task runs on several processes.
+        manual_gradient_sync: the task replaces its parameters during training (densification), which DDP
+            cannot follow: on several processes the engine then does not wrap it in DDP, broadcasts rank 0's
+            parameters once and all-reduces (averages) the gradients of ``trainable_parameters()`` after each
+            backward instead. The task must keep its parameters identical across ranks.
 
     Examples:
         A task holds the frozen teacher and the trainable student and returns its losses; ``"loss"`` is what the
@@ -50,6 +54,7 @@ class DistillationTask(nn.Module):
 
     frozen_modules: tuple[str, ...] = ("teacher",)
     find_unused_parameters: bool = False
+    manual_gradient_sync: bool = False
 
     # ---- required -------------------------------------------------------------------------------
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
@@ -101,6 +106,10 @@ class DistillationTask(nn.Module):
     def student_module(self) -> nn.Module:
         """The module the EMA tracks and exports (default ``self.student``, else the whole task)."""
         return getattr(self, "student", self)
+
+    def ema_state_keys(self) -> list[str] | None:
+        """Keys of ``student_module().state_dict()`` the EMA averages (``None``: all; e.g. only LoRA adapters)."""
+        return None
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors saved to ``model.safetensors``: the state dict minus ``frozen_modules``."""

@@ -289,14 +289,19 @@ class Trainer:
         start_step, state = _load_task_state(task, resume_path)
         # Built after the weights are loaded: the task may have resized parameters (densification).
         optimizers, schedulers = self._optimizers(task)
-        ema = EMA(task.student_module(), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        ema = EMA(task.student_module(), cfg.ema_decay, task.ema_state_keys()) if cfg.ema_decay > 0 else None
         if resume_path is not None:
             _load_optimizer_state(state, resume_path, optimizers, schedulers, ema, rank)
 
         if start_step >= cfg.steps:
             acc.print(f"checkpoint is at step {start_step} >= train.steps={cfg.steps}: nothing to train")
 
-        model = acc.prepare_model(task)
+        manual_sync = task.manual_gradient_sync and acc.num_processes > 1
+        if manual_sync:  # parameters change shape in training: DDP cannot hold them, sync by hand
+            _broadcast_from_main(task)
+            model = task
+        else:
+            model = acc.prepare_model(task)
         prepared = {name: acc.prepare_optimizer(opt) for name, opt in optimizers.items()}
         unwrapped: DistillationTask = acc.unwrap_model(model)
 
@@ -324,6 +329,8 @@ class Trainer:
                     _seed_everything(step_seed(self.seed, step, rank))
                     model.train()
                     outputs, sums = self._forward_backward(acc, model, batches, step, last_ckpt)
+                    if manual_sync:
+                        _all_reduce_gradients(unwrapped.trainable_parameters(), acc.num_processes)
                     unwrapped.on_before_optimizer_step(step)
                     grad_norm = self._grad_norm(acc, prepared)
                     self._check_finite(acc, grad_norm, step, "gradient norm", None, last_ckpt)
@@ -593,6 +600,39 @@ def _load_optimizer_state(state: dict[str, Any], resume_path: Path, optimizers: 
     rng = state.get("rng", [])
     if rank < len(rng):
         set_rng_state(rng[rank])
+
+
+def _broadcast_from_main(task: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a module)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for tensor in [*task.parameters(), *task.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def _all_reduce_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Average the gradients over processes in one flat all-reduce (DDP's semantics, without its fixed buckets)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    if not params:
+        return
+    # a parameter that got a gradient on any rank gets one (zeros where missing) on all, so the flat sizes agree;
+    # one unused everywhere keeps grad None (no optimizer step), as on one process
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    for p, used in zip(params, has_grad.tolist(), strict=True):
+        if used and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(synced)
 
 
 @contextlib.contextmanager

@@ -113,6 +113,9 @@ class TeacherConfig:
     target: str = ""  # kind=callable: "pkg.module:function", images [B,3,H,W] in [0,1] -> features [B,D,h,w]
     input_size: int = 224  # short image side fed to the teacher (rounded to a multiple of the patch size)
     batch_size: int = 4
+    # where the teacher computes the feature cache: auto = the training device (train.device; this process's GPU
+    # under torchrun); callable teachers receive their image batches there too
+    device: str = "auto"
     cache_dir: str | None = None  # None: <run.output_dir>/feature3dgs/_cache/<scene+teacher hash>
     tiny: TinyTeacherConfig = field(default_factory=TinyTeacherConfig)
 
@@ -169,8 +172,11 @@ class LossConfig:
 class OptimConfig:
     """3DGS / Feature 3DGS learning rates (one Adam per attribute, eps 1e-15)."""
 
-    means_lr: float = 1.6e-4  # times the scene extent, decayed exponentially to means_lr_final over train.steps
+    means_lr: float = 1.6e-4  # times the scene extent, decayed exponentially to means_lr_final ...
     means_lr_final: float = 1.6e-6
+    # ... over this many steps (3DGS: 30,000, its position_lr_max_steps); 0: over train.steps. A shorter run keeps
+    # 3DGS's per-step decay instead of squeezing the whole decay into its own length
+    means_lr_decay_steps: int = 30000
     sh0_lr: float = 2.5e-3
     shN_lr: float = 2.5e-3 / 20
     opacities_lr: float = 5e-2
@@ -180,8 +186,8 @@ class OptimConfig:
     decoder_lr: float = 1e-4
 
     def __post_init__(self) -> None:
-        check_nonnegative(self, ["means_lr", "means_lr_final", "sh0_lr", "shN_lr", "opacities_lr", "scales_lr",
-                            "quats_lr", "features_lr", "decoder_lr"])
+        check_nonnegative(self, ["means_lr", "means_lr_final", "means_lr_decay_steps", "sh0_lr", "shN_lr",
+                                 "opacities_lr", "scales_lr", "quats_lr", "features_lr", "decoder_lr"])
 
 
 @dataclass
@@ -213,10 +219,20 @@ class EvalConfig:
     max_width: int = 480  # the protocol resizes wider maps to 360x480
     fps_repeats: int = 3
     max_views: int = 0  # 0: all held-out views
+    # Segmentation labels: "render" labels student and teacher at the rendered resolution, the teacher's map
+    # bilinearly upsampled first (as the Feature 3DGS reference); "teacher_grid" is vkd's earlier protocol
+    # (the teacher's patch grid, labels of wide maps subsampled by 3).
+    segmentation: Literal["render", "teacher_grid"] = "render"
+    # Text prompts of the label set. auto: the teacher's own prompt, i.e. the caption template the embedded tiny CLIP
+    # was pretrained with ("a photo of the {}."), raw label names ("{}", as the reference labels with LSeg, whose
+    # text encoder was trained on raw names) for every other teacher; or a template with one "{}"
+    prompt_template: str = "auto"
 
     def __post_init__(self) -> None:
         check_positive(self, ["top_k", "max_width", "fps_repeats"])
         check_nonnegative(self, ["max_views"])
+        if self.prompt_template != "auto" and self.prompt_template.count("{}") != 1:
+            raise ConfigError(f"eval.prompt_template must contain '{{}}' exactly once, got {self.prompt_template!r}")
 
 
 @dataclass
@@ -262,6 +278,11 @@ class Feature3DGSConfig(TaskConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def __post_init__(self) -> None:
+        if self.densify.enabled and self.train.mixed_precision == "fp16":
+            raise ConfigError("train.mixed_precision=fp16 with densify.enabled: densification reads the screen-space "
+                              "gradients before the fp16 loss scale is removed; use bf16 or no")
 
 
 def cache_root(cfg: Feature3DGSConfig) -> Path:

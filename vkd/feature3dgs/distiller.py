@@ -109,6 +109,27 @@ class Prepared:
     cache: FeatureCache
 
 
+def check_ranks_agree(params: nn.ParameterDict) -> None:
+    """On several processes: stop if the ranks' Gaussians differ (count, or the sum of every parameter).
+
+    Densification must apply the same refine on every rank (:class:`vkd.render.strategy.DensifyStrategy`); this
+    cheap check after each refine turns a silent divergence into an error.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    first = next(iter(params.values()))
+    local = torch.stack([torch.tensor(float(first.shape[0]), dtype=torch.float64, device=first.device),
+                         *[p.detach().double().sum() for p in params.values()]])  # [1 + P]
+    lo, hi = local.clone(), local.clone()
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"densification diverged across processes: Gaussian counts {lo[0]:.0f}..{hi[0]:.0f}, "
+                           f"parameter sums differ by up to {float((hi - lo)[1:].abs().max()):.3g}")
+
+
 class Feature3DGSTask(DistillationTask):
     """Gaussian feature field (student) distilled from cached teacher maps.
 
@@ -135,16 +156,17 @@ class Feature3DGSTask(DistillationTask):
         self.strategy = None
         self.strategy_state: dict[str, Any] = {}
         if cfg.densify.enabled:
-            from gsplat.strategy import (
-                DefaultStrategy,  # imported on use: gsplat's import probes CUDA and is slow
+            from vkd.render.strategy import (
+                DensifyStrategy,  # imported on use: gsplat's import probes CUDA (slow)
             )
 
             d = cfg.densify
-            self.strategy = DefaultStrategy(prune_opa=d.prune_opa, grow_grad2d=d.grow_grad2d,
+            self.strategy = DensifyStrategy(prune_opa=d.prune_opa, grow_grad2d=d.grow_grad2d,
                                             grow_scale3d=d.grow_scale3d, prune_scale3d=d.prune_scale3d,
                                             refine_start_iter=d.refine_start, refine_stop_iter=d.refine_stop,
-                                            reset_every=d.reset_every, refine_every=d.refine_every)
+                                            reset_every=d.reset_every, refine_every=d.refine_every, seed=cfg.run.seed)
             self.strategy_state = self.strategy.initialize_state(scene_scale=self.scene_extent)
+            self.manual_gradient_sync = True  # the Gaussians change in number: DDP cannot hold them
         self._meta: dict | None = None
         self.evaluator = evaluator  # plain attributes: not modules, not checkpointed
 
@@ -177,10 +199,12 @@ class Feature3DGSTask(DistillationTask):
         schedulers: dict[str, Any] = {}
         if self.student.decoder is not None:
             optimizers["decoder"] = torch.optim.Adam(self.student.decoder.parameters(), lr=o.decoder_lr)
-        steps = max(1, train_cfg.steps)
-        if o.means_lr > 0 and o.means_lr_final > 0:
-            gamma = (o.means_lr_final / o.means_lr) ** (1.0 / steps)
-            schedulers["means"] = torch.optim.lr_scheduler.ExponentialLR(optimizers["means"], gamma=gamma)
+        decay_steps = max(1, o.means_lr_decay_steps or train_cfg.steps)
+        if o.means_lr > 0 and o.means_lr_final > 0:  # 3DGS's expon_lr_func (no delay), held at the final lr after
+            gamma = (o.means_lr_final / o.means_lr) ** (1.0 / decay_steps)
+            floor = o.means_lr_final / o.means_lr
+            schedulers["means"] = torch.optim.lr_scheduler.LambdaLR(
+                optimizers["means"], lambda step: max(gamma ** step, floor))
         return optimizers, schedulers
 
     def on_step_end(self, step: int, outputs: dict[str, Tensor], optimizers: dict[str, Any]) -> None:
@@ -195,12 +219,15 @@ class Feature3DGSTask(DistillationTask):
         saved = self.strategy.grow_grad2d
         if cap and field.num_gaussians >= cap:
             self.strategy.grow_grad2d = float("inf")  # at the cap: prune only, never grow
+        n_before = field.num_gaussians
         try:
             self.strategy.step_post_backward(field.params, gaussian_opts, self.strategy_state, step - 1, self._meta,
                                              packed=False)
         finally:
             self.strategy.grow_grad2d = saved
             self._meta = None
+        if field.num_gaussians != n_before:
+            check_ranks_agree(field.params)
 
     # ---- evaluation / samples / export -----------------------------------------------------------------------
     def evaluate(self, step: int) -> dict[str, float]:

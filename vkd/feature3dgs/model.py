@@ -31,12 +31,59 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vkd.render import rasterization
+from vkd.render import project_gaussians, rasterization
 from vkd.render.sh import num_sh_bases, rgb_to_sh, sh_to_color
 
-__all__ = ["GaussianField", "knn_scales", "PARAM_KEYS"]
+__all__ = ["GaussianField", "knn_scales", "row_bands", "PARAM_KEYS"]
 
 PARAM_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN", "features")
+# A row band of a banded render takes every Gaussian whose radius box comes within this many pixels of it: both
+# backends composite a Gaussian at most one tile (torch 8 px, gsplat 16 px) beyond its box, so the band's pixels
+# see exactly the Gaussians, in the same depth order, of a whole-frame render.
+BAND_MARGIN = 16
+# Tile of the pair estimate that sizes the bands: the torch backend's, whose per-pair working set dominates memory.
+BAND_ESTIMATE_TILE = 8
+
+
+def row_bands(means2d: Tensor, radii: Tensor, width: int, height: int, max_pairs: int,
+              tile: int = BAND_ESTIMATE_TILE) -> list[tuple[int, int]]:
+    """Split the image rows into bands of at most ``max_pairs`` estimated (tile, Gaussian) pairs each.
+
+    The estimate is the rasterizers' box rule on ``tile``-pixel tiles, counted per tile row; a band holds at least
+    one tile row, so a single row with more pairs than ``max_pairs`` is still one band.
+
+    Args:
+        means2d: ``[C, G, 2]`` projected centres (pixels).
+        radii: ``[C, G, 2]`` integer radii (0: culled), as :func:`vkd.render.project_gaussians` returns them.
+        width, height: image size.
+        max_pairs: pair budget of one band.
+        tile: tile size of the estimate.
+
+    Returns:
+        ``[(y0, y1), ...]`` pixel row ranges covering ``[0, height)`` in order.
+    """
+    tw, th = math.ceil(width / tile), math.ceil(height / tile)
+    r = radii.reshape(-1, 2).double()
+    m = means2d.detach().reshape(-1, 2).double()
+    vis = (r > 0).all(-1)
+    r, m = r[vis], m[vis]
+    x0 = torch.floor((m[:, 0] - r[:, 0]) / tile).clamp(0, tw)
+    x1 = torch.ceil((m[:, 0] + r[:, 0]) / tile).clamp(0, tw)
+    y0 = torch.floor((m[:, 1] - r[:, 1]) / tile).clamp(0, th).long()
+    y1 = torch.ceil((m[:, 1] + r[:, 1]) / tile).clamp(0, th).long()
+    nx = (x1 - x0).cpu()  # [V] tiles per covered tile row
+    diff = torch.zeros(th + 1, dtype=torch.float64)
+    diff.index_add_(0, y0.cpu(), nx)
+    diff.index_add_(0, y1.cpu(), -nx)
+    per_row = torch.cumsum(diff, 0)[:th].tolist()  # [th] pairs per tile row
+    bands, start, acc = [], 0, 0.0
+    for row, pairs in enumerate(per_row):
+        if row > start and acc + pairs > max_pairs:
+            bands.append((start * tile, row * tile))
+            start, acc = row, 0.0
+        acc += pairs
+    bands.append((start * tile, height))
+    return bands
 
 
 def knn_scales(points: Tensor, k: int = 3) -> Tensor:
@@ -87,6 +134,10 @@ class GaussianField(nn.Module):
         self.teacher_dim = teacher_dim
         self.sh_degree = int(sh_degree)
         self.active_sh_degree = 0
+        # Render settings of the run (plain attributes, like the active SH degree): every render that does not pass
+        # its own uses them, so evaluation, samples and `vkd render` draw the field the way it was trained.
+        self.rasterize_mode = "classic"
+        self.backend = "auto"
         k = num_sh_bases(self.sh_degree)
         params = {
             "means": torch.zeros(num, 3),
@@ -170,9 +221,9 @@ class GaussianField(nn.Module):
     # ---- rendering -------------------------------------------------------------------------------------------
     def render(self, viewmats: Tensor, Ks: Tensor, width: int, height: int, background: Tensor | None = None,
                features: Tensor | None | bool = True, depth: bool = False, sh_degree: int | None = None,
-               opacity_mask: Tensor | None = None, backend: str = "auto", rasterize_mode: str = "classic",
-               ) -> dict[str, Tensor | dict]:
-        """Render RGB (and features, and expected depth) in one rasterizer call.
+               opacity_mask: Tensor | None = None, backend: str | None = None, rasterize_mode: str | None = None,
+               max_pairs: int | None = None) -> dict[str, Tensor | dict]:
+        """Render RGB (and features, and expected depth) in one rasterizer call (or one per row band).
 
         Args:
             viewmats: ``[C, 4, 4]`` world-to-camera (OpenCV).
@@ -184,10 +235,16 @@ class GaussianField(nn.Module):
             depth: also return the expected depth ``Σwz/Σw`` (``render_mode="RGB+ED"``).
             sh_degree: SH degree to evaluate (default: the active degree).
             opacity_mask: ``[G]`` multiplier on opacities (extraction / deletion).
+            backend: rasterizer backend (default: the field's :attr:`backend`).
+            rasterize_mode: ``classic`` or ``antialiased`` (default: the field's :attr:`rasterize_mode`).
+            max_pairs: without autograd, bound the rasterizer's working memory (which grows with the number of
+                (tile, Gaussian) pairs) by rendering row bands of at most this many estimated pairs
+                (:func:`row_bands`), each with only the Gaussians that reach it (see ``BAND_MARGIN``): the image
+                is that of one call up to rounding. ``None`` (and any render with autograd): one call.
 
         Returns:
             dict with ``rgb [C, H, W, 3]``, ``alpha [C, H, W, 1]``, ``meta``, and ``features [C, H, W, D]`` /
-            ``depth [C, H, W, 1]`` when requested.
+            ``depth [C, H, W, 1]`` when requested. A banded render's ``meta`` only holds ``bands``.
         """
         if viewmats.ndim != 3 or viewmats.shape[-2:] != (4, 4):
             raise ValueError(f"viewmats must be [C, 4, 4], got {tuple(viewmats.shape)}")
@@ -211,15 +268,51 @@ class GaussianField(nn.Module):
         if background is not None:
             bg_rgb = background.to(rgb.dtype).reshape(-1, 3).expand(C, 3)
             bg = torch.cat([bg_rgb, bg_rgb.new_zeros(C, colors.shape[-1] - 3)], -1)
-        out, alpha, meta = rasterization(means, quats, scales, opac, colors, viewmats, Ks, width, height,
-                                         sh_degree=None, backgrounds=bg, render_mode="RGB+ED" if depth else "RGB",
-                                         packed=False, rasterize_mode=rasterize_mode, backend=backend)
+        mode = rasterize_mode or self.rasterize_mode
+        settings = dict(sh_degree=None, backgrounds=bg, render_mode="RGB+ED" if depth else "RGB", packed=False,
+                        rasterize_mode=mode, backend=backend or self.backend)
+        bands = None
+        if max_pairs is not None and not torch.is_grad_enabled():
+            proj = project_gaussians(means, quats, scales, opac, viewmats.to(means.dtype), Ks.to(means.dtype),
+                                     width, height, antialiased=mode == "antialiased")
+            bands = row_bands(proj["means2d"], proj["radii"], width, height, max_pairs)
+        if bands is None or len(bands) == 1:
+            out, alpha, meta = rasterization(means, quats, scales, opac, colors, viewmats, Ks, width, height,
+                                             **settings)
+        else:
+            out, alpha = self._render_bands(bands, proj, means, quats, scales, opac, colors, bg, viewmats, Ks,
+                                            width, height, depth, settings)
+            meta = {"bands": bands}
         result: dict[str, Tensor | dict] = {"rgb": out[..., :3], "alpha": alpha, "meta": meta}
         if feat is not None:
             result["features"] = out[..., 3:3 + feat.shape[-1]]
         if depth:
             result["depth"] = out[..., -1:]
         return result
+
+    @staticmethod
+    def _render_bands(bands: list[tuple[int, int]], proj: dict[str, Tensor], means: Tensor, quats: Tensor,
+                      scales: Tensor, opac: Tensor, colors: Tensor, bg: Tensor | None, viewmats: Tensor, Ks: Tensor,
+                      width: int, height: int, depth: bool, settings: dict) -> tuple[Tensor, Tensor]:
+        """One whole-frame rasterization per row band, with the Gaussians whose box reaches the band; the band's
+        rows are kept. Returns ``out [C, H, W, D (+1)]`` and ``alpha [C, H, W, 1]``."""
+        C, D = viewmats.shape[0], colors.shape[-1]
+        out = colors.new_zeros(C, height, width, D + int(depth))
+        alpha = colors.new_zeros(C, height, width, 1)
+        if bg is not None:
+            out[..., :D] = bg[:, None, None, :]  # rows no Gaussian reaches: background, alpha 0, depth 0
+        v, ry = proj["means2d"][..., 1], proj["radii"][..., 1].to(means.dtype)  # [C, G]
+        seen = (proj["radii"] > 0).all(-1)  # [C, G]
+        for y0, y1 in bands:
+            near = seen & (v + ry > y0 - BAND_MARGIN) & (v - ry < y1 + BAND_MARGIN)
+            idx = near.any(0).nonzero().squeeze(1)  # [g]
+            if idx.numel() == 0:
+                continue
+            o, a, _ = rasterization(means[idx], quats[idx], scales[idx], opac[idx], colors.index_select(-2, idx),
+                                    viewmats, Ks, width, height, **settings)
+            out[:, y0:y1], alpha[:, y0:y1] = o[:, y0:y1], a[:, y0:y1]
+            del o, a
+        return out, alpha
 
     # ---- decoder ---------------------------------------------------------------------------------------------
     def decode(self, feature_maps: Tensor) -> Tensor:

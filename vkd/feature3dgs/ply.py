@@ -1,18 +1,21 @@
 """Minimal PLY vertex I/O (binary little-endian write; binary or ASCII read) with numpy.
 
-Only the ``vertex`` element is used: point clouds (x, y, z, red, green, blue) and 3DGS exports (x, y, z, f_dc_*,
-f_rest_*, opacity, scale_*, rot_*, plus vkd's per-Gaussian features ``f_sem_*``). No dependency on ``plyfile``.
+Only the ``vertex`` element is used: point clouds (x, y, z, red, green, blue) and 3DGS files (x, y, z, nx, ny,
+nz, f_dc_*, f_rest_*, opacity, scale_*, rot_*; older vkd exports also carry per-Gaussian features ``f_sem_*``, which
+are read like any other property). :func:`gaussian_ply_properties` is the standard 3DGS column order and
+:func:`validate_gaussian_ply` checks a vertex table against it. No dependency on ``plyfile``.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 
 from vkd.errors import DataError
 
-__all__ = ["write_ply", "read_ply"]
+__all__ = ["write_ply", "read_ply", "gaussian_ply_properties", "validate_gaussian_ply"]
 
 _PLY_TO_NP = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -114,3 +117,52 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
         data = np.frombuffer(raw, dtype=dtype, count=vertex["count"])
         return {name: np.ascontiguousarray(data[name]).astype(data[name].dtype.newbyteorder("=")) for name in
                 data.dtype.names}
+
+
+_GAUSSIAN_BASE = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+                  "rot_0", "rot_1", "rot_2", "rot_3")
+
+
+def gaussian_ply_properties(sh_degree: int) -> list[str]:
+    """The vertex properties of a 3DGS PLY (Inria layout), in file order.
+
+    ``x y z nx ny nz f_dc_0..2 f_rest_0..3(K-1)-1 opacity scale_0..2 rot_0..3`` with ``K = (sh_degree + 1)²``;
+    ``f_rest`` is channel-major (all R coefficients, then G, then B).
+    """
+    if sh_degree < 0:
+        raise ValueError(f"sh_degree must be >= 0, got {sh_degree}")
+    num_rest = 3 * ((sh_degree + 1) ** 2 - 1)
+    return (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+            + [f"f_rest_{i}" for i in range(num_rest)]
+            + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"])
+
+
+def validate_gaussian_ply(table: dict[str, np.ndarray], source: str | Path = "PLY") -> int:
+    """Check that a vertex table (from :func:`read_ply`) holds the properties 3DGS needs; return its SH degree.
+
+    Normals are optional (3DGS writes zeros and never reads them); extra properties such as ``f_sem_*`` are allowed.
+
+    Args:
+        table: property name -> ``[N]`` array.
+        source: the file name used in error messages.
+
+    Returns:
+        The SH degree implied by the ``f_rest_*`` count (``3 * ((d + 1)² - 1)`` properties).
+
+    Raises:
+        DataError: required properties are missing (all named in one line), or the ``f_rest_*`` count is not
+            that of an SH degree.
+    """
+    rest_ids = sorted(int(k[len("f_rest_"):]) for k in table if k.startswith("f_rest_") and k[7:].isdigit())
+    num_rest = rest_ids[-1] + 1 if rest_ids else 0
+    present = set(rest_ids)
+    missing = [k for k in _GAUSSIAN_BASE if k not in table]
+    missing += [f"f_rest_{i}" for i in range(num_rest) if i not in present]  # gaps: f_rest must be 0..n-1
+    if missing:
+        raise DataError(f"{source}: not a 3DGS PLY, missing vertex properties: {', '.join(missing)}")
+    bases = num_rest // 3 + 1  # K = (d + 1)^2 SH bases per channel
+    degree = math.isqrt(bases) - 1
+    if num_rest % 3 or (degree + 1) ** 2 != bases:
+        raise DataError(f"{source}: {num_rest} f_rest_* properties match no SH degree "
+                        "(expected 3 * ((d + 1)^2 - 1): 0, 9, 24, 45, ...)")
+    return degree

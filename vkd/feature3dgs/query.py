@@ -10,18 +10,23 @@ editing rules (spec §10):
   ``argmax ∈ positives`` or ``p ≥ threshold``.
 
 Extraction zeroes the opacity of unselected Gaussians, deletion of selected ones.
+
+Rendered maps are queried without decoding them to the teacher's width: :class:`DecodedSpace` gives coordinates
+of the N-wide rendered features in which every dot product and norm of the decoded ``W·f + b`` can be computed, so
+relevancy and label maps of a frame cost ``[H, W, N + 2]`` instead of ``[H, W, M]``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["PROMPT_TEMPLATE", "ADE20K_LABELS", "ADE20K_MERGES", "prompts", "parse_query", "label_scores",
-           "label_map", "relevancy", "gaussian_scores", "select_gaussians", "edit_opacity_mask"]
+           "label_map", "relevancy", "gaussian_scores", "select_gaussians", "edit_opacity_mask", "DecodedSpace"]
 
 PROMPT_TEMPLATE = "a photo of the {}."
 
@@ -139,3 +144,67 @@ def edit_opacity_mask(selected: Tensor, mode: str) -> Tensor:
     """Opacity multiplier ``[G]``: extraction keeps only ``selected``, deletion removes them."""
     keep = selected if mode == "extract" else ~selected
     return keep.float()
+
+
+@dataclass
+class DecodedSpace:
+    """Isometric coordinates of decoded teacher-space vectors ``d = W·f + b``, computed from the N-wide ``f``.
+
+    With the thin QR factorisation ``[W | b] = Q·R`` (``Q [M, K]`` orthonormal columns, ``R [K, N + 1]``,
+    ``K = min(M, N + 1)``), ``d = Q·z`` for ``z = R·[f; 1]``. Appending one coordinate makes a pair of maps that keep
+    every inner product between decoded vectors and arbitrary teacher-space vectors ``t`` (text embeddings, PCA
+    axes), and every norm:
+
+    * :meth:`features`: ``f -> [z, 0]``, so ``‖[z, 0]‖ = ‖d‖``;
+    * :meth:`vectors`: ``t -> [Qᵀt, ‖t - Q·Qᵀt‖]``, so ``‖t'‖ = ‖t‖`` and ``[z, 0]·t' = d·t``.
+
+    Hence cosines, relevancy, label maps, Gaussian selection and PCA projections computed on the mapped pair equal
+    those of the decoded ``[..., M]`` tensors (up to rounding), at the cost of ``N + 2`` channels. QR (instead of
+    expanding ``‖W f + b‖² = fᵀWᵀW f + 2 bᵀW f + ‖b‖²``) keeps the norm free of cancellation.
+
+    Args:
+        R: ``[K, N + 1]`` factor applied to ``[f; 1]``.
+        Q: ``[M, K]`` orthonormal columns, or ``None`` for a field without a decoder (``z = f``).
+    """
+
+    R: Tensor | None  # [K, N + 1]
+    Q: Tensor | None  # [M, K]
+
+    @classmethod
+    def of_decoder(cls, weight: Tensor | None, bias: Tensor | None = None) -> DecodedSpace:
+        """The space of ``d = weight·f + bias`` (``weight [M, N]``, ``bias [M]``); ``weight=None``: identity."""
+        if weight is None:
+            return cls(None, None)
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None else bias
+        A = torch.cat([weight, bias[:, None]], 1).detach().double()  # [M, N + 1]
+        Q, R = torch.linalg.qr(A, mode="reduced")  # float64: the factors are reused for every pixel
+        return cls(R.to(weight.dtype), Q.to(weight.dtype))
+
+    @classmethod
+    def of_field(cls, field) -> DecodedSpace:
+        """The decoded space of a :class:`~vkd.feature3dgs.model.GaussianField` (its 1x1 conv decoder)."""
+        if field.decoder is None:
+            return cls(None, None)
+        return cls.of_decoder(field.decoder.weight[:, :, 0, 0], field.decoder.bias)
+
+    def features(self, f: Tensor, dim: int = -1) -> Tensor:
+        """Rendered (or per-Gaussian) features ``[..., N, ...]`` -> coordinates ``[..., N + 2 or K + 1, ...]``."""
+        x = f.movedim(dim, -1)
+        if self.R is None:
+            z = torch.cat([x, torch.zeros_like(x[..., :1])], -1)  # no decoder: d = f
+        else:
+            R = self.R.to(x.device, x.dtype)
+            z = F.linear(x, R[:, :-1], R[:, -1])  # R·[f; 1]
+            z = torch.cat([z, torch.zeros_like(z[..., :1])], -1)
+        return z.movedim(-1, dim)
+
+    def vectors(self, t: Tensor) -> Tensor:
+        """Teacher-space vectors ``[J, M]`` -> ``[J, K + 1]`` with the same norms and inner products with
+        :meth:`features`."""
+        if self.Q is None:
+            return torch.cat([t, torch.zeros_like(t[:, :1])], -1)
+        Q = self.Q.to(t.device).double()
+        td = t.double()
+        inside = td @ Q  # [J, K]
+        outside = (td - inside @ Q.T).norm(dim=-1, keepdim=True)  # [J, 1] part of t orthogonal to every d
+        return torch.cat([inside, outside], -1).to(t.dtype)

@@ -1,13 +1,20 @@
 """``vkd render --run RUN``: RGB, depth, PCA features and text-query relevancy along test views or camera paths.
 
 Frames go to ``<out>/{rgb,depth,features,relevancy}/frame_XXXXX.png`` and, unless ``fmt="png"``, one video per
-stream (``<out>/rgb.mp4`` ...). PCA colours are fitted once per scene (on decoded feature renders of a
-few training views) and depth / relevancy use fixed ranges, so colours are stable across frames.
+stream (``<out>/rgb.mp4`` ...), written as the frames come (nothing holds all frames). PCA colours are fitted once
+per scene (on decoded feature renders of a few training views) and depth / relevancy use fixed ranges, so colours
+are stable across frames.
+
+Every render uses the run's ``model.rasterize_mode`` and ``model.backend`` and the SH degree the field reached
+(:func:`~vkd.feature3dgs.runs.load_run` sets them on the field). Feature colours and relevancy are computed on the
+``render_dim``-wide render through :class:`~vkd.feature3dgs.query.DecodedSpace`, never on a ``[H, W, M]`` decoded
+map, so memory grows with the frame size and ``render_dim``, not with the teacher's width.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +26,25 @@ from vkd.engine import torch_threads
 from vkd.errors import UserError
 from vkd.feature3dgs.data import Scene
 from vkd.feature3dgs.model import GaussianField
-from vkd.feature3dgs.query import edit_opacity_mask, parse_query, prompts, relevancy, select_gaussians
+from vkd.feature3dgs.query import (
+    DecodedSpace,
+    edit_opacity_mask,
+    parse_query,
+    prompts,
+    relevancy,
+    select_gaussians,
+)
 from vkd.feature3dgs.runs import LoadedRun, load_run
-from vkd.feature3dgs.visualize import PCAColorizer, colormap, save_png, to_uint8, write_video
+from vkd.feature3dgs.visualize import PCAColorizer, VideoWriter, colormap, save_png, to_uint8
 from vkd.render import orbit_path, spiral_path
 
-__all__ = ["camera_path", "render_run"]
+__all__ = ["camera_path", "fit_scene_pca", "render_run"]
 
 VIEW_KINDS = ("test", "train", "orbit", "spiral")
 FORMATS = ("mp4", "gif", "png")
+# (tile, Gaussian) pairs per rasterizer call (GaussianField.render's row bands): the torch backend needs about 230 B
+# per pair (measured at 1280x720, 300k Gaussians), so about 0.5 GB per call whatever the frame size.
+RENDER_MAX_PAIRS = 1 << 21
 
 
 def _c2w(viewmat: Tensor) -> Tensor:
@@ -91,7 +108,8 @@ def camera_path(scene: Scene, views: str, frames: int) -> tuple[Tensor, Tensor, 
         f"{views}_{k:05d}" for k in range(frames)]
 
 
-def _query_setup(run: LoadedRun, query: str, edit: str | None, threshold: float | None) -> dict[str, Any]:
+def _query_setup(run: LoadedRun, query: str, edit: str | None, threshold: float | None,
+                 space: DecodedSpace) -> dict[str, Any]:
     labels = parse_query(query)
     if not labels:
         raise UserError("--query is empty")
@@ -105,39 +123,72 @@ def _query_setup(run: LoadedRun, query: str, edit: str | None, threshold: float 
     text = encode(prompts(label_set)).to(run.field.params["means"].device)  # [K, M]
     result: dict[str, Any] = {"query": labels[0], "label_set": label_set, "text": text}
     if edit is not None:
-        folded = run.field.folded_features()
+        # Cosines with the folded W·fᵢ + b, computed in the decoded space's [G, N + 2] coordinates (not [G, M]).
+        gaussians = space.features(run.field.params["features"].detach())  # [G, N + 2]
+        text_d = space.vectors(text)  # [K, N + 2]
         if len(labels) == 1 and threshold is not None:
-            selected = select_gaussians(folded, text[:1], [0], threshold, edit)
+            selected = select_gaussians(gaussians, text_d[:1], [0], threshold, edit)
         else:
-            selected = select_gaussians(folded, text, [0], threshold, edit)
+            selected = select_gaussians(gaussians, text_d, [0], threshold, edit)
         result["selected"] = selected
     return result
 
 
 @torch.no_grad()
-def fit_scene_pca(field: GaussianField, scene: Scene, backend: str = "auto", max_views: int = 4) -> PCAColorizer:
-    """PCA colouring fitted once per scene on decoded feature maps of up to ``max_views`` training views.
+def fit_scene_pca(field: GaussianField, scene: Scene, backend: str | None = None, max_views: int = 4,
+                  rasterize_mode: str | None = None, max_samples: int = 20000,
+                  max_pairs: int | None = RENDER_MAX_PAIRS) -> PCAColorizer:
+    """Teacher-space PCA colouring, fitted once per scene on decoded feature maps of up to ``max_views`` training
+    views.
 
     Rendered maps (blends of per-Gaussian features) have other statistics than the per-Gaussian features
-    themselves, so fitting on renders gives better contrast; the same mapping is then used for every frame.
+    themselves, so fitting on renders gives better contrast; the same mapping is then used for every frame. Pixels
+    are sampled by alpha (:meth:`PCAColorizer.sample_indices`) on the ``render_dim``-wide renders and only the
+    ``max_samples`` sampled pixels are decoded, so the fit holds ``[views·H·W, N]``, never ``[views·H·W, M]``.
+
+    Args:
+        field: the trained field.
+        scene: its scene (training views).
+        backend, rasterize_mode: render settings (default: the field's).
+        max_views, max_samples: views rendered and pixels kept for the fit.
+        max_pairs: rasterizer pairs per call (:meth:`GaussianField.render`'s row bands).
+
+    Returns:
+        The colouriser of decoded ``[..., M]`` maps (pull it back with :meth:`PCAColorizer.pull_back` to colour
+        :class:`DecodedSpace` coordinates).
     """
     device = field.params["means"].device
     ids = scene.train_ids[:: max(1, len(scene.train_ids) // max_views)][:max_views]
-    feats, weights = [], []
-    for i in ids:
-        cam = scene.cameras[i]
+    cams = [scene.cameras[i] for i in ids]
+    total = sum(c.width * c.height for c in cams)
+    feats = torch.empty(total, field.render_dim)  # [P, N], filled view by view (no list + cat copy)
+    weights = torch.empty(total)  # [P]
+    at = 0
+    for cam in cams:
         r = field.render(cam.viewmat[None].to(device), cam.K[None].to(device), cam.width, cam.height,
-                         features=True, backend=backend)
-        feats.append(field.decode(r["features"].permute(0, 3, 1, 2))[0].flatten(1).T.cpu())
-        weights.append(r["alpha"][0, ..., 0].flatten().cpu())
-    return PCAColorizer.fit(torch.cat(feats), weights=torch.cat(weights), max_samples=20000)
+                         features=True, backend=backend, rasterize_mode=rasterize_mode, max_pairs=max_pairs)
+        n = cam.width * cam.height
+        feats[at:at + n] = r["features"][0].reshape(n, -1).cpu()
+        weights[at:at + n] = r["alpha"][0, ..., 0].reshape(n).cpu()
+        at += n
+        del r
+    idx = PCAColorizer.sample_indices(total, weights, max_samples)
+    sample = feats if idx is None else feats[idx]  # [S, N]
+    del feats
+    decoded = field.decode(sample.T[None, :, :, None].to(device))[0, :, :, 0].T.cpu()  # [S, M] via the 1x1 conv
+    return PCAColorizer.fit(decoded, max_samples=max_samples)
 
 
 @torch.no_grad()
 def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str | None = None,
                edit: str | None = None, threshold: float | None = None, out: Path | None = None,
-               fmt: str = "mp4", fps: int = 24, progress: bool = True) -> dict:
-    """Render a trained run (see module docstring). Returns a summary dict (also written as ``render.json``)."""
+               fmt: str = "mp4", fps: int = 24, progress: bool = True, max_pairs: int | None = RENDER_MAX_PAIRS
+               ) -> dict:
+    """Render a trained run (see module docstring). Returns a summary dict (also written as ``render.json``).
+
+    ``max_pairs`` bounds the rasterizer's pairs per call (row bands, :meth:`GaussianField.render`); ``None``
+    renders each frame in one call.
+    """
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if edit not in (None, "extract", "delete"):
@@ -145,31 +196,33 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
     if edit is not None and not query:
         raise UserError(f"--{edit} needs --query")
     run = load_run(run_dir)
-    with torch_threads(run.cfg.compute.cpu_threads):  # restored afterwards: process-wide setting
+    # Threads are restored afterwards (a process-wide setting); videos are finalised when the block exits.
+    with torch_threads(run.cfg.compute.cpu_threads), ExitStack() as stack:
         field, scene = run.field, run.scene
         device = field.params["means"].device
         viewmats, Ks, W, H, names = camera_path(scene, views, frames)
         viewmats, Ks = viewmats.to(device), Ks.to(device)
-        q = _query_setup(run, query, edit, threshold) if query else None
-        if q is not None:
-            q["text"] = q["text"].to(device)
+        space = DecodedSpace.of_field(field)
+        q = _query_setup(run, query, edit, threshold, space) if query else None
+        text_d = space.vectors(q["text"]).cpu() if q is not None else None  # [K, N + 2]
         mask = edit_opacity_mask(q["selected"], edit) if q is not None and edit is not None else None
         bg = torch.tensor(run.cfg.model.background if run.cfg.model.background is not None else scene.background,
                           dtype=torch.float32, device=device)
-        backend = run.cfg.model.backend
 
-        # Fixed colour mappings, fitted once per scene.
-        pca = fit_scene_pca(field, scene, backend)
+        # Fixed colour mappings, fitted once per scene; features are coloured in the decoded space's coordinates.
+        pca = fit_scene_pca(field, scene, max_pairs=max_pairs)
+        colour = pca.pull_back(space.vectors(pca.components.T).T.cpu())  # [N + 2, 3] axes
         streams = ["rgb", "depth", "features"] + (["relevancy"] if q is not None else [])
         out_dir = Path(out) if out is not None else Path(run_dir) / "renders" / (views + (f"-{edit}" if edit else ""))
         for s in streams:
             (out_dir / s).mkdir(parents=True, exist_ok=True)
-        videos: dict[str, list] = {s: [] for s in streams}
+        writers = {s: stack.enter_context(VideoWriter(out_dir / f"{s}.{fmt}", fps=fps)) for s in streams} \
+            if fmt != "png" else {}
         depth_range: tuple[float, float] | None = None
         bar = tqdm(range(len(names)), desc=f"render {views}", disable=not progress or None)
         for k in bar:
             r = field.render(viewmats[k:k + 1], Ks[k:k + 1], W, H, background=bg, features=True, depth=True,
-                             opacity_mask=mask, backend=backend)
+                             opacity_mask=mask, max_pairs=max_pairs)
             rgb = r["rgb"][0].clamp(0, 1).cpu()
             alpha = r["alpha"][0, ..., 0].cpu()
             depth = r["depth"][0, ..., 0].cpu()
@@ -177,23 +230,21 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
                 valid = depth[alpha > 0.5]
                 valid = valid if valid.numel() > 10 else depth.flatten()
                 depth_range = (float(torch.quantile(valid, 0.02)), float(torch.quantile(valid, 0.98)) + 1e-6)
-            decoded = field.decode(r["features"].permute(0, 3, 1, 2)).cpu()  # [1, M, H, W] teacher space
+            coords = space.features(r["features"][0]).cpu()  # [H, W, N + 2]: stands for the decoded [H, W, M]
+            del r
             frames_k = {"rgb": rgb, "depth": colormap(depth, *depth_range, name="turbo") * alpha[..., None],
-                        "features": pca(decoded)[0] * alpha[..., None]}
-            if q is not None:
-                text = q["text"].cpu()
-                rel = relevancy(decoded, text[0], text[1:], run.cfg.query.temperature)[0]
+                        "features": colour(coords, channel_dim=-1) * alpha[..., None]}
+            if text_d is not None:
+                rel = relevancy(coords.permute(2, 0, 1)[None], text_d[0], text_d[1:], run.cfg.query.temperature)[0]
                 frames_k["relevancy"] = colormap(rel, 0.0, 1.0, name="turbo")
             for s, img in frames_k.items():
                 save_png(img, out_dir / s / f"frame_{k:05d}.png")
-                if fmt != "png":
-                    videos[s].append(to_uint8(img))
-        outputs = {s: str(out_dir / s) for s in streams}
-        if fmt != "png":
-            for s in streams:
-                outputs[s] = str(write_video(videos[s], out_dir / f"{s}.{fmt}", fps=fps))
+                if s in writers:
+                    writers[s].append(to_uint8(img))
+        outputs = {s: str(writers[s].path if s in writers else out_dir / s) for s in streams}
         summary = {"out": str(out_dir), "views": views, "frames": len(names), "width": W, "height": H,
-                   "outputs": outputs, "checkpoint": str(run.checkpoint), "num_gaussians": field.num_gaussians}
+                   "outputs": outputs, "checkpoint": str(run.checkpoint), "num_gaussians": field.num_gaussians,
+                   "rasterize_mode": field.rasterize_mode}
         if q is not None:
             summary.update(query=q["query"], label_set=q["label_set"])
         if mask is not None:

@@ -78,6 +78,9 @@ class LoadedRun:
 def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRun:
     """Load ``run_dir/config.yaml`` (+ overrides), the scene and the latest checkpoint's field.
 
+    The field carries the run's render settings: ``model.rasterize_mode``, ``model.backend`` and the SH degree
+    training reached (``model.sh_degree`` when the checkpoint does not record it).
+
     Raises:
         UserError: not a Feature 3DGS run directory, or no checkpoint.
     """
@@ -92,9 +95,12 @@ def load_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     field = field_from_state(state, cfg.model.sh_degree)
     try:
         extra = load_training_state(ckpt).get("extra", {})
-        field.active_sh_degree = int(extra.get("active_sh_degree", cfg.model.sh_degree))
+        active = int(extra.get("active_sh_degree", cfg.model.sh_degree))
     except (UserError, OSError, RuntimeError):
-        field.active_sh_degree = cfg.model.sh_degree
+        active = cfg.model.sh_degree
+    # Every later render (eval, samples, `vkd render`, queries) draws the field as it was trained.
+    field.active_sh_degree = min(active, field.sh_degree)
+    field.rasterize_mode, field.backend = cfg.model.rasterize_mode, cfg.model.backend
     info_path = run_dir / "teacher" / "teacher.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if info.get("random_init"):

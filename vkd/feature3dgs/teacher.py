@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vkd.engine.runs import resolve_device
 from vkd.errors import DataError, UserError
 from vkd.feature3dgs.config import Feature3DGSConfig, TeacherConfig, cache_root
 from vkd.feature3dgs.data import Scene
 from vkd.feature3dgs.feature_cache import FeatureCache, scene_fingerprint
 from vkd.feature3dgs.maskclip import MaskCLIPTeacher
+from vkd.feature3dgs.query import PROMPT_TEMPLATE
 from vkd.models.tiny_clip import load_clip, pretrain_tiny_clip, tiny_clip_name
 
 __all__ = ["TEACHER_KINDS", "CallableTeacher", "synthetic_crops", "build_teacher", "prepare_teacher",
@@ -86,7 +89,7 @@ def load_callable(target: str) -> Callable:
 
 
 def _caption(name: str) -> str:
-    return f"a photo of the {name}."
+    return PROMPT_TEMPLATE.format(name)  # eval.prompt_template=auto labels with the same template
 
 
 def synthetic_crops(scene: Scene, crops_per_view: int, size: int, seed: int = 0, min_frac: float = 0.12,
@@ -220,6 +223,16 @@ def teacher_cache_dir(cfg: Feature3DGSConfig, scene: Scene, teacher_key: str) ->
     return cache_root(cfg) / "teacher" / h
 
 
+def teacher_device(cfg: Feature3DGSConfig) -> torch.device:
+    """Where the teacher runs: ``teacher.device``, ``auto`` = the training device (``train.device``), on CUDA this
+    process's GPU (``LOCAL_RANK`` under torchrun / accelerate)."""
+    name = cfg.teacher.device if cfg.teacher.device != "auto" else cfg.train.device
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def prepare_teacher(cfg: Feature3DGSConfig, scene: Scene, progress: bool = True
                     ) -> tuple[nn.Module, dict, FeatureCache]:
     """Build the teacher and fill the fp16 feature cache for every view.
@@ -234,8 +247,15 @@ def prepare_teacher(cfg: Feature3DGSConfig, scene: Scene, progress: bool = True
     cache = FeatureCache(teacher_cache_dir(cfg, scene, key))
     expected = {"teacher": key, "scene": str(scene.root.resolve()), "fingerprint": scene_fingerprint(scene),
                 "num_images": len(scene.cameras), "random_init": bool(info.get("random_init"))}
-    cache.build(teacher, scene.load_image, [c.name for c in scene.cameras], expected,
-                batch_size=cfg.teacher.batch_size, progress=progress)
+    if not cache.is_complete(expected):
+        device = teacher_device(cfg)
+        teacher.to(device)
+        try:
+            cache.build(teacher, scene.load_image, [c.name for c in scene.cameras], expected,
+                        batch_size=cfg.teacher.batch_size, device=device, progress=progress)
+        finally:
+            teacher.to("cpu")  # training reads the cache: the GPU is the field's
+        info["cache_device"] = str(device)
     info["cache_dir"] = str(cache.root)
     info["feature_shape"] = list(cache.shape)
     return teacher, info, cache

@@ -2,19 +2,24 @@
 
 gsplat is only *eligible* when CUDA is available, every input tensor is on a CUDA device and ``gsplat`` imports.
 A successful ``import gsplat`` proves nothing (the wheel ships CUDA sources only and JIT-compiles them at the first
-CUDA op), so the first call is the real test: with ``backend="auto"`` a failure there is reported once and the torch
-backend is used for the rest of the process. CPU tensors never reach gsplat, so CPU runs never start its JIT.
+CUDA op), so the first call is the real test. With ``backend="auto"`` on CUDA inputs, a failure there (or gsplat not
+importing) raises :class:`GsplatUnavailable` with the cause and the way out (``backend="torch"``): the torch
+rasterizer is 10-100x slower on a GPU, so a silent fallback would turn a training run into days. CUDA out-of-memory
+is re-raised as it is (never a reason to disable gsplat). CPU tensors never reach gsplat, so CPU runs never start its
+JIT, and ``auto`` on CPU is the torch backend.
 """
 
 from __future__ import annotations
 
 import importlib
-import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["gsplat_eligible", "gsplat_rasterize", "gsplat_status", "GSPLAT_BUILD_ERRORS"]
+from vkd.errors import UserError
+
+__all__ = ["gsplat_eligible", "gsplat_rasterize", "gsplat_status", "GSPLAT_BUILD_ERRORS", "GsplatUnavailable",
+           "cuda_inputs", "unavailable_message"]
 
 # Errors seen when the extension cannot be built or loaded (spec §4.2).
 GSPLAT_BUILD_ERRORS = (AttributeError, IndexError, RuntimeError, ImportError, OSError)
@@ -68,14 +73,29 @@ def gsplat_rasterize(**kwargs):
     return out
 
 
+class GsplatUnavailable(UserError, RuntimeError):
+    """``backend="auto"`` got CUDA inputs but gsplat cannot render them (the message names the cause; the CLI
+    prints it as one line, exit code 2)."""
+
+
+def cuda_inputs(tensors: list[Tensor | None]) -> bool:
+    """Whether every given tensor is on a CUDA device."""
+    present = [t for t in tensors if t is not None]
+    return bool(present) and all(t.is_cuda for t in present)
+
+
+def _reason(err: BaseException | str) -> str:
+    text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:500]
+
+
+def unavailable_message(err: BaseException | str) -> str:
+    """One line: why gsplat cannot render on this GPU, and how to use the torch rasterizer instead."""
+    return (f"gsplat cannot rasterize on this GPU ({_reason(err)}); fix the gsplat install (scripts/gpu_wheels.sh) "
+            "or set backend='torch' (model.backend=torch) to use vkd's torch rasterizer, 10-100x slower")
+
+
 def disable_gsplat(err: BaseException) -> None:
-    """Disable gsplat for this process after a failed first call, warning once with the original error."""
-    reason = f"{type(err).__name__}: {err}".strip().splitlines()[0][:500]
-    if _STATE["status"] is None:
-        warnings.warn(
-            f"vkd.render: gsplat backend failed on its first call ({reason}); "
-            "falling back to the torch backend for the rest of this process.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    _STATE["status"] = reason
+    """Remember for this process that gsplat's first call failed, with the original error."""
+    _STATE["status"] = _reason(err)

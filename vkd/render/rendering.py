@@ -271,7 +271,7 @@ def rasterization(
 
 
 def _dispatch(backend: str, channel_chunk: int, args: dict) -> tuple[Tensor, Tensor, dict]:
-    """gsplat when asked for or eligible (falling back to torch when its first build fails), else torch."""
+    """gsplat when asked for or eligible, else torch; CUDA inputs that gsplat cannot render stop ``auto``."""
     tensors = [args[k] for k in ("means", "quats", "scales", "opacities", "colors", "viewmats", "Ks", "backgrounds")]
     if backend in ("auto", "gsplat"):
         ok, why = _gs.gsplat_eligible(tensors)
@@ -289,15 +289,19 @@ def _dispatch(backend: str, channel_chunk: int, args: dict) -> tuple[Tensor, Ten
             out[2]["backend"] = "gsplat"
             return out
         if ok and 1 <= channel_chunk <= 513:
-            first = _gs.gsplat_status() is None
             try:
                 out = _gs.gsplat_rasterize(channel_chunk=channel_chunk, **args)
                 out[2]["backend"] = "gsplat"
                 return out
+            except torch.cuda.OutOfMemoryError:
+                raise  # out of memory is not a broken build: the torch backend would need more
             except _gs.GSPLAT_BUILD_ERRORS as e:
-                if not first:
-                    raise
+                if _gs.gsplat_status() is True:
+                    raise  # gsplat worked before in this process: a real error of this call
                 _gs.disable_gsplat(e)
+                raise _gs.GsplatUnavailable(_gs.unavailable_message(e)) from e
+        if ok is False and _gs.cuda_inputs(tensors):  # CUDA tensors, yet gsplat cannot run: say why, do not crawl
+            raise _gs.GsplatUnavailable(_gs.unavailable_message(why))
     return _torch_rasterization(**args)
 
 

@@ -1,8 +1,10 @@
 """COLMAP scenes: ``<root>/sparse/0/{cameras,images,points3D}.{bin,txt}`` and ``<root>/images/``.
 
 COLMAP stores world-to-camera rotations (wxyz quaternion) and translations in OpenCV axes, which gsplat uses
-directly. The binary and text layouts follow COLMAP's ``src/colmap/scene/reconstruction_io.cc``. Only pinhole cameras
-are supported (``SIMPLE_PINHOLE`` / ``PINHOLE``): undistort other models first (``colmap image_undistorter``).
+directly. The binary and text layouts follow COLMAP's ``src/colmap/scene/reconstruction_io.cc``. Pinhole cameras
+(``SIMPLE_PINHOLE`` / ``PINHOLE``) are read as they are; ``SIMPLE_RADIAL``, ``RADIAL``, ``OPENCV`` and ``FULL_OPENCV``
+images are undistorted on load into the vkd cache (:mod:`vkd.feature3dgs.data.undistort`); fisheye and other models
+must be undistorted first (``colmap image_undistorter``).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from vkd.feature3dgs.data.scene import (
     check_images,
     check_points,
     inside,
-    scaled_intrinsics,
     scaled_size,
     split_indices,
 )
+from vkd.feature3dgs.data.undistort import lens_from_colmap, undistort_cameras
 from vkd.render.cameras import colmap_to_viewmat
 
 __all__ = ["COLMAP_MODELS", "read_colmap_model", "find_sparse_dir", "load_colmap", "FORMAT"]
@@ -193,20 +195,6 @@ def read_colmap_model(sparse_dir: str | Path) -> tuple[dict[int, dict], dict[int
     return out[0], images, xyz, rgb
 
 
-def _pinhole_K(model: str, params: list[float], where: str) -> tuple[float, float, float, float]:
-    if model in ("SIMPLE_PINHOLE", "PINHOLE"):
-        need = _MODEL_PARAMS[model]
-        if len(params) < need or not all(math.isfinite(v) for v in params[:need]) or params[0] <= 0:
-            raise DataError(f"{where}: {model} camera needs {need} finite parameters with a positive focal "
-                            f"length, got {params}")
-        if model == "SIMPLE_PINHOLE":
-            f, cx, cy = params[:3]
-            return f, f, cx, cy
-        return tuple(params[:4])  # type: ignore[return-value]
-    raise DataError(f"{where}: camera model {model} is not supported (only PINHOLE and SIMPLE_PINHOLE); "
-                    "undistort the images first, e.g. `colmap image_undistorter`")
-
-
 def find_sparse_dir(root: Path) -> Path | None:
     """The folder holding ``cameras.{bin,txt}``: ``sparse/0``, ``sparse`` or the root itself (``None``: none)."""
     for cand in (root / "sparse" / "0", root / "sparse", root):
@@ -234,7 +222,8 @@ def load_colmap(root: str | Path, downscale: int = 1, test_every: int = 8, test_
         require_points: raise when ``points3D`` is empty (the default initialisation needs it).
 
     Raises:
-        DataError: missing files or images, unsupported camera model, empty point cloud.
+        DataError: missing files or images, unsupported camera model or distortion too strong to undistort, empty
+            point cloud.
     """
     root = Path(root)
     if not root.is_dir():
@@ -246,7 +235,7 @@ def load_colmap(root: str | Path, downscale: int = 1, test_every: int = 8, test_
     if not images:
         raise DataError(f"COLMAP model {sparse} has no registered images")
     img_dir, prescaled = _image_dir(root, images_dir, downscale)
-    cameras = []
+    cameras, lenses = [], []
     for im in sorted(images.values(), key=lambda r: r["name"]):
         if im["camera_id"] not in cams:
             raise DataError(f"{sparse}: image {im['name']} refers to unknown camera {im['camera_id']}")
@@ -256,18 +245,20 @@ def load_colmap(root: str | Path, downscale: int = 1, test_every: int = 8, test_
                             f"tvec {im['tvec']})")
         if cam["width"] < 1 or cam["height"] < 1:
             raise DataError(f"{sparse}: camera {im['camera_id']} has size {cam['width']}x{cam['height']}")
-        fx, fy, cx, cy = _pinhole_K(cam["model"], cam["params"], str(sparse))
-        w, h = scaled_size(cam["width"], cam["height"], downscale)
-        K = scaled_intrinsics(fx, fy, cx, cy, w / cam["width"], h / cam["height"])
+        lens = lens_from_colmap(cam["model"], cam["params"], cam["width"], cam["height"],
+                                f"{sparse}: camera {im['camera_id']}")
+        lens = lens.scaled(*scaled_size(cam["width"], cam["height"], downscale))
         viewmat = colmap_to_viewmat(torch.tensor(im["qvec"], dtype=torch.float64),
                                     torch.tensor(im["tvec"], dtype=torch.float64))
         path = inside(img_dir, im["name"], f"{sparse}/images")
         if prescaled and not path.is_file():
             path = inside(root / images_dir, im["name"], f"{sparse}/images")
-        cameras.append(Camera(im["name"], path, viewmat.float(), K, w, h))
+        cameras.append(Camera(im["name"], path, viewmat.float(), lens.K(), lens.width, lens.height))
+        lenses.append(lens)
     check_images(cameras, root)
     if require_points:
         check_points(xyz, sparse / "points3D")
+    cameras = undistort_cameras(cameras, lenses)  # after the cheap checks; pinhole cameras come back unchanged
     train, test = split_indices([c.name for c in cameras], test_every, test_offset)
     points = torch.from_numpy(xyz) if len(xyz) else None
     colors = torch.from_numpy(rgb).float() / 255.0 if len(xyz) else None

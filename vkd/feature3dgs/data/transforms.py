@@ -3,7 +3,9 @@
 Both store camera-to-world matrices in OpenGL/Blender axes (y up, -z forward); gsplat's ``viewmat`` is their inverse
 after flipping the camera y and z axes (:func:`vkd.render.cameras.nerf_synthetic_to_viewmat`). Intrinsics follow
 nerfstudio's keys (``fl_x``/``fl_y``/``cx``/``cy``/``w``/``h``, per frame or global) or NeRF-synthetic's
-``camera_angle_x``. Only pinhole cameras (``PINHOLE``, or ``OPENCV`` with all-zero distortion) are supported.
+``camera_angle_x``. ``PINHOLE`` cameras are read as they are; ``OPENCV`` cameras with non-zero ``k1, k2, k3, p1, p2``
+are undistorted on load into the vkd cache (:mod:`vkd.feature3dgs.data.undistort`). Fisheye models and a non-zero
+``k4`` (whose meaning differs between nerfstudio and OpenCV) must be undistorted first.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from vkd.feature3dgs.data.scene import (
     check_images,
     check_points,
     inside,
-    scaled_intrinsics,
     scaled_size,
     split_indices,
 )
+from vkd.feature3dgs.data.undistort import LensCamera, undistort_cameras
 from vkd.feature3dgs.ply import read_ply
 from vkd.render.cameras import nerf_synthetic_to_viewmat
 
@@ -47,9 +49,16 @@ def _resolve_frame_path(base: Path, file_path: str, where: str = "transforms") -
 
 
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+# nerfstudio key -> slot of kornia's (k1, k2, p1, p2, k3, k4, k5, k6); k4 is left out on purpose (see the docstring)
+_OPENCV_SLOTS = {"k1": 0, "k2": 1, "p1": 2, "p2": 3, "k3": 4}
 
 
-def _frame_intrinsics(meta: dict, frame: dict, path: Path, where: str) -> tuple[float, float, float, float, int, int]:
+def _frame_intrinsics(meta: dict, frame: dict, path: Path, where: str) -> LensCamera:
+    """The frame's camera at its full size (distortion coefficients all zero for a pinhole).
+
+    Raises:
+        DataError: unsupported model, missing or malformed intrinsics.
+    """
     try:
         return _frame_intrinsics_unchecked(meta, frame, path, where)
     except (TypeError, ValueError, ZeroDivisionError) as err:  # "fl_x": "abc", "w": [1], angle 0, ...
@@ -57,17 +66,23 @@ def _frame_intrinsics(meta: dict, frame: dict, path: Path, where: str) -> tuple[
                         f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 
-def _frame_intrinsics_unchecked(meta: dict, frame: dict, path: Path, where: str
-                                ) -> tuple[float, float, float, float, int, int]:
+def _frame_intrinsics_unchecked(meta: dict, frame: dict, path: Path, where: str) -> LensCamera:
     def get(key):
         return frame.get(key, meta.get(key))
 
     model = str(get("camera_model") or "PINHOLE").upper()
     if model not in ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV"):
-        raise DataError(f"{where}: camera model {model} is not supported (only pinhole); undistort the images first")
-    if any(abs(float(get(k) or 0.0)) > 0 for k in _DISTORTION_KEYS):
-        raise DataError(f"{where}: distorted {model} cameras are not supported (non-zero k/p coefficients); "
-                        "undistort the images first")
+        raise DataError(f"{where}: camera model {model} is not supported (vkd reads PINHOLE and undistorts OPENCV on "
+                        "load); undistort the images first, e.g. with `colmap image_undistorter`")
+    coeffs = {k: float(get(k) or 0.0) for k in _DISTORTION_KEYS}
+    if model != "OPENCV" and any(coeffs.values()):
+        raise DataError(f"{where}: distorted {model} cameras are not supported (non-zero k/p coefficients); set "
+                        "camera_model to OPENCV or undistort the images first")
+    if coeffs["k4"]:
+        raise DataError(f"{where}: distorted OPENCV camera with k4={coeffs['k4']:g} is not supported (nerfstudio's k4 "
+                        "is not OpenCV's); undistort the images first, e.g. with `colmap image_undistorter`")
+    if not all(math.isfinite(v) for v in coeffs.values()):
+        raise DataError(f"{where}: distortion coefficients of {frame.get('file_path')} must be finite, got {coeffs}")
     w, h = get("w"), get("h")
     if w is None or h is None:
         w, h = image_size(path)  # header only; DataError for missing, empty, non-image and bomb files
@@ -87,7 +102,10 @@ def _frame_intrinsics_unchecked(meta: dict, frame: dict, path: Path, where: str
     if not all(math.isfinite(v) for v in (fx, fy, cx, cy)) or fx <= 0 or fy <= 0:
         raise DataError(f"{where}: focal length / principal point of {frame.get('file_path')} must be finite and "
                         f"positive, got fx={fx}, fy={fy}, cx={cx}, cy={cy}")
-    return fx, fy, cx, cy, w, h
+    dist = [0.0] * 8
+    for key, slot in _OPENCV_SLOTS.items():
+        dist[slot] = coeffs[key]
+    return LensCamera(model, w, h, fx, fy, cx, cy, tuple(dist), f"{where}: {frame.get('file_path')}")
 
 
 def _load_json(path: Path) -> dict:
@@ -141,21 +159,20 @@ def load_transforms(root: str | Path, downscale: int = 1, test_every: int = 8, t
         except (TypeError, ValueError):
             raise DataError(f"{root}: vkd_background must be three numbers") from None
 
-    cameras, splits = [], []
+    cameras, splits, lenses = [], [], []
     for meta, frame, split, jpath in records:
         if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
             raise DataError(f"{jpath}: every frame needs file_path and transform_matrix")
         rel = str(frame["file_path"])
         path = _resolve_frame_path(root, rel, str(jpath))
-        fx, fy, cx, cy, w0, h0 = _frame_intrinsics(meta, frame, path, str(jpath))
-        w, h = scaled_size(w0, h0, downscale)
+        lens = _frame_intrinsics(meta, frame, path, str(jpath))
+        lens = lens.scaled(*scaled_size(lens.width, lens.height, downscale))
         if downscale > 1:
             parent = Path(rel).parent
             scaled = _resolve_frame_path(root, str(parent.with_name(parent.name + f"_{downscale}") / Path(rel).name),
                                          str(jpath)) if parent.name else None
             if scaled is not None and scaled.is_file():
                 path = scaled
-        K = scaled_intrinsics(fx, fy, cx, cy, w / w0, h / h0)
         try:
             c2w = torch.tensor(frame["transform_matrix"], dtype=torch.float64)
         except (TypeError, ValueError):
@@ -166,11 +183,14 @@ def load_transforms(root: str | Path, downscale: int = 1, test_every: int = 8, t
             raise DataError(f"{jpath}: transform_matrix of {rel} must be a finite 4x4 matrix")
         label = inside(root, str(frame["label_path"]), str(jpath)) if frame.get("label_path") else None
         name = rel if Path(rel).suffix else str(Path(rel).with_suffix(path.suffix))
-        cameras.append(Camera(name, path, nerf_synthetic_to_viewmat(c2w).float(), K, w, h, label))
+        cameras.append(Camera(name, path, nerf_synthetic_to_viewmat(c2w).float(), lens.K(), lens.width, lens.height,
+                              label))
         splits.append(split)
+        lenses.append(lens)
     order = sorted(range(len(cameras)), key=lambda i: (splits[i] or "", cameras[i].name))
     cameras = [cameras[i] for i in order]
     splits = [splits[i] for i in order]
+    lenses = [lenses[i] for i in order]
     check_images(cameras, root)
 
     if any(s is not None for s in splits):
@@ -199,6 +219,7 @@ def load_transforms(root: str | Path, downscale: int = 1, test_every: int = 8, t
         if all(k in ply for k in ("red", "green", "blue")):
             rgb = np.stack([ply["red"], ply["green"], ply["blue"]], -1).astype(np.float32)
             colors = torch.from_numpy(rgb / (255.0 if rgb.max() > 1.0 else 1.0))
+    cameras = undistort_cameras(cameras, lenses, background)  # after the cheap checks; pinholes come back unchanged
     names = meta_main.get("vkd_label_names")
     return Scene(root, cameras, train, test, points, colors, list(names) if names else None,
                  background, source="transforms")
