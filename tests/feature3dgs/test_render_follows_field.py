@@ -275,6 +275,14 @@ def test_evaluator_prompts_are_the_teachers_own_by_default(tmp_path):
     assert teacher.prompts == ["a photo of the red sphere.", "a photo of the floor."]
     Evaluator.build(cfg, scene, None, teacher, {"kind": "maskclip"})
     assert teacher.prompts == ["red sphere", "floor"]
+    from vkd.errors import ConfigError
+    from vkd.feature3dgs.query import label_prompt_template
+
+    assert label_prompt_template("auto", {"kind": "tiny_clip"}) == "a photo of the {}."  # vkd render --query too
+    assert label_prompt_template("auto", {"kind": "callable"}) == "{}"
+    assert label_prompt_template("a {} here", {"kind": "tiny_clip"}) == "a {} here"
+    with pytest.raises(ConfigError, match="query.prompt_template"):
+        load_config(Feature3DGSConfig, None, ["query.prompt_template=no placeholder"], task="feature3dgs")
     old = load_config(Feature3DGSConfig, None, [f"run.output_dir={tmp_path}", "eval.segmentation=teacher_grid",
                                                 "eval.prompt_template=a photo of the {}."], task="feature3dgs")
     ev = Evaluator.build(old, scene, None, teacher, {})

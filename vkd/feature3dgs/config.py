@@ -241,9 +241,12 @@ class QueryConfig:
 
     temperature: float = 10.0  # softmax temperature of the relevancy heat maps
     negatives: list[str] = field(default_factory=lambda: ["object", "things", "stuff", "texture"])
+    prompt_template: str = "auto"  # as eval.prompt_template: auto = the teacher's own prompt
 
     def __post_init__(self) -> None:
         check_positive(self, ["temperature"])
+        if self.prompt_template != "auto" and self.prompt_template.count("{}") != 1:
+            raise ConfigError(f"query.prompt_template must contain '{{}}' exactly once, got {self.prompt_template!r}")
 
 
 @dataclass

@@ -49,9 +49,9 @@ from vkd.feature3dgs.model import GaussianField
 from vkd.feature3dgs.query import (
     ADE20K_LABELS,
     ADE20K_MERGES,
-    PROMPT_TEMPLATE,
     DecodedSpace,
     label_map,
+    label_prompt_template,
     prompts,
 )
 from vkd.feature3dgs.runs import LoadedRun, load_run
@@ -61,14 +61,6 @@ __all__ = ["segmentation_metrics", "true_label_confusion", "protocol_size", "ups
            "render_fps", "Evaluator", "evaluate_run"]
 
 SEGMENTATION_MODES = ("render", "teacher_grid")
-
-
-def label_prompt_template(template: str, teacher_info: dict) -> str:
-    """``eval.prompt_template`` resolved: ``auto`` is the tiny CLIP's caption template for the embedded teacher
-    (what its text tower was trained on) and the raw label name ``"{}"`` otherwise (the reference's handling)."""
-    if template != "auto":
-        return template
-    return PROMPT_TEMPLATE if teacher_info.get("kind") == "tiny_clip" else "{}"
 
 
 def segmentation_metrics(student_labels: Tensor, teacher_labels: Tensor, top_k: int = 7) -> tuple[float, float]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PROMPT_TEMPLATE", "ADE20K_LABELS", "ADE20K_MERGES", "prompts", "parse_query", "label_scores",
+__all__ = ["PROMPT_TEMPLATE", "ADE20K_LABELS", "ADE20K_MERGES", "label_prompt_template", "prompts", "parse_query", "label_scores",
            "label_map", "relevancy", "gaussian_scores", "select_gaussians", "edit_opacity_mask", "DecodedSpace"]
 
 PROMPT_TEMPLATE = "a photo of the {}."
@@ -50,6 +50,14 @@ ADE20K_LABELS: tuple[str, ...] = (
 )
 # Label merges of the protocol (spec §9): TV -> door, rug -> floor, pillow -> cushion.
 ADE20K_MERGES: dict[str, str] = {"television receiver": "door", "rug": "floor", "pillow": "cushion"}
+
+
+def label_prompt_template(template: str, teacher_info: dict) -> str:
+    """A prompt template resolved: ``auto`` is the tiny CLIP's caption template for the embedded teacher (what its
+    text tower was trained on) and the raw label name ``"{}"`` otherwise (the Feature 3DGS reference's handling)."""
+    if template != "auto":
+        return template
+    return PROMPT_TEMPLATE if teacher_info.get("kind") == "tiny_clip" else "{}"
 
 
 def prompts(labels: Sequence[str], template: str = PROMPT_TEMPLATE) -> list[str]:

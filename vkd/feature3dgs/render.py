@@ -29,6 +29,7 @@ from vkd.feature3dgs.model import GaussianField
 from vkd.feature3dgs.query import (
     DecodedSpace,
     edit_opacity_mask,
+    label_prompt_template,
     parse_query,
     prompts,
     relevancy,
@@ -120,7 +121,8 @@ def _query_setup(run: LoadedRun, query: str, edit: str | None, threshold: float 
         scene_labels = list(run.cfg.eval.labels) or [n for n in (run.scene.label_names or []) if n != "background"]
         others = [n for n in scene_labels if n != labels[0]] or list(run.cfg.query.negatives)
         label_set = [labels[0]] + others
-    text = encode(prompts(label_set)).to(run.field.params["means"].device)  # [K, M]
+    template = label_prompt_template(run.cfg.query.prompt_template, run.teacher_info)
+    text = encode(prompts(label_set, template)).to(run.field.params["means"].device)  # [K, M]
     result: dict[str, Any] = {"query": labels[0], "label_set": label_set, "text": text}
     if edit is not None:
         # Cosines with the folded W·fᵢ + b, computed in the decoded space's [G, N + 2] coordinates (not [G, M]).
