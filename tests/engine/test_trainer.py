@@ -202,3 +202,30 @@ def test_torch_threads_restores_the_process_setting():
         assert torch.get_num_threads() == before
         torch.set_num_threads(1)
     assert torch.get_num_threads() == before
+
+
+def test_with_final_ema_and_a_partial_ema(tmp_path):
+    """Exports read the newest checkpoint's EMA (a copy); no EMA: the module itself; an EMA of some tensors only
+    (LoRA adapters) loads non-strictly and averages just those."""
+    from torch import nn
+
+    from vkd.engine import EMA, with_final_ema
+
+    net = nn.Linear(3, 2)
+    assert with_final_ema(net, tmp_path) is net  # no checkpoint yet
+    ema = EMA(net, 0.5, keys=["weight"])
+    assert set(ema.state_dict()) == {"weight"}
+    with torch.no_grad():
+        net.weight.add_(2.0)
+        net.bias.add_(2.0)
+    ema.update(net)
+    save_checkpoint(tmp_path / "checkpoints", 3, dict(net.state_dict()), {"step": 3}, ema.state_dict())
+    averaged = with_final_ema(net, tmp_path, strict=False)
+    assert averaged is not net
+    torch.testing.assert_close(averaged.weight, net.weight - 1.0)  # halfway from the old weights
+    torch.testing.assert_close(averaged.bias, net.bias)  # not tracked: the module's own
+    with pytest.raises(KeyError, match="not in the module"):
+        EMA(net, 0.5, keys=["nope"])
+    with ema.swapped_into(net):
+        torch.testing.assert_close(net.weight, averaged.weight)
+    torch.testing.assert_close(net.weight, averaged.weight + 1.0)  # restored after the block

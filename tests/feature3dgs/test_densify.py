@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from test_train import STUB, _cfg
+from f3d_helpers import tiny_cfg
 
 from vkd.config import load_config
 from vkd.engine import latest_checkpoint, load_checkpoint_weights
@@ -19,26 +19,12 @@ from vkd.feature3dgs.commands import run
 from vkd.feature3dgs.config import Feature3DGSConfig
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def stub_teacher(tmp_path, monkeypatch):
-    (tmp_path / "f3d_stub_teacher.py").write_text(STUB)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
-
-
 def test_the_task_resets_opacity_on_reset_steps(tmp_path, stub_teacher):
     """After the optimizer step whose strategy step is a reset step, every opacity is <= 2 x prune_opa
     (gsplat 1.5.3's DefaultStrategy never resets)."""
     prune_opa = 0.005
     # strategy step = completed steps - 1: train.steps = reset_every + 1 ends right after the reset
-    cfg = _cfg(tmp_path, "reset", ["train.steps=7", "train.checkpoint_every=7", "densify.refine_start=1000",
+    cfg = tiny_cfg(tmp_path, "reset", ["train.steps=7", "train.checkpoint_every=7", "densify.refine_start=1000",
                                    "densify.reset_every=6", f"densify.prune_opa={prune_opa}",
                                    "model.init_opacity=0.3"])
     run(cfg)
@@ -46,7 +32,7 @@ def test_the_task_resets_opacity_on_reset_steps(tmp_path, stub_teacher):
     opacity = torch.sigmoid(weights["student.params.opacities"])
     assert float(opacity.max()) <= 2 * prune_opa * (1 + 1e-5)
 
-    before = _cfg(tmp_path, "no-reset", ["train.steps=6", "train.checkpoint_every=6", "densify.refine_start=1000",
+    before = tiny_cfg(tmp_path, "no-reset", ["train.steps=6", "train.checkpoint_every=6", "densify.refine_start=1000",
                                          "densify.reset_every=6", f"densify.prune_opa={prune_opa}",
                                          "model.init_opacity=0.3"])
     run(before)  # one step earlier: no reset yet

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from f3d_helpers import tiny_cfg
 from PIL import Image
 from scipy.interpolate import RegularGridInterpolator
-from test_train import STUB, _cfg
 
 import vkd.feature3dgs.model as model_module
 from vkd.feature3dgs.evaluate import Evaluator, protocol_labels, protocol_size, run_evaluator
@@ -33,10 +33,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def stub_teacher(tmp_path, monkeypatch):
-    (tmp_path / "f3d_stub_teacher.py").write_text(STUB)
-    monkeypatch.syspath_prepend(str(tmp_path))
 
 
 def _field(num=400, render_dim=3, teacher_dim=16, sh_degree=1, seed=0) -> GaussianField:
@@ -162,7 +158,7 @@ def test_row_bands_follow_the_pair_estimate():
 def test_run_renders_follow_rasterize_mode(tmp_path, stub_teacher, monkeypatch):
     from vkd.feature3dgs.commands import run
 
-    cfg = _cfg(tmp_path, "aa", ["model.rasterize_mode=antialiased", "model.backend=torch", "densify.enabled=false",
+    cfg = tiny_cfg(tmp_path, "aa", ["model.rasterize_mode=antialiased", "model.backend=torch", "densify.enabled=false",
                                 "train.steps=4", "train.checkpoint_every=4", "model.sh_degree=1",
                                 "model.sh_degree_interval=2"])
     run(cfg)

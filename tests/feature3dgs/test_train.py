@@ -4,78 +4,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 
 import pytest
 import torch
+from f3d_helpers import tiny_cfg
 
-from vkd.config import load_config
 from vkd.errors import UserError
 from vkd.feature3dgs.commands import evaluate, render, run
-from vkd.feature3dgs.config import Feature3DGSConfig
 from vkd.feature3dgs.distiller import build_task
 from vkd.registry import get_task
 
-# A text-aligned stand-in teacher: per-patch colour features, and "text" embeddings of the colour words. It is
-# imported through teacher.target exactly like a user's plug-in.
 FEATURE3DGS = get_task("feature3dgs")
 
-STUB = textwrap.dedent('''
-    import torch
-    import torch.nn.functional as F
-
-    COLOURS = {"red": (0.86, 0.16, 0.12), "blue": (0.14, 0.3, 0.88), "green": (0.16, 0.72, 0.22),
-               "yellow": (0.93, 0.8, 0.1), "floor": (0.62, 0.58, 0.52)}
-
-    def _embed(rgb):
-        return F.normalize(torch.cat([rgb, 1 - rgb], 1), dim=1)
-
-    class Teacher:
-        def __call__(self, images):
-            return _embed(F.avg_pool2d(images, 4))  # [B, 6, H/4, W/4]
-
-        def encode_text(self, prompts):
-            out = []
-            for p in prompts:
-                rgb = next((c for k, c in COLOURS.items() if k in p), (0.5, 0.5, 0.5))
-                out.append(_embed(torch.tensor(rgb).view(1, 3, 1, 1)).flatten())
-            return torch.stack(out)
-
-    teacher = Teacher()
-    no_text = lambda images: F.avg_pool2d(images, 4)
-''')
-
-
-def _cfg(tmp_path, name="tiny", extra=()):
-    over = [
-        f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}",
-        f"data.synthetic.out_dir={tmp_path / 'scene'}", "data.synthetic.num_views=8", "data.synthetic.resolution=24",
-        "data.synthetic.supersample=1", "data.synthetic.num_points=250", "data.test_every=4",
-        "teacher.kind=callable", "teacher.target=f3d_stub_teacher:teacher",
-        "model.render_dim=4", "model.sh_degree=0",
-        "optim.features_lr=0.03", "optim.decoder_lr=0.01",
-        "train.steps=40", "train.log_every=20", "train.checkpoint_every=40",
-        "densify.refine_start=10", "densify.refine_every=10", "densify.refine_stop=30",
-        "eval.fps_repeats=1", "compute.cpu_threads=1", *extra,
-    ]
-    return load_config(Feature3DGSConfig, None, over, task="feature3dgs")
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # compute.cpu_threads changes a process-wide setting
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def stub_teacher(tmp_path, monkeypatch):
-    (tmp_path / "f3d_stub_teacher.py").write_text(STUB)
-    monkeypatch.syspath_prepend(str(tmp_path))
 
 
 def test_train_eval_render(tmp_path, stub_teacher):
-    cfg = _cfg(tmp_path)
+    cfg = tiny_cfg(tmp_path)
     torch.set_num_threads(1)  # as run() will (compute.cpu_threads=1)
     task, dataset, prep = build_task(cfg, progress=False)
     before = task.evaluator.evaluate(task.student, fps=False)
@@ -138,7 +82,7 @@ def test_train_eval_render(tmp_path, stub_teacher):
 @pytest.mark.slow
 def test_tiny_clip_pipeline(tmp_path):
     """The embedded default path: tiny CLIP pretrained on the scene's crops, distilled, queried."""
-    cfg = _cfg(tmp_path, "tinyclip", ["teacher.kind=tiny_clip", "teacher.tiny.steps=60",
+    cfg = tiny_cfg(tmp_path, "tinyclip", ["teacher.kind=tiny_clip", "teacher.tiny.steps=60",
                                       "teacher.tiny.crops_per_view=16", "teacher.input_size=48",
                                       "data.synthetic.resolution=32", "train.steps=150",
                                       "train.checkpoint_every=150", "densify.refine_stop=120"])

@@ -23,7 +23,7 @@ from vkd.boot.conditioning import PromptEncoder, TextUNetDenoiser
 from vkd.boot.config import BootConfig, BootTeacherConfig, BootTextTeacherConfig, EvalConfig
 from vkd.boot.data import DIGIT_CAPTION_TEMPLATES, digit_captions
 from vkd.boot.evaluate import DigitsFID, digits_fid_scores, digits_reference_available, uint8_batches
-from vkd.boot.losses import BootLoss
+from vkd.boot.losses import BootLoss, denoising_loss, forward_diffuse
 from vkd.boot.sample import ddim_sample, noise_batches, sample_generator, save_grid, student_sample
 from vkd.boot.schedule import NoiseSchedule
 from vkd.boot.student import (
@@ -46,7 +46,7 @@ from vkd.boot.teacher import (
     scheduler_config_of,
 )
 from vkd.cache import atomic_write_text
-from vkd.engine import DistillationTask, latest_checkpoint, load_checkpoint_weights
+from vkd.engine import DistillationTask, with_final_ema
 from vkd.errors import ConfigError
 from vkd.models.clip_tokenizer import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, clip_tokenizer
 
@@ -149,17 +149,14 @@ def draw_boot_inputs(indices: torch.Tensor, seed: int, shape: tuple[int, ...], n
 # ----------------------------------------------------------------------------------------------
 
 
-class TeacherTrainingTask(DistillationTask):
-    """DDPM training of the embedded class-conditional ``UNet2DModel`` on digits (batch = (images, labels))."""
+class _DiffusionTrainingTask(DistillationTask):
+    """What the embedded teachers' DDPM training shares: the scheduler's ᾱ buffer and the trained ``model`` (the
+    module the EMA tracks and the export writes)."""
 
     frozen_modules: tuple[str, ...] = ()
+    model: nn.Module
 
-    def __init__(self, cfg: BootTeacherConfig, num_classes: int = 10):
-        super().__init__()
-        self.cfg = cfg
-        self.num_classes = num_classes if cfg.model.class_conditional else None
-        self.null_class = num_classes if cfg.model.class_conditional else None
-        self.model = build_unet(cfg, num_classes)
+    def _init_schedule(self, cfg: BootTeacherConfig | BootTextTeacherConfig) -> None:
         self.noise_scheduler = build_scheduler(cfg)
         acp = self.noise_scheduler.alphas_cumprod.to(torch.float32)
         self.register_buffer("alphas_cumprod", acp, persistent=False)
@@ -168,33 +165,29 @@ class TeacherTrainingTask(DistillationTask):
     def student_module(self) -> nn.Module:
         return self.model
 
+
+class TeacherTrainingTask(_DiffusionTrainingTask):
+    """DDPM training of the embedded class-conditional ``UNet2DModel`` on digits (batch = (images, labels))."""
+
+    def __init__(self, cfg: BootTeacherConfig, num_classes: int = 10):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes if cfg.model.class_conditional else None
+        self.null_class = num_classes if cfg.model.class_conditional else None
+        self.model = build_unet(cfg, num_classes)
+        self._init_schedule(cfg)
+
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         x0, labels = batch  # [B, 1, S, S] in [-1, 1], [B]
-        B = x0.shape[0]
-        N = self.alphas_cumprod.numel()
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, N, (B,), device=x0.device)
-        acp = self.alphas_cumprod[t].view(B, 1, 1, 1)
-        a, s = acp.sqrt(), (1 - acp).sqrt()
-        x_t = a * x0 + s * noise
+        x_t, t, noise, acp = forward_diffuse(x0, self.alphas_cumprod)
         if self.null_class is not None:
-            drop = torch.rand(B, device=x0.device) < self.cfg.loss.cond_drop_prob
+            drop = torch.rand(x0.shape[0], device=x0.device) < self.cfg.loss.cond_drop_prob
             labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         else:
             labels = None
         out = self.model(x_t, t, class_labels=labels).sample
-        ptype = self.cfg.scheduler.prediction_type
-        target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[ptype]
-        per = (out - target).pow(2).flatten(1).mean(1)  # [B]
-        if self.cfg.loss.snr_gamma > 0:
-            snr = (acp / (1 - acp)).flatten()
-            gamma = self.cfg.loss.snr_gamma
-            # min-SNR-γ weights expressed for each prediction target
-            w = {"epsilon": torch.clamp(gamma / snr, max=1.0), "sample": torch.clamp(snr, max=gamma),
-                 "v_prediction": torch.clamp(snr, max=gamma) / (snr + 1)}[ptype]
-            per = per * w
-        loss = per.mean()
-        return {"loss": loss}
+        return {"loss": denoising_loss(out, x0, noise, acp, self.cfg.scheduler.prediction_type,
+                                       self.cfg.loss.snr_gamma)}
 
     def as_teacher(self, model: nn.Module | None = None) -> DiffusionTeacher:
         """The model being trained as a :class:`DiffusionTeacher` (shares weights)."""
@@ -232,11 +225,7 @@ class TeacherTrainingTask(DistillationTask):
 
     def export(self, run_dir: Path) -> None:
         """``run_dir/teacher``: ``save_pretrained`` UNet (EMA weights when kept) + scheduler + vkd metadata."""
-        model = self.model
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None and (ckpt / "ema.safetensors").is_file():
-            model = copy.deepcopy(self.model)
-            model.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"))
+        model = with_final_ema(self.model, run_dir)
         meta = {"dataset": "digits", "image_size": self.cfg.data.size, "value_range": [-1, 1],
                 "num_classes": self.num_classes, "null_class": self.null_class,
                 "class_names": [str(i) for i in range(self.num_classes or 0)],
@@ -258,7 +247,7 @@ class TextConditionedUNet(nn.Module):
         return self.unet(x, t, encoder_hidden_states=states).sample
 
 
-class TextTeacherTrainingTask(DistillationTask):
+class TextTeacherTrainingTask(_DiffusionTrainingTask):
     """DDPM training of the embedded text-to-image teacher on captioned digits (batch = (images, labels)).
 
     Each sample's caption is drawn from :data:`~vkd.boot.data.DIGIT_CAPTION_TEMPLATES` for its label, and replaced by
@@ -267,8 +256,6 @@ class TextTeacherTrainingTask(DistillationTask):
     ``StableDiffusionPipeline`` layout (no VAE: pixel space) and ``RUN/prompts.txt``, so BOOT loads it through the
     same path as a hub pipeline.
     """
-
-    frozen_modules: tuple[str, ...] = ()
 
     def __init__(self, cfg: BootTextTeacherConfig):
         super().__init__()
@@ -281,38 +268,19 @@ class TextTeacherTrainingTask(DistillationTask):
         tok = self.tokenizer([*self.prompts, ""], padding="max_length", max_length=cfg.text_encoder.max_tokens,
                              truncation=True, return_tensors="pt")
         self.register_buffer("input_ids", tok["input_ids"], persistent=False)  # [P + 1, L]; row P: ""
-        self.noise_scheduler = build_scheduler(cfg)
-        acp = self.noise_scheduler.alphas_cumprod.to(torch.float32)
-        self.register_buffer("alphas_cumprod", acp, persistent=False)
-        self._fid: DigitsFID | None = None
-
-    def student_module(self) -> nn.Module:
-        return self.model
+        self._init_schedule(cfg)
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         x0, labels = batch  # [B, 1, S, S] in [-1, 1], [B]
         B, dev = x0.shape[0], x0.device
-        N = self.alphas_cumprod.numel()
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, N, (B,), device=dev)
-        acp = self.alphas_cumprod[t].view(B, 1, 1, 1)
-        a, s = acp.sqrt(), (1 - acp).sqrt()
-        x_t = a * x0 + s * noise
+        x_t, t, noise, acp = forward_diffuse(x0, self.alphas_cumprod)
         template = torch.randint(0, len(DIGIT_CAPTION_TEMPLATES), (B,), device=dev)
         prompt = template * 10 + labels  # template-major table (caption_prompts)
         drop = torch.rand(B, device=dev) < self.cfg.loss.cond_drop_prob
         prompt = torch.where(drop, torch.full_like(prompt, len(self.prompts)), prompt)
         out = self.model(x_t, t, self.input_ids[prompt])
-        ptype = self.cfg.scheduler.prediction_type
-        target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[ptype]
-        per = (out - target).pow(2).flatten(1).mean(1)  # [B]
-        if self.cfg.loss.snr_gamma > 0:
-            snr = (acp / (1 - acp)).flatten()
-            gamma = self.cfg.loss.snr_gamma
-            w = {"epsilon": torch.clamp(gamma / snr, max=1.0), "sample": torch.clamp(snr, max=gamma),
-                 "v_prediction": torch.clamp(snr, max=gamma) / (snr + 1)}[ptype]
-            per = per * w
-        return {"loss": per.mean()}
+        return {"loss": denoising_loss(out, x0, noise, acp, self.cfg.scheduler.prediction_type,
+                                       self.cfg.loss.snr_gamma)}
 
     def as_teacher(self, model: TextConditionedUNet | None = None) -> DiffusionTeacher:
         """A frozen :class:`DiffusionTeacher` over the captions, from a copy of the text encoder (the training one
@@ -353,11 +321,7 @@ class TextTeacherTrainingTask(DistillationTask):
 
     def export(self, run_dir: Path) -> None:
         """``RUN/teacher`` (pipeline layout; EMA weights when kept) and ``RUN/prompts.txt``."""
-        model = self.model
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None and (ckpt / "ema.safetensors").is_file():
-            model = copy.deepcopy(self.model)
-            model.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"))
+        model = with_final_ema(self.model, run_dir)
         meta = {"dataset": "digits", "image_size": self.cfg.data.size, "value_range": [-1, 1],
                 "conditioning": "text", "prompts": "../prompts.txt", "num_caption_templates":
                 len(DIGIT_CAPTION_TEMPLATES), "ema": model is not self.model, "trained_steps": self.cfg.train.steps}
@@ -478,11 +442,7 @@ class BootTask(DistillationTask):
         """
         if not isinstance(self.student.net, (UNetDenoiser, TextUNetDenoiser)):
             return
-        student = self.student
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None and (ckpt / "ema.safetensors").is_file():
-            student = copy.deepcopy(self.student)
-            student.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"), strict=False)
+        student = with_final_ema(self.student, run_dir, strict=False)
         src = getattr(self.teacher, "source", self.cfg.teacher.path)
         text = isinstance(self.student.net, TextUNetDenoiser)
         meta = {"teacher": str(src), "num_classes": None if text else self.teacher.num_classes,

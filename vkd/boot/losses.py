@@ -29,7 +29,49 @@ __all__ = [
     "BootstrapLoss",
     "BoundaryLoss",
     "BootLoss",
+    "forward_diffuse",
+    "denoising_loss",
 ]
+
+
+def forward_diffuse(x0: torch.Tensor, alphas_cumprod: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DDPM's forward process for teacher training: ``x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε`` at uniform integer ``t``.
+
+    Draws ``ε`` then ``t`` from the global RNG (in that order: resumed runs replay it).
+
+    Args:
+        x0: ``[B, C, H, W]`` clean samples.
+        alphas_cumprod: ``[N]`` ᾱ of the training schedule.
+
+    Returns:
+        ``(x_t, t [B], ε, ᾱ_t [B, 1, 1, 1])``.
+    """
+    B = x0.shape[0]
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, alphas_cumprod.numel(), (B,), device=x0.device)
+    acp = alphas_cumprod[t].view(B, 1, 1, 1)
+    return acp.sqrt() * x0 + (1 - acp).sqrt() * noise, t, noise, acp
+
+
+def denoising_loss(out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, acp: torch.Tensor,
+                   prediction_type: str, snr_gamma: float = 0.0) -> torch.Tensor:
+    """The diffusion training loss: mean squared error to the ``prediction_type`` target (``epsilon`` → ε,
+    ``sample`` → x0, ``v_prediction`` → √ᾱ·ε − √(1−ᾱ)·x0), min-SNR-γ weighted when ``snr_gamma > 0``.
+
+    Args:
+        out: ``[B, C, H, W]`` network output; ``x0``, ``noise``: the same shape; ``acp``: ``[B, 1, 1, 1]`` ᾱ_t.
+    """
+    a, s = acp.sqrt(), (1 - acp).sqrt()
+    target = {"epsilon": noise, "sample": x0, "v_prediction": a * noise - s * x0}[prediction_type]
+    per = (out - target).pow(2).flatten(1).mean(1)  # [B]
+    if snr_gamma > 0:
+        snr = (acp / (1 - acp)).flatten()
+        # min-SNR-γ weights expressed for each prediction target
+        w = {"epsilon": torch.clamp(snr_gamma / snr, max=1.0), "sample": torch.clamp(snr, max=snr_gamma),
+             "v_prediction": torch.clamp(snr, max=snr_gamma) / (snr + 1)}[prediction_type]
+        per = per * w
+    return per.mean()
 
 
 def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,

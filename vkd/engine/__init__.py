@@ -7,6 +7,7 @@ from vkd.engine.checkpoint import (
     load_training_state,
     save_checkpoint,
     verify_checkpoint,
+    with_final_ema,
 )
 from vkd.engine.ema import EMA
 from vkd.engine.precision import native_bf16, resolve_mixed_precision
@@ -22,6 +23,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint_weights",
+    "with_final_ema",
     "load_training_state",
     "native_bf16",
     "resolve_mixed_precision",

@@ -17,6 +17,7 @@ such hidden leftovers. Nothing is ever unpickled beyond tensors and plain contai
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from vkd.errors import DataError
 
@@ -41,6 +43,7 @@ __all__ = [
     "remove_stale",
     "save_checkpoint",
     "load_checkpoint_weights",
+    "with_final_ema",
     "load_training_state",
     "verify_checkpoint",
     "rng_state",
@@ -254,6 +257,23 @@ def load_checkpoint_weights(path: str | Path, filename: str = "model.safetensors
         return load_file(str(file))
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise DataError(f"cannot read {file}: {err}") from None
+
+
+def with_final_ema(module: nn.Module, run_dir: str | Path, strict: bool = True) -> nn.Module:
+    """``module`` with the EMA weights of the run's newest checkpoint (a copy), or ``module`` itself when the run
+    kept no EMA: what an export writes.
+
+    Args:
+        module: the tracked module (``task.student_module()``).
+        run_dir: the run directory.
+        strict: ``load_state_dict`` strictness (``False`` when the EMA covers only some tensors, e.g. LoRA adapters).
+    """
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None or not (ckpt / "ema.safetensors").is_file():
+        return module
+    averaged = copy.deepcopy(module)
+    averaged.load_state_dict(load_checkpoint_weights(ckpt, "ema.safetensors"), strict=strict)
+    return averaged
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
