@@ -16,7 +16,7 @@ from vkd.engine import latest_checkpoint, load_checkpoint_weights
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_two_processes_match_one(tmp_path, lora):
+def test_two_processes_match_one(tmp_path, lora, master_port):
     teacher = save_tiny_teacher(tmp_path / "t", "epsilon", num_classes=3)
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("RANK", None)
@@ -30,7 +30,7 @@ def test_two_processes_match_one(tmp_path, lora):
     cli = "from vkd.cli import main; raise SystemExit(main())"
     subprocess.run([sys.executable, "-c", cli, "distill", "boot", *args, "--set", "run.name=one"],
                    check=True, env=env, timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29541 + lora)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", master_port]
     script = tmp_path / "cli.py"
     script.write_text(cli + "\n")
     proc = subprocess.run([*torchrun, str(script), "distill", "boot", *args, "--set", "run.name=two"],

@@ -140,7 +140,7 @@ def test_missing_embedded_text_teacher_names_the_command(tmp_path, monkeypatch):
         run_boot(cfg)
 
 
-def test_text_teacher_two_processes(tmp_path):
+def test_text_teacher_two_processes(tmp_path, master_port):
     """``torchrun --nproc_per_node 2`` (gloo, CPU) trains and exports the text teacher."""
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env.pop("RANK", None)
@@ -149,7 +149,7 @@ def test_text_teacher_two_processes(tmp_path):
     script = tmp_path / "cli.py"
     script.write_text("from vkd.cli import main; raise SystemExit(main())\n")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29547", str(script), "distill", "boot-text-teacher",
+                           master_port, str(script), "distill", "boot-text-teacher",
                            *[a for s in sets for a in ("--set", s)]],
                           env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

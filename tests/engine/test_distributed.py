@@ -21,9 +21,9 @@ def _env():
     return env
 
 
-def test_two_processes_match_single_process(tmp_path):
+def test_two_processes_match_single_process(tmp_path, master_port):
     subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "single"], check=True, env=_env(), timeout=300)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", master_port]
     proc = subprocess.run([*torchrun, str(SCRIPT), str(tmp_path), "ddp"], env=_env(), timeout=300,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

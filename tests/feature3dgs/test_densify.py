@@ -57,7 +57,7 @@ def _sets(tmp_path, name: str, batch: int) -> list[str]:
             "densify.reset_every=9", "densify.grow_grad2d=1e-5", "densify.prune_opa=0.05"]
 
 
-def test_two_processes_densify_identically_and_match_one(tmp_path, stub_teacher):
+def test_two_processes_densify_identically_and_match_one(tmp_path, stub_teacher, master_port):
     """torchrun --nproc_per_node 2 (gloo, CPU) with densification on: finishes (the task stops if the ranks'
     Gaussians differ after a refine), and rank 0's field is close to the one-process run with the same global
     batch. Densification must actually change the Gaussian count for this to test anything."""
@@ -71,7 +71,7 @@ def test_two_processes_densify_identically_and_match_one(tmp_path, stub_teacher)
     script = tmp_path / "cli.py"
     script.write_text(cli + "\n")
     two = [a for s in _sets(tmp_path, "two", 2) for a in ("--set", s)]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", master_port]
     proc = subprocess.run([*torchrun, str(script), "distill", "feature3dgs", *two], env=env, timeout=600,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

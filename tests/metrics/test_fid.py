@@ -266,7 +266,7 @@ DIST_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_processes_equal_one(tmp_path, toy_extractor):
+def test_two_processes_equal_one(tmp_path, toy_extractor, master_port):
     """``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`` gives the same FID and counts as one process."""
     gen = torch.Generator().manual_seed(0)
     real = _write_images(tmp_path / "real", torch.randint(0, 256, (13, 3, 8, 8), dtype=torch.uint8, generator=gen))
@@ -276,7 +276,7 @@ def test_two_processes_equal_one(tmp_path, toy_extractor):
     script.write_text(DIST_SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", master_port,
            str(script), str(real), str(fake), toy_extractor, str(tmp_path / "two.json")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -27,6 +27,7 @@ __all__ = [
     "EvalConfig",
     "QueryConfig",
     "ComputeConfig",
+    "Feature3DGSTrainConfig",
     "Feature3DGSConfig",
     "cache_root",
 ]
@@ -102,8 +103,9 @@ class TinyTeacherConfig(TinyClipConfig):
 class TeacherConfig:
     """Dense 2D teacher features (:mod:`vkd.feature3dgs.teacher`)."""
 
-    # auto: tiny_clip for the synthetic scene, maskclip otherwise; callable: ``target`` = "module:function"
-    kind: Literal["auto", "maskclip", "tiny_clip", "callable"] = "auto"
+    # auto: tiny_clip for the synthetic scene, maskclip otherwise; callable: ``target`` = "module:function";
+    # files: per-image feature files in ``features_dir`` (vkd.feature3dgs.feature_files)
+    kind: Literal["auto", "maskclip", "tiny_clip", "callable", "files"] = "auto"
     # maskclip: value path of the last block (MaskCLIP, for CLS-pooled CLIPs); tokens: full final patch tokens
     # (avg-pooled CLIPs); auto: tokens for the avg-pooled tiny CLIP, maskclip otherwise
     dense: Literal["auto", "maskclip", "tokens"] = "auto"
@@ -118,11 +120,27 @@ class TeacherConfig:
     device: str = "auto"
     cache_dir: str | None = None  # None: <run.output_dir>/feature3dgs/_cache/<scene+teacher hash>
     tiny: TinyTeacherConfig = field(default_factory=TinyTeacherConfig)
+    # kind=files: <features_dir>/<image stem>.{npy,pt,safetensors}, one [D,h,w] / [h,w,D] / [h,w] tensor each
+    features_dir: str = ""
+    # auto: the folder's features.json layout, else the reading whose h x w has the image's aspect (ties: chw)
+    features_layout: Literal["auto", "chw", "hwc"] = "auto"
+    features_key: str = ""  # tensor name in .safetensors / .pt dict files holding several; "": the only one
+    # kind=files text encoder (text queries, label metrics): "" none; "open_clip": the text tower of ``model`` /
+    # ``pretrained``; or "pkg.module:function", prompts -> [K, D]
+    text_encoder: str = ""
 
     def __post_init__(self) -> None:
         check_positive(self, ["input_size", "batch_size"])
         if self.kind == "callable" and ":" not in self.target:
             raise ConfigError("teacher.target must be 'module:function' when teacher.kind is 'callable'")
+        if self.kind == "files" and not self.features_dir:
+            raise ConfigError("teacher.features_dir must name the folder of feature files when teacher.kind is "
+                              "'files'")
+        if self.text_encoder and self.text_encoder != "open_clip" and ":" not in self.text_encoder:
+            raise ConfigError(f"teacher.text_encoder must be 'open_clip' or 'module:function', got "
+                              f"{self.text_encoder!r}")
+        if self.text_encoder and self.kind != "files":
+            raise ConfigError("teacher.text_encoder applies to teacher.kind=files (other teachers bring their own)")
 
 
 @dataclass
@@ -133,7 +151,10 @@ class ModelConfig:
     decoder: bool = True  # 1x1 conv render_dim -> teacher_dim; without it render_dim must equal teacher_dim
     sh_degree: int = 3
     sh_degree_interval: int = 1000  # raise the active SH degree every N steps
-    init: Literal["auto", "points", "random"] = "auto"  # auto: scene points when present
+    init: Literal["auto", "points", "random"] = "auto"  # auto: scene points when present (init_ply wins)
+    # A trained 3DGS scene (standard 3DGS PLY) as the initial Gaussians: geometry and SH colour from the file,
+    # features as any init (zeros). Its SH bands are zero-padded / truncated to sh_degree. "" = no PLY
+    init_ply: str = ""
     num_random_points: int = 20000
     init_opacity: float = 0.1
     init_scale: float = 1.0  # multiplier on the nearest-neighbour initial scale
@@ -149,6 +170,9 @@ class ModelConfig:
             raise ConfigError(f"model.init_opacity must be in (0, 1), got {self.init_opacity}")
         if self.background is not None and any(not 0.0 <= c <= 1.0 for c in self.background):
             raise ConfigError(f"model.background must be RGB in [0, 1], got {self.background}")
+        if self.init_ply and self.init != "auto":
+            raise ConfigError(f"model.init={self.init} conflicts with model.init_ply (the PLY gives the Gaussians); "
+                              "leave model.init=auto")
 
 
 @dataclass
@@ -262,8 +286,18 @@ class ComputeConfig:
         check_nonnegative(self, ["cpu_threads"])
 
 
-def _default_train() -> TrainConfig:
-    return TrainConfig(steps=7000, batch_size=1, lr=1e-3, optimizer="adam", log_every=50, checkpoint_every=1000)
+@dataclass
+class Feature3DGSTrainConfig(TrainConfig):
+    """The shared training options plus Feature 3DGS's own."""
+
+    # Train only the features and the decoder: the Gaussians' geometry and SH colour keep their initial values
+    # (typically model.init_ply), bit for bit; densification is off whatever densify.enabled says.
+    freeze_geometry: bool = False
+
+
+def _default_train() -> Feature3DGSTrainConfig:
+    return Feature3DGSTrainConfig(steps=7000, batch_size=1, lr=1e-3, optimizer="adam", log_every=50,
+                                  checkpoint_every=1000)
 
 
 @dataclass
@@ -271,7 +305,7 @@ class Feature3DGSConfig(TaskConfig):
     """Feature 3DGS: distil dense CLIP features into a 3D Gaussian feature field."""
 
     task: str = "feature3dgs"
-    train: TrainConfig = field(default_factory=_default_train)
+    train: Feature3DGSTrainConfig = field(default_factory=_default_train)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -283,6 +317,8 @@ class Feature3DGSConfig(TaskConfig):
     compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
+        if self.train.freeze_geometry and self.densify.enabled:
+            self.densify.enabled = False  # frozen geometry cannot grow or prune: the saved config says so
         if self.densify.enabled and self.train.mixed_precision == "fp16":
             raise ConfigError("train.mixed_precision=fp16 with densify.enabled: densification reads the screen-space "
                               "gradients before the fp16 loss scale is removed; use bf16 or no")

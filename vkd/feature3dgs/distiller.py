@@ -5,6 +5,9 @@
 Optimisation follows 3DGS: one Adam per Gaussian attribute (eps 1e-15; the means' lr scaled by the scene extent and
 decayed exponentially), a separate Adam for the decoder, SH degree raised every ``sh_degree_interval`` steps, and
 densification by ``gsplat.strategy.DefaultStrategy`` fed with :func:`vkd.render.rasterization`'s ``meta``.
+
+``model.init_ply`` starts from a trained 3DGS scene (:func:`load_init_ply`); ``train.freeze_geometry`` then trains
+only the features and the decoder (:data:`FROZEN_KEYS` get neither gradients nor optimizers, and no densification).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch.utils.data import Dataset
 
 from vkd.engine import torch_threads, train_task
 from vkd.engine.task import DistillationTask
-from vkd.errors import ConfigError
+from vkd.errors import ConfigError, DataError
 from vkd.feature3dgs.config import Feature3DGSConfig
 from vkd.feature3dgs.data import Scene
 from vkd.feature3dgs.data.prepare import prepare_scene
@@ -32,11 +35,16 @@ from vkd.feature3dgs.export import export_field
 from vkd.feature3dgs.feature_cache import FeatureCache
 from vkd.feature3dgs.losses import Feature3DGSLoss, resize_features
 from vkd.feature3dgs.model import GaussianField
+from vkd.feature3dgs.ply import read_gaussian_ply
 from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, prepare_teacher, save_teacher_for_queries
 
-__all__ = ["SceneDataset", "Feature3DGSTask", "Prepared", "build_field", "build_task", "distill"]
+__all__ = ["SceneDataset", "Feature3DGSTask", "Prepared", "build_field", "build_task", "distill", "load_init_ply",
+           "count_gaussians_in_views", "FROZEN_KEYS"]
 
 log = logging.getLogger(__name__)
+
+# Parameters that train.freeze_geometry keeps fixed: everything but the features (and the decoder, not listed here).
+FROZEN_KEYS = ("means", "scales", "quats", "opacities", "sh0", "shN")
 
 
 class SceneDataset(Dataset):
@@ -64,21 +72,93 @@ class SceneDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_field(cfg: Feature3DGSConfig, scene: Scene, teacher_dim: int) -> GaussianField:
-    """Initialise the Gaussians from the scene's points (3DGS) or at random."""
+def count_gaussians_in_views(means: Tensor, scene: Scene) -> int:
+    """How many Gaussian centres project inside at least one of the scene's views (in front of the camera).
+
+    A cheap sanity check of an imported scene's coordinate frame: only the centres are projected (pinhole ``K``,
+    no distortion), one camera at a time, so it costs ``O(G·C)`` and ``[G]`` memory.
+
+    Args:
+        means: ``[G, 3]`` world positions.
+        scene: the scene whose cameras are used (all of them, train and test).
+    """
+    seen = torch.zeros(means.shape[0], dtype=torch.bool)  # [G]
+    x = means.float()
+    for cam in scene.cameras:
+        xc = x @ cam.viewmat[:3, :3].T + cam.viewmat[:3, 3]  # [G, 3] camera coordinates (OpenCV: +z forward)
+        uvw = xc @ cam.K.T  # [G, 3]
+        z = xc[:, 2]
+        front = z > 1e-6
+        u, v = uvw[:, 0] / z.clamp_min(1e-6), uvw[:, 1] / z.clamp_min(1e-6)
+        seen |= front & (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height)
+    return int(seen.sum())
+
+
+def load_init_ply(cfg: Feature3DGSConfig, scene: Scene) -> dict[str, Tensor] | None:
+    """The Gaussians of ``model.init_ply`` (``None`` when it is not set), checked against the scene's cameras.
+
+    Returns:
+        ``means [G, 3]``, ``scales [G, 3]``, ``quats [G, 4]``, ``opacities [G]``, ``sh0 [G, 1, 3]``,
+        ``shN [G, K-1, 3]`` as :func:`~vkd.feature3dgs.ply.read_gaussian_ply` reads them (its SH degree is that of
+        ``shN``).
+
+    Raises:
+        DataError: the file is missing or not a 3DGS PLY, or none of its Gaussian centres projects into any view of
+            the scene (the PLY belongs to another scene or coordinate frame).
+    """
+    path = cfg.model.init_ply
+    if not path:
+        return None
+    if not Path(path).is_file():
+        raise DataError(f"model.init_ply: file not found: {path}")
+    arrays, degree = read_gaussian_ply(path)
+    gaussians = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    num = gaussians["means"].shape[0]
+    inside = count_gaussians_in_views(gaussians["means"], scene)
+    if inside == 0:
+        raise DataError(f"model.init_ply {path}: none of its {num} Gaussians projects into any of the scene's "
+                        f"{len(scene.cameras)} views; the PLY and the scene ({scene.root}) do not match")
+    if inside < num / 2:
+        log.warning("model.init_ply %s: only %d of %d Gaussians project into any of the scene's %d views; is it "
+                    "the same scene in the same coordinate frame?", path, inside, num, len(scene.cameras))
+    if degree > cfg.model.sh_degree:  # loses view-dependent colour: say so loudly
+        log.warning("model.init_ply %s: SH degree %d > model.sh_degree=%d: its bands above %d are dropped", path,
+                    degree, cfg.model.sh_degree, cfg.model.sh_degree)
+    elif degree < cfg.model.sh_degree:  # exact: the extra bands start at zero
+        log.info("model.init_ply %s: SH degree %d < model.sh_degree=%d: the higher bands start at zero", path,
+                 degree, cfg.model.sh_degree)
+    log.info("model.init_ply: %d Gaussians of SH degree %d from %s (%d in the scene's views)", num, degree, path,
+             inside)
+    return gaussians
+
+
+def build_field(cfg: Feature3DGSConfig, scene: Scene, teacher_dim: int,
+                gaussians: dict[str, Tensor] | None = None) -> GaussianField:
+    """Initialise the Gaussians from ``model.init_ply``, the scene's points (3DGS) or at random.
+
+    Args:
+        cfg, scene: the run's config and scene.
+        teacher_dim: the teacher feature width M.
+        gaussians: ``model.init_ply`` already read by :func:`load_init_ply` (read here when ``None``).
+    """
     m = cfg.model
     if not m.decoder and m.render_dim != teacher_dim:
         raise ConfigError(f"model.render_dim={m.render_dim} must equal the teacher width {teacher_dim} when "
                           "model.decoder=false")
     # The 1x1 decoder takes its default init from the global RNG: seed it here, so that the initial field is a
     # function of run.seed alone (not of whatever the process drew before, e.g. generating the scene).
+    if m.init_ply and gaussians is None:
+        gaussians = load_init_ply(cfg, scene)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.run.seed)
-        return _init_field(cfg, scene, teacher_dim)
+        return _init_field(cfg, scene, teacher_dim, gaussians)
 
 
-def _init_field(cfg: Feature3DGSConfig, scene: Scene, teacher_dim: int) -> GaussianField:
+def _init_field(cfg: Feature3DGSConfig, scene: Scene, teacher_dim: int,
+                gaussians: dict[str, Tensor] | None) -> GaussianField:
     m = cfg.model
+    if gaussians is not None:
+        return GaussianField.from_gaussians(gaussians, m.render_dim, teacher_dim, m.sh_degree, m.decoder)
     gen = torch.Generator().manual_seed(cfg.run.seed)
     use_points = m.init == "points" or (m.init == "auto" and scene.points is not None)
     if use_points:
@@ -155,7 +235,13 @@ class Feature3DGSTask(DistillationTask):
         self.register_buffer("background", torch.tensor(bg, dtype=torch.float32), persistent=False)
         self.strategy = None
         self.strategy_state: dict[str, Any] = {}
-        if cfg.densify.enabled:
+        self.freeze_geometry = cfg.train.freeze_geometry
+        if self.freeze_geometry:
+            if lc.feature_weight == 0:
+                raise ConfigError("train.freeze_geometry with loss.feature_weight=0 leaves nothing to train")
+            if cfg.densify.enabled:
+                log.info("train.freeze_geometry: densification is off (densify.enabled is ignored)")
+        if cfg.densify.enabled and not self.freeze_geometry:
             from vkd.render.strategy import (
                 DensifyStrategy,  # imported on use: gsplat's import probes CUDA (slow)
             )
@@ -188,19 +274,28 @@ class Feature3DGSTask(DistillationTask):
         return losses
 
     def configure_optimizers(self, train_cfg: Any) -> tuple[dict, dict]:
+        """One Adam per Gaussian attribute and one for the decoder (3DGS's schedule for the means).
+
+        With ``train.freeze_geometry`` the :data:`FROZEN_KEYS` parameters stop requiring gradients and get no
+        optimizer: rather than an lr of 0, so that backward skips them, no Adam moments are allocated, and they stay
+        bit-identical. (Done here, after any checkpoint has been loaded into the field.)
+        """
         o, bs = self.cfg.optim, train_cfg.batch_size
         scale = math.sqrt(bs)  # gsplat's batch-size lr scaling
         lrs = {"means": o.means_lr * self.scene_extent, "scales": o.scales_lr, "quats": o.quats_lr,
                "opacities": o.opacities_lr, "sh0": o.sh0_lr, "shN": o.shN_lr, "features": o.features_lr}
         optimizers: dict[str, torch.optim.Optimizer] = {}
         for name, param in self.student.params.items():
+            if self.freeze_geometry and name in FROZEN_KEYS:
+                param.requires_grad_(False)
+                continue
             optimizers[name] = torch.optim.Adam([{"params": [param], "lr": lrs[name] * scale, "name": name}],
                                                 eps=1e-15 / scale, betas=(1 - bs * (1 - 0.9), 1 - bs * (1 - 0.999)))
         schedulers: dict[str, Any] = {}
         if self.student.decoder is not None:
             optimizers["decoder"] = torch.optim.Adam(self.student.decoder.parameters(), lr=o.decoder_lr)
         decay_steps = max(1, o.means_lr_decay_steps or train_cfg.steps)
-        if o.means_lr > 0 and o.means_lr_final > 0:  # 3DGS's expon_lr_func (no delay), held at the final lr after
+        if "means" in optimizers and o.means_lr > 0 and o.means_lr_final > 0:  # 3DGS's expon_lr_func (no delay), held at the final lr after
             gamma = (o.means_lr_final / o.means_lr) ** (1.0 / decay_steps)
             floor = o.means_lr_final / o.means_lr
             schedulers["means"] = torch.optim.lr_scheduler.LambdaLR(
@@ -266,9 +361,10 @@ def build_task(cfg: Feature3DGSConfig, progress: bool = True, with_evaluator: bo
                ) -> tuple[Feature3DGSTask, SceneDataset, Prepared]:
     """Scene + teacher cache + field + task + dataset for ``cfg``."""
     scene = prepare_scene(cfg)
+    gaussians = load_init_ply(cfg, scene)  # before the teacher: a bad PLY fails before the feature cache is built
     teacher, info, cache = prepare_teacher(cfg, scene, progress=progress)
     teacher_dim = cache.shape[0]
-    field = build_field(cfg, scene, teacher_dim)
+    field = build_field(cfg, scene, teacher_dim, gaussians)
     evaluator = None
     if with_evaluator:
         evaluator = Evaluator.build(cfg, scene, cache, teacher, info)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,45 +78,73 @@ class FeatureCache:
             names: image names (one per index; they name the files).
             expected: identity of the cache (teacher key, scene, sizes); stored in the manifest.
         """
+        self.fill(_teacher_maps(teacher, load_image, len(names), batch_size, device), names, expected, progress)
+
+    def fill(self, maps: Iterable[tuple[int, Tensor]], names: list[str], expected: dict,
+             progress: bool = True) -> None:
+        """Write ready-made maps (``teacher.kind=files``, or a teacher's via :meth:`build`) as the cache.
+
+        ``maps`` is only consumed when the cache is incomplete. A failure removes what this build wrote.
+
+        Args:
+            maps: ``(index, [C, h, w])`` for every index of ``names``, in order.
+            names: image names (one per index; they name the files).
+            expected: identity of the cache; stored in the manifest.
+        """
         if self.is_complete(expected):
             return
         with build_lock(self.root):  # a concurrent process may have filled it while this one waited
             self.manifest = self._read_manifest()
             if not self.is_complete(expected):
-                self._build(teacher, load_image, names, expected, batch_size, device, progress)
+                self._write(maps, names, expected, progress)
 
-    @torch.no_grad()
-    def _build(self, teacher: Callable[[Tensor], Tensor], load_image: Callable[[int], Tensor], names: list[str],
-               expected: dict, batch_size: int, device: str | torch.device, progress: bool) -> None:
+    def _write(self, maps: Iterable[tuple[int, Tensor]], names: list[str], expected: dict, progress: bool) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         files = [f"{i:05d}_{_safe_stem(n)}.npy" for i, n in enumerate(names)]
         shape = None
-        order = list(range(len(names)))
-        bar = tqdm(total=len(order), desc="teacher features", disable=not progress or None, leave=False)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            imgs = [load_image(i) for i in chunk]
-            groups: dict[tuple[int, int], list[int]] = {}
-            for j, img in enumerate(imgs):
-                groups.setdefault(tuple(img.shape[-2:]), []).append(j)
-            for members in groups.values():
-                batch = torch.stack([imgs[j] for j in members]).to(device)
-                feats = teacher(batch).float().cpu()
-                if not torch.isfinite(feats).all():
+        written: list[Path] = []
+        bar = tqdm(total=len(names), desc="teacher features", disable=not progress or None, leave=False)
+        try:
+            for i, f in maps:
+                f = f.float().cpu()  # [C, h, w]
+                if not torch.isfinite(f).all():
                     raise DataError("teacher produced non-finite features")
-                for j, f in zip(members, feats, strict=True):
-                    if shape is None:
-                        shape = tuple(f.shape)
-                    elif f.shape[0] != shape[0]:
-                        raise DataError(f"teacher feature width changed between images: {shape} vs {tuple(f.shape)}")
-                    tmp = tmp_path(self.root / files[chunk[j]])
-                    np.save(tmp, f.numpy().astype(np.float16))
-                    os.replace(tmp, self.root / files[chunk[j]])
-            bar.update(len(chunk))
-        bar.close()
+                if shape is None:
+                    shape = tuple(f.shape)
+                elif f.shape[0] != shape[0]:
+                    raise DataError(f"teacher feature width changed between images: {shape} vs {tuple(f.shape)}")
+                dst = self.root / files[i]
+                tmp = tmp_path(dst)
+                np.save(tmp, f.numpy().astype(np.float16))
+                os.replace(tmp, dst)
+                written.append(dst)
+                bar.update(1)
+        except BaseException:
+            for path in written:  # nothing half-written: an incomplete cache holds no maps of this attempt
+                path.unlink(missing_ok=True)
+            raise
+        finally:
+            bar.close()
         self.manifest = {"version": self.VERSION, **expected, "files": files, "shape": list(shape or ()),
                          "dtype": "float16", "complete": True}
         atomic_write_text(self.root / "manifest.json", json.dumps(self.manifest, indent=1))
+
+
+@torch.no_grad()
+def _teacher_maps(teacher: Callable[[Tensor], Tensor], load_image: Callable[[int], Tensor], count: int,
+                  batch_size: int, device: str | torch.device) -> Iterator[tuple[int, Tensor]]:
+    """``(index, [C, h, w])`` of every image, run through the teacher in batches of same-sized images."""
+    for start in range(0, count, batch_size):
+        chunk = list(range(start, min(start + batch_size, count)))
+        imgs = [load_image(i) for i in chunk]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, img in enumerate(imgs):
+            groups.setdefault(tuple(img.shape[-2:]), []).append(j)
+        for members in groups.values():
+            batch = torch.stack([imgs[j] for j in members]).to(device)
+            feats = teacher(batch).float().cpu()  # [b, C, h, w]
+            for j, f in zip(members, feats, strict=True):
+                yield chunk[j], f
 
 
 def _safe_stem(name: str) -> str:

@@ -188,6 +188,43 @@ class GaussianField(nn.Module):
         return cls.from_points(pts, torch.rand(num, 3, generator=generator), render_dim, teacher_dim, sh_degree,
                                decoder, init_opacity, init_scale)
 
+    @classmethod
+    def from_gaussians(cls, gaussians: dict[str, Tensor], render_dim: int, teacher_dim: int | None = None,
+                       sh_degree: int = 3, decoder: bool = True) -> GaussianField:
+        """A field whose Gaussians are given (an imported 3DGS scene, :func:`~vkd.feature3dgs.ply.read_gaussian_ply`).
+
+        The SH bands are fitted to ``sh_degree``: missing higher bands are zeros (the colours are unchanged), bands
+        above it are dropped (the view-dependent colour loses them). Features start at zero, as in every init; the
+        active SH degree is the source's (capped at ``sh_degree``), since the scene was trained with it.
+
+        Args:
+            gaussians: ``means [G, 3]``, ``scales [G, 3]`` (log), ``quats [G, 4]`` (wxyz), ``opacities [G]``
+                (logits), ``sh0 [G, 1, 3]`` and ``shN [G, K'-1, 3]`` (may be ``[G, 0, 3]``); arrays or tensors.
+            render_dim, teacher_dim, sh_degree, decoder: see the class.
+        """
+        g = {k: torch.as_tensor(np.asarray(gaussians[k]), dtype=torch.float32)
+             for k in ("means", "scales", "quats", "opacities", "sh0", "shN")}
+        num = g["means"].shape[0]
+        expected = {"means": (num, 3), "scales": (num, 3), "quats": (num, 4), "opacities": (num,), "sh0": (num, 1, 3)}
+        for key, shape in expected.items():
+            if tuple(g[key].shape) != shape:
+                raise ValueError(f"gaussians[{key!r}] must be {list(shape)}, got {list(g[key].shape)}")
+        source_bases = g["shN"].shape[1] + 1  # K' = (d' + 1)^2
+        source_degree = math.isqrt(source_bases) - 1
+        if g["shN"].ndim != 3 or g["shN"].shape[0] != num or g["shN"].shape[2] != 3 or \
+                (source_degree + 1) ** 2 != source_bases:
+            raise ValueError(f"gaussians['shN'] must be [G, (d + 1)^2 - 1, 3], got {list(g['shN'].shape)}")
+        field = cls(num, render_dim, teacher_dim, sh_degree, decoder)
+        with torch.no_grad():
+            p = field.params
+            for key in ("means", "scales", "quats", "opacities", "sh0"):
+                p[key].copy_(g[key])
+            if "shN" in p:
+                keep = min(p["shN"].shape[1], g["shN"].shape[1])  # bands both have; the rest stays zero
+                p["shN"][:, :keep].copy_(g["shN"][:, :keep])
+        field.active_sh_degree = min(source_degree, field.sh_degree)
+        return field
+
     # ---- accessors -------------------------------------------------------------------------------------------
     @property
     def num_gaussians(self) -> int:

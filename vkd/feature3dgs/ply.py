@@ -2,8 +2,9 @@
 
 Only the ``vertex`` element is used: point clouds (x, y, z, red, green, blue) and 3DGS files (x, y, z, nx, ny,
 nz, f_dc_*, f_rest_*, opacity, scale_*, rot_*; older vkd exports also carry per-Gaussian features ``f_sem_*``, which
-are read like any other property). :func:`gaussian_ply_properties` is the standard 3DGS column order and
-:func:`validate_gaussian_ply` checks a vertex table against it. No dependency on ``plyfile``.
+are read like any other property). :func:`gaussian_ply_properties` is the standard 3DGS column order,
+:func:`validate_gaussian_ply` checks a vertex table against it and :func:`read_gaussian_ply` reads a trained 3DGS
+scene into :class:`~vkd.feature3dgs.model.GaussianField`'s parameter layout. No dependency on ``plyfile``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from vkd.errors import DataError
 
-__all__ = ["write_ply", "read_ply", "gaussian_ply_properties", "validate_gaussian_ply"]
+__all__ = ["write_ply", "read_ply", "gaussian_ply_properties", "validate_gaussian_ply", "read_gaussian_ply"]
 
 _PLY_TO_NP = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
@@ -166,3 +167,49 @@ def validate_gaussian_ply(table: dict[str, np.ndarray], source: str | Path = "PL
         raise DataError(f"{source}: {num_rest} f_rest_* properties match no SH degree "
                         "(expected 3 * ((d + 1)^2 - 1): 0, 9, 24, 45, ...)")
     return degree
+
+
+def read_gaussian_ply(path: str | Path) -> tuple[dict[str, np.ndarray], int]:
+    """Read a standard 3DGS PLY (gsplat, Inria 3DGS, nerfstudio exports) as the field's raw parameters.
+
+    Values are taken as stored (3DGS writes them pre-activation): opacity logits, log scales, wxyz quaternions
+    (not normalised: the rasterizer normalises them), and ``f_rest`` channel-major, i.e. property
+    ``f_rest_{c·(K-1) + j}`` is band ``j + 1`` of channel ``c``.
+
+    Args:
+        path: the ``.ply`` file.
+
+    Returns:
+        ``({"means": [G, 3], "scales": [G, 3], "quats": [G, 4], "opacities": [G], "sh0": [G, 1, 3],
+        "shN": [G, K-1, 3]}, sh_degree)``, float32 arrays (``shN`` is ``[G, 0, 3]`` at degree 0).
+
+    Raises:
+        DataError: unreadable, not a 3DGS PLY (:func:`validate_gaussian_ply`), no vertices, or non-finite values.
+    """
+    table = read_ply(path)
+    degree = validate_gaussian_ply(table, path)
+    n = len(table["x"])
+    if n == 0:
+        raise DataError(f"{path}: the PLY holds no Gaussians")
+
+    def cols(names: list[str]) -> np.ndarray:
+        return np.stack([np.asarray(table[k], dtype=np.float32) for k in names], 1)  # [G, len(names)]
+
+    rest = 3 * ((degree + 1) ** 2 - 1)
+    # channel-major [G, 3, K-1] on disk -> the field's [G, K-1, 3]
+    sh_rest = (cols([f"f_rest_{i}" for i in range(rest)]).reshape(n, 3, -1).transpose(0, 2, 1).copy() if rest
+               else np.zeros((n, 0, 3), dtype=np.float32))
+    gaussians = {
+        "means": cols(["x", "y", "z"]),
+        "scales": cols([f"scale_{i}" for i in range(3)]),
+        "quats": cols([f"rot_{i}" for i in range(4)]),  # w first
+        "opacities": cols(["opacity"])[:, 0],
+        "sh0": cols([f"f_dc_{i}" for i in range(3)])[:, None, :],  # [G, 1, 3]
+        "shN": sh_rest,  # [G, K-1, 3]
+    }
+    bad = np.zeros(n, dtype=bool)  # [G]
+    for value in gaussians.values():
+        bad |= ~np.isfinite(value.reshape(n, -1)).all(1)
+    if bad.any():
+        raise DataError(f"{path}: {int(bad.sum())} of {n} Gaussians have non-finite (NaN/inf) values")
+    return gaussians, degree

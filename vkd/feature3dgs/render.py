@@ -1,5 +1,10 @@
 """``vkd render --run RUN``: RGB, depth, PCA features and text-query relevancy along test views or camera paths.
 
+A point prompt (``--point VIEW X Y``, for teachers without text such as SAM or DINOv2) replaces the text query: the
+feature rendered at pixel ``(X, Y)`` of view ``VIEW`` is the prompt, Gaussians are selected by the cosine of their
+folded feature with it (:func:`point_prompt`), and a ``similarity`` stream (that cosine per pixel) replaces
+``relevancy``.
+
 Frames go to ``<out>/{rgb,depth,features,relevancy}/frame_XXXXX.png`` and, unless ``fmt="png"``, one video per
 stream (``<out>/rgb.mp4`` ...), written as the frames come (nothing holds all frames). PCA colours are fitted once
 per scene (on decoded feature renders of a few training views) and depth / relevancy use fixed ranges, so colours
@@ -14,6 +19,7 @@ map, so memory grows with the frame size and ``render_dim``, not with the teache
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from vkd.feature3dgs.query import (
     DecodedSpace,
     edit_opacity_mask,
     label_prompt_template,
+    label_scores,
     parse_query,
     prompts,
     relevancy,
@@ -39,13 +46,16 @@ from vkd.feature3dgs.runs import LoadedRun, load_run
 from vkd.feature3dgs.visualize import PCAColorizer, VideoWriter, colormap, save_png, to_uint8
 from vkd.render import orbit_path, spiral_path
 
-__all__ = ["camera_path", "fit_scene_pca", "render_run"]
+__all__ = ["camera_path", "fit_scene_pca", "render_run", "resolve_view", "point_prompt", "POINT_THRESHOLD"]
 
 VIEW_KINDS = ("test", "train", "orbit", "spiral")
 FORMATS = ("mp4", "gif", "png")
 # (tile, Gaussian) pairs per rasterizer call (GaussianField.render's row bands): the torch backend needs about 230 B
 # per pair (measured at 1280x720, 300k Gaussians), so about 0.5 GB per call whatever the frame size.
 RENDER_MAX_PAIRS = 1 << 21
+# Default cosine threshold of --point --extract/--delete: a conservative choice (selects little), not tuned on any
+# scene; the similarity stream shows which value separates the object.
+POINT_THRESHOLD = 0.9
 
 
 def _c2w(viewmat: Tensor) -> Tensor:
@@ -136,6 +146,66 @@ def _query_setup(run: LoadedRun, query: str, edit: str | None, threshold: float 
     return result
 
 
+def resolve_view(scene: Scene, view: str) -> int:
+    """The index into ``scene.cameras`` (all cameras, sorted by name) of ``view``: a camera name, also without its
+    folder or file suffix when that names one camera (``images/frame_00003.png``, ``frame_00003``), else an integer
+    index.
+
+    Raises:
+        UserError: no such camera.
+    """
+    names = [c.name for c in scene.cameras]
+    if view in names:
+        return names.index(view)
+    short = [i for i, n in enumerate(names)
+             if view in (str(Path(n).with_suffix("")), Path(n).name, Path(n).stem)]
+    if len(short) == 1:
+        return short[0]
+    if view.isdigit() and int(view) < len(names):
+        return int(view)
+    raise UserError(f"--point: unknown view {view!r}: give a camera name (e.g. {names[0]!r}) or an index "
+                    f"0..{len(names) - 1} of the scene's {len(names)} cameras")
+
+
+@torch.no_grad()
+def point_prompt(run: LoadedRun, point: Sequence[str], edit: str | None, threshold: float,
+                 space: DecodedSpace, max_pairs: int | None = RENDER_MAX_PAIRS) -> dict[str, Any]:
+    """The prompt of ``--point VIEW X Y``: the feature rendered at pixel ``(X, Y)`` (column, row; pixel units of the
+    view's render at its camera's resolution), in ``space``'s coordinates, and the Gaussians it selects.
+
+    The prompt is the decoded pixel feature ``W·F(x, y) + b``, the same map the decoder is trained on; a Gaussian is
+    selected when the cosine of its folded feature ``gᵢ = W·fᵢ + b`` with it is ``>= threshold``.
+
+    Returns:
+        ``{"view", "view_index", "pixel": [x, y], "prompt": [1, K + 1]}`` and ``"selected": [G]`` bool with an edit.
+
+    Raises:
+        UserError: unknown view, coordinates that are not integers or lie outside the image.
+    """
+    if len(point) != 3:
+        raise UserError(f"--point needs VIEW X Y, got {' '.join(map(str, point))!r}")
+    view, x_text, y_text = (str(v) for v in point)
+    index = resolve_view(run.scene, view)
+    cam = run.scene.cameras[index]
+    try:
+        x, y = int(x_text), int(y_text)
+    except ValueError:
+        raise UserError(f"--point: X and Y must be integer pixel coordinates, got {x_text!r} {y_text!r}") from None
+    if not (0 <= x < cam.width and 0 <= y < cam.height):
+        raise UserError(f"--point: pixel ({x}, {y}) is outside view {cam.name!r} ({cam.width}x{cam.height}: "
+                        f"X in 0..{cam.width - 1}, Y in 0..{cam.height - 1})")
+    field = run.field
+    device = field.params["means"].device
+    r = field.render(cam.viewmat[None].to(device), cam.K[None].to(device), cam.width, cam.height, features=True,
+                     max_pairs=max_pairs)
+    prompt = space.features(r["features"][0, y, x][None])  # [1, K + 1]: the decoded W·F(x, y) + b
+    result: dict[str, Any] = {"view": cam.name, "view_index": index, "pixel": [x, y], "prompt": prompt}
+    if edit is not None:
+        gaussians = space.features(field.params["features"].detach())  # [G, K + 1]: the folded W·fᵢ + b
+        result["selected"] = select_gaussians(gaussians, prompt, [0], threshold, edit)
+    return result
+
+
 @torch.no_grad()
 def fit_scene_pca(field: GaussianField, scene: Scene, backend: str | None = None, max_views: int = 4,
                   rasterize_mode: str | None = None, max_samples: int = 20000,
@@ -184,19 +254,26 @@ def fit_scene_pca(field: GaussianField, scene: Scene, backend: str | None = None
 @torch.no_grad()
 def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str | None = None,
                edit: str | None = None, threshold: float | None = None, out: Path | None = None,
-               fmt: str = "mp4", fps: int = 24, progress: bool = True, max_pairs: int | None = RENDER_MAX_PAIRS
-               ) -> dict:
+               fmt: str = "mp4", fps: int = 24, progress: bool = True, max_pairs: int | None = RENDER_MAX_PAIRS,
+               point: Sequence[str] | None = None) -> dict:
     """Render a trained run (see module docstring). Returns a summary dict (also written as ``render.json``).
 
     ``max_pairs`` bounds the rasterizer's pairs per call (row bands, :meth:`GaussianField.render`); ``None``
-    renders each frame in one call.
+    renders each frame in one call. ``point`` is ``(VIEW, X, Y)`` (:func:`point_prompt`), exclusive with ``query``;
+    its ``threshold`` is a cosine and defaults to :data:`POINT_THRESHOLD`.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
     if edit not in (None, "extract", "delete"):
         raise UserError(f"unknown edit '{edit}'; choose extract or delete")
-    if edit is not None and not query:
-        raise UserError(f"--{edit} needs --query")
+    if query and point is not None:
+        raise UserError("--query and --point are mutually exclusive")
+    if edit is not None and not query and point is None:
+        raise UserError(f"--{edit} needs --query or --point")
+    if point is not None:
+        threshold = POINT_THRESHOLD if threshold is None else threshold
+        if not -1.0 <= threshold <= 1.0:
+            raise UserError(f"--threshold is a cosine for --point: it must be in [-1, 1], got {threshold}")
     run = load_run(run_dir)
     # Threads are restored afterwards (a process-wide setting); videos are finalised when the block exits.
     with torch_threads(run.cfg.compute.cpu_threads), ExitStack() as stack:
@@ -206,15 +283,19 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
         viewmats, Ks = viewmats.to(device), Ks.to(device)
         space = DecodedSpace.of_field(field)
         q = _query_setup(run, query, edit, threshold, space) if query else None
+        pt = point_prompt(run, point, edit, threshold, space, max_pairs) if point is not None else None
         text_d = space.vectors(q["text"]).cpu() if q is not None else None  # [K, N + 2]
-        mask = edit_opacity_mask(q["selected"], edit) if q is not None and edit is not None else None
+        prompt_d = pt["prompt"].cpu() if pt is not None else None  # [1, N + 2]
+        chosen = q if q is not None else pt
+        mask = edit_opacity_mask(chosen["selected"], edit) if chosen is not None and edit is not None else None
         bg = torch.tensor(run.cfg.model.background if run.cfg.model.background is not None else scene.background,
                           dtype=torch.float32, device=device)
 
         # Fixed colour mappings, fitted once per scene; features are coloured in the decoded space's coordinates.
         pca = fit_scene_pca(field, scene, max_pairs=max_pairs)
         colour = pca.pull_back(space.vectors(pca.components.T).T.cpu())  # [N + 2, 3] axes
-        streams = ["rgb", "depth", "features"] + (["relevancy"] if q is not None else [])
+        streams = ["rgb", "depth", "features"] + (["relevancy"] if q is not None else []) + (
+            ["similarity"] if pt is not None else [])
         out_dir = Path(out) if out is not None else Path(run_dir) / "renders" / (views + (f"-{edit}" if edit else ""))
         for s in streams:
             (out_dir / s).mkdir(parents=True, exist_ok=True)
@@ -239,6 +320,9 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
             if text_d is not None:
                 rel = relevancy(coords.permute(2, 0, 1)[None], text_d[0], text_d[1:], run.cfg.query.temperature)[0]
                 frames_k["relevancy"] = colormap(rel, 0.0, 1.0, name="turbo")
+            if prompt_d is not None:  # cosine with the prompt pixel's decoded feature; <= 0 maps to the bottom
+                sim = label_scores(coords.permute(2, 0, 1)[None], prompt_d)[0, 0]  # [H, W]
+                frames_k["similarity"] = colormap(sim, 0.0, 1.0, name="turbo")
             for s, img in frames_k.items():
                 save_png(img, out_dir / s / f"frame_{k:05d}.png")
                 if s in writers:
@@ -249,8 +333,11 @@ def render_run(run_dir: Path, views: str = "test", frames: int = 0, query: str |
                    "rasterize_mode": field.rasterize_mode}
         if q is not None:
             summary.update(query=q["query"], label_set=q["label_set"])
+        if pt is not None:
+            summary.update(point={"view": pt["view"], "view_index": pt["view_index"], "x": pt["pixel"][0],
+                                  "y": pt["pixel"][1]})
         if mask is not None:
-            summary.update(edit=edit, threshold=threshold, selected_gaussians=int(q["selected"].sum()),
+            summary.update(edit=edit, threshold=threshold, selected_gaussians=int(chosen["selected"].sum()),
                            kept_gaussians=int(mask.sum()))
         if run.teacher_info.get("random_init"):
             summary["warning"] = "teacher was randomly initialised: relevancy maps carry no semantics"

@@ -8,12 +8,16 @@ identity); text-aligned ones also have ``encode_text(prompts) -> [K, D]``. ``tea
   ``pretrained=`` (local file or cache).
 * ``tiny_clip`` — vkd's tiny CLIP pretrained on captioned crops of the scene's training views (offline default).
 * ``callable`` — any ``"pkg.module:function"`` returning dense maps (any teacher's features).
+* ``files`` — per-image feature files in ``teacher.features_dir`` (:mod:`vkd.feature3dgs.feature_files`), with an
+  optional ``teacher.text_encoder`` (an open_clip text tower or ``"pkg.module:function"``).
 
-:func:`prepare_teacher` computes each view's features once into an fp16 :class:`FeatureCache`.
+:func:`prepare_teacher` computes each view's features once into an fp16 :class:`FeatureCache` (``files``: copies
+them in); :func:`export_teacher_features` (``vkd features``) writes any teacher's maps as feature files.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -28,17 +32,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vkd.engine import torch_threads
 from vkd.engine.runs import resolve_device
 from vkd.errors import DataError, UserError
 from vkd.feature3dgs.config import Feature3DGSConfig, TeacherConfig, cache_root
 from vkd.feature3dgs.data import Scene
+from vkd.feature3dgs.data.prepare import prepare_scene
 from vkd.feature3dgs.feature_cache import FeatureCache, scene_fingerprint
+from vkd.feature3dgs.feature_files import FeatureFiles, export_cache
 from vkd.feature3dgs.maskclip import MaskCLIPTeacher
 from vkd.feature3dgs.query import PROMPT_TEMPLATE
 from vkd.models.tiny_clip import load_clip, pretrain_tiny_clip, tiny_clip_name
 
 __all__ = ["TEACHER_KINDS", "CallableTeacher", "synthetic_crops", "build_teacher", "prepare_teacher",
-           "teacher_cache_dir", "save_teacher_for_queries", "load_text_encoder", "RANDOM_INIT_WARNING"]
+           "teacher_cache_dir", "save_teacher_for_queries", "load_text_encoder", "text_encoder_from_spec",
+           "export_teacher_features", "RANDOM_INIT_WARNING"]
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +84,53 @@ class CallableTeacher(nn.Module):
         return F.normalize(self.fn.encode_text(list(prompts)).float(), dim=-1)
 
 
-def load_callable(target: str) -> Callable:
-    """Import ``"pkg.module:attr"``; raises UserError when it cannot be found."""
+def load_callable(target: str, option: str = "teacher.target") -> Callable:
+    """Import ``"pkg.module:attr"`` (the value of config ``option``); raises UserError when it cannot be found."""
     module_name, _, attr = target.partition(":")
     try:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise UserError(f"cannot import teacher.target '{target}': {err}") from None
+        raise UserError(f"cannot import {option} '{target}': {err}") from None
     if not callable(obj):
-        raise UserError(f"teacher.target '{target}' is not callable")
+        raise UserError(f"{option} '{target}' is not callable")
     return obj
+
+
+def text_encoder_from_spec(spec: str, model: str | None, pretrained: str | None, dim: int | None = None
+                           ) -> Callable[[Sequence[str]], Tensor]:
+    """``teacher.text_encoder`` as ``prompts -> [K, D]``, L2-normalised.
+
+    Args:
+        spec: ``"open_clip"`` (the text tower of open_clip ``model`` / ``pretrained``, loaded on first use) or
+            ``"pkg.module:function"`` (prompts -> ``[K, D]`` tensor or array).
+        dim: the feature width D the embeddings must have (``None``: not checked).
+
+    Raises:
+        UserError: the callable cannot be imported or the open_clip weights cannot be loaded.
+        DataError: the encoder returns something other than ``[K, D]`` for K prompts.
+    """
+    if spec == "open_clip":
+        bundle = functools.cache(lambda: load_clip(model, pretrained))
+        where = f"open_clip {model} / {pretrained}"
+
+        def raw(prompts: list[str]) -> Tensor:
+            return bundle().encode_text(prompts, normalize=True)
+    else:
+        raw, where = load_callable(spec, "teacher.text_encoder"), spec
+
+    def encode(prompts: Sequence[str]) -> Tensor:
+        with torch.no_grad():
+            out = raw(list(prompts))
+        out = torch.as_tensor(out).float().cpu()  # [K, D]
+        if out.ndim != 2 or out.shape[0] != len(prompts):
+            raise DataError(f"teacher.text_encoder {where} must return [K, D] for K={len(prompts)} prompts, got "
+                            f"{tuple(out.shape)}")
+        if dim is not None and out.shape[1] != dim:
+            raise DataError(f"teacher.text_encoder {where} gives {out.shape[1]}-d embeddings but the features are "
+                            f"{dim}-d")
+        return F.normalize(out, dim=-1)
+
+    return encode
 
 
 def _caption(name: str) -> str:
@@ -182,12 +227,26 @@ def _build_maskclip(tcfg: TeacherConfig, scene: Scene, cache_dir: Path, progress
     return MaskCLIPTeacher(bundle, tcfg.input_size, random_init=info["random_init"], dense=dense), info
 
 
+def _build_files(tcfg: TeacherConfig, scene: Scene, cache_dir: Path, progress: bool) -> tuple[nn.Module, dict]:
+    files = FeatureFiles(tcfg.features_dir, [c.name for c in scene.cameras],
+                         [(c.height, c.width) for c in scene.cameras], tcfg.features_layout, tcfg.features_key)
+    info: dict[str, Any] = {"features_dir": str(files.features_dir.resolve()), "features_layout": files.layout,
+                            "features_key": tcfg.features_key or None, "text_encoder": tcfg.text_encoder or None,
+                            "text_aligned": bool(tcfg.text_encoder)}
+    if tcfg.text_encoder:
+        files.text_encoder = text_encoder_from_spec(tcfg.text_encoder, tcfg.model, tcfg.pretrained, files.dim)
+        if tcfg.text_encoder == "open_clip":
+            info.update(model=tcfg.model, pretrained=tcfg.pretrained)
+    return files, info
+
+
 TeacherBuilder = Callable[[TeacherConfig, Scene, Path, bool], tuple[nn.Module, dict]]
 # teacher.kind -> builder; "auto" resolves to tiny_clip (scenes with label maps) or maskclip.
 TEACHER_KINDS: dict[str, TeacherBuilder] = {
     "maskclip": _build_maskclip,
     "tiny_clip": _build_tiny_clip,
     "callable": _build_callable,
+    "files": _build_files,
 }
 
 
@@ -247,7 +306,10 @@ def prepare_teacher(cfg: Feature3DGSConfig, scene: Scene, progress: bool = True
     cache = FeatureCache(teacher_cache_dir(cfg, scene, key))
     expected = {"teacher": key, "scene": str(scene.root.resolve()), "fingerprint": scene_fingerprint(scene),
                 "num_images": len(scene.cameras), "random_init": bool(info.get("random_init"))}
-    if not cache.is_complete(expected):
+    stored = getattr(teacher, "stored_maps", None)
+    if stored is not None:  # kind=files: the maps exist already, nothing runs on a device
+        cache.fill(stored(), [c.name for c in scene.cameras], expected, progress=progress)
+    elif not cache.is_complete(expected):
         device = teacher_device(cfg)
         teacher.to(device)
         try:
@@ -289,6 +351,9 @@ def load_text_encoder(run_dir: Path, tcfg: TeacherConfig) -> Callable[[Sequence[
     if not info.get("text_aligned", True):
         raise UserError(f"the run {run_dir} was distilled from a teacher without a text encoder "
                         f"({info.get('target') or kind}): text queries need text-aligned (CLIP) features")
+    if kind == "files":
+        dim = (info.get("feature_shape") or [None])[0]
+        return text_encoder_from_spec(info["text_encoder"], info.get("model"), info.get("pretrained"), dim)
     if kind == "callable":
         fn = load_callable(info["target"])
         teacher = CallableTeacher(fn, key=info["target"])
@@ -304,3 +369,30 @@ def load_text_encoder(run_dir: Path, tcfg: TeacherConfig) -> Callable[[Sequence[
     else:
         bundle = load_clip(info["model"], info.get("pretrained"))
     return lambda prompts: bundle.encode_text(list(prompts), normalize=True).float()
+
+
+def export_teacher_features(cfg: Feature3DGSConfig, out: str | Path, progress: bool = True) -> dict:
+    """``vkd features``: the configured teacher's maps of every image of ``data.path`` as feature files.
+
+    The teacher fills its feature cache as for training (reused when complete); the cache is then copied to
+    ``<out>/<image stem>.npy`` (``[D, h, w]`` float16) plus ``features.json``
+    (:func:`vkd.feature3dgs.feature_files.export_cache`), so ``teacher.kind=files`` reads back the same cache.
+
+    Returns:
+        a summary: out, num_images, dim, size, layout, dtype, teacher (+ warning for a random CLIP).
+
+    Examples:
+        >>> from vkd.config import load_config
+        >>> cfg = load_config(Feature3DGSConfig, None, ["data.path=/data/garden", "teacher.kind=maskclip"])
+        >>> export_teacher_features(cfg, "/data/garden/features")["dim"]  # doctest: +SKIP
+        512
+    """
+    with torch_threads(cfg.compute.cpu_threads):  # restored afterwards: the setting is process-wide
+        scene = prepare_scene(cfg)
+        _, info, cache = prepare_teacher(cfg, scene, progress=progress)
+        meta = export_cache(cache, [c.name for c in scene.cameras], info, out)
+    summary = {"out": str(out), "num_images": meta["num_images"], "dim": meta["dim"], "size": meta["size"],
+               "layout": meta["layout"], "dtype": meta["dtype"], "teacher": info["kind"]}
+    if info.get("warning"):
+        summary["warning"] = info["warning"]
+    return summary

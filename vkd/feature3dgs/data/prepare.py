@@ -25,7 +25,7 @@ def prepare_scene(cfg: Feature3DGSConfig) -> Scene:
         root = Path(s.out_dir) if s.out_dir else cache_root(cfg) / "scenes"
         path = ensure_synthetic_scene(root, s.num_views, s.resolution, s.supersample, s.num_points, s.seed,
                                       d.test_every, d.test_offset, exact_dir=s.out_dir is not None)
-    require_points = cfg.model.init != "random"
+    require_points = cfg.model.init != "random" and not cfg.model.init_ply  # a trained PLY brings its Gaussians
     scene = load_scene(path, d.format, d.downscale, d.test_every, d.test_offset, d.white_background,
                        require_points=require_points)
     if cfg.model.init == "points" and scene.points is None:
