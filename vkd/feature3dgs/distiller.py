@@ -4,7 +4,8 @@
 (bilinear, ``align_corners=True``), decodes it (1x1 conv) and returns ``(1-λ)·L1 + λ·(1-SSIM) + γ·L_feat``.
 Optimisation follows 3DGS: one Adam per Gaussian attribute (eps 1e-15; the means' lr scaled by the scene extent and
 decayed exponentially), a separate Adam for the decoder, SH degree raised every ``sh_degree_interval`` steps, and
-densification by ``gsplat.strategy.DefaultStrategy`` fed with :func:`vkd.render.rasterization`'s ``meta``.
+densification by :class:`vkd.render.strategy.DensifyStrategy` (gsplat's surgery, vkd's schedule) fed with
+:func:`vkd.render.rasterization`'s ``meta``.
 
 ``model.init_ply`` starts from a trained 3DGS scene (:func:`load_init_ply`); ``train.freeze_geometry`` then trains
 only the features and the decoder (:data:`FROZEN_KEYS` get neither gradients nor optimizers, and no densification).
@@ -235,13 +236,10 @@ class Feature3DGSTask(DistillationTask):
         self.register_buffer("background", torch.tensor(bg, dtype=torch.float32), persistent=False)
         self.strategy = None
         self.strategy_state: dict[str, Any] = {}
-        self.freeze_geometry = cfg.train.freeze_geometry
-        if self.freeze_geometry:
-            if lc.feature_weight == 0:
-                raise ConfigError("train.freeze_geometry with loss.feature_weight=0 leaves nothing to train")
-            if cfg.densify.enabled:
-                log.info("train.freeze_geometry: densification is off (densify.enabled is ignored)")
-        if cfg.densify.enabled and not self.freeze_geometry:
+        self.freeze_geometry = cfg.train.freeze_geometry  # the config has switched densification off with it
+        if self.freeze_geometry and lc.feature_weight == 0:
+            raise ConfigError("train.freeze_geometry with loss.feature_weight=0 leaves nothing to train")
+        if cfg.densify.enabled:
             from vkd.render.strategy import (
                 DensifyStrategy,  # imported on use: gsplat's import probes CUDA (slow)
             )
@@ -295,7 +293,8 @@ class Feature3DGSTask(DistillationTask):
         if self.student.decoder is not None:
             optimizers["decoder"] = torch.optim.Adam(self.student.decoder.parameters(), lr=o.decoder_lr)
         decay_steps = max(1, o.means_lr_decay_steps or train_cfg.steps)
-        if "means" in optimizers and o.means_lr > 0 and o.means_lr_final > 0:  # 3DGS's expon_lr_func (no delay), held at the final lr after
+        # 3DGS's expon_lr_func (no delay), held at the final lr afterwards
+        if "means" in optimizers and o.means_lr > 0 and o.means_lr_final > 0:
             gamma = (o.means_lr_final / o.means_lr) ** (1.0 / decay_steps)
             floor = o.means_lr_final / o.means_lr
             schedulers["means"] = torch.optim.lr_scheduler.LambdaLR(
