@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 from vkd.boot.conditioning import PromptEncoder, TextUNetDenoiser
 from vkd.boot.config import BootConfig, BootTeacherConfig, BootTextTeacherConfig, EvalConfig
 from vkd.boot.data import DIGIT_CAPTION_TEMPLATES, digit_captions
-from vkd.boot.evaluate import DigitsFID, digits_fid_scores, digits_reference_available, uint8_batches
+from vkd.boot.evaluate import DigitsFID, digits_fid_scores, digits_reference_available
 from vkd.boot.losses import BootLoss, denoising_loss, forward_diffuse
 from vkd.boot.sample import ddim_sample, noise_batches, sample_generator, save_grid, student_sample
 from vkd.boot.schedule import NoiseSchedule
@@ -155,6 +156,7 @@ class _DiffusionTrainingTask(DistillationTask):
 
     frozen_modules: tuple[str, ...] = ()
     model: nn.Module
+    prompts: Sequence[str] | None = None  # a text teacher's caption table (scored by prompt accuracy)
 
     def _init_schedule(self, cfg: BootTeacherConfig | BootTextTeacherConfig) -> None:
         self.noise_scheduler = build_scheduler(cfg)
@@ -164,6 +166,40 @@ class _DiffusionTrainingTask(DistillationTask):
 
     def student_module(self) -> nn.Module:
         return self.model
+
+    def _diffusion_teacher(self, net: nn.Module, num_classes: int | None, null_class: int | None) -> DiffusionTeacher:
+        """``net`` (a denoiser over this task's schedule) as a :class:`DiffusionTeacher` (shares weights)."""
+        sched = NoiseSchedule(self.alphas_cumprod)
+        return DiffusionTeacher(net, sched.to(self.alphas_cumprod.device), self.cfg.scheduler.prediction_type,
+                                clip_x0=self.cfg.scheduler.clip_sample, num_classes=num_classes,
+                                null_class=null_class, sample_shape=(1, self.cfg.data.size, self.cfg.data.size))
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Digits-CNN FID of teacher DDIM-K (``eval.teacher_steps``, default 50) and, for a text teacher, its prompt
+        accuracy on the captions."""
+        ev: EvalConfig = self.cfg.eval
+        if ev.num_samples == 0:
+            return {}
+        if self._fid is None:
+            self._fid = DigitsFID(self.cfg.data.size)
+        teacher = self.as_teacher()
+        out: dict[str, float] = {}
+        for k in ev.teacher_steps or (50,):
+            out.update(self._fid.score(lambda e, c, k=k: ddim_sample(teacher, e, c, k), ev, teacher.sample_shape,
+                                       teacher.num_classes, f"teacher_ddim{k}", self.alphas_cumprod.device,
+                                       self.prompts))
+        return out
+
+    def _save_teacher_grid(self, step: int, out_dir: Path, nrow: int | None = None) -> None:
+        """A grid of the model's DDIM samples on the fixed sample noise (one column per condition)."""
+        sc = self.cfg.sample
+        teacher = self.as_teacher()
+        _, eps, labels = next(noise_batches(sc.num, sc.seed, teacher.sample_shape, teacher.num_classes, sc.num,
+                                            self.alphas_cumprod.device))
+        kwargs = {} if nrow is None else {"nrow": nrow}
+        save_grid(ddim_sample(teacher, eps, labels, sc.teacher_steps),
+                  Path(out_dir) / f"teacher_ddim{sc.teacher_steps}_step{step:06d}.png", **kwargs)
 
 
 class TeacherTrainingTask(_DiffusionTrainingTask):
@@ -192,36 +228,12 @@ class TeacherTrainingTask(_DiffusionTrainingTask):
     def as_teacher(self, model: nn.Module | None = None) -> DiffusionTeacher:
         """The model being trained as a :class:`DiffusionTeacher` (shares weights)."""
         model = model if model is not None else self.model
-        sched = NoiseSchedule(self.alphas_cumprod)
-        return DiffusionTeacher(UNetDenoiser(model), sched.to(self.alphas_cumprod.device),
-                                self.cfg.scheduler.prediction_type, clip_x0=self.cfg.scheduler.clip_sample,
-                                num_classes=self.num_classes, null_class=self.null_class,
-                                sample_shape=(1, self.cfg.data.size, self.cfg.data.size))
+        return self._diffusion_teacher(UNetDenoiser(model), self.num_classes, self.null_class)
 
     @torch.no_grad()
     def save_samples(self, step: int, out_dir: Path) -> None:
-        sc = self.cfg.sample
-        teacher = self.as_teacher()
-        dev = self.alphas_cumprod.device
-        _, eps, labels = next(noise_batches(sc.num, sc.seed, teacher.sample_shape, self.num_classes, sc.num, dev))
-        x = ddim_sample(teacher, eps, labels, sc.teacher_steps)
-        save_grid(x, Path(out_dir) / f"teacher_ddim{sc.teacher_steps}_step{step:06d}.png")
+        self._save_teacher_grid(step, out_dir)
 
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, float]:
-        ev: EvalConfig = self.cfg.eval
-        if ev.num_samples == 0:
-            return {}
-        if self._fid is None:
-            self._fid = DigitsFID(self.cfg.data.size)
-        teacher = self.as_teacher()
-        dev = self.alphas_cumprod.device
-        out = {}
-        for k in ev.teacher_steps or (50,):
-            fid, _ = self._fid(uint8_batches(lambda e, c, k=k: ddim_sample(teacher, e, c, k), ev.num_samples, ev.seed,
-                                             teacher.sample_shape, self.num_classes, ev.batch_size, dev))
-            out[f"teacher_ddim{k}_fid_digitscnn"] = fid
-        return out
 
     def export(self, run_dir: Path) -> None:
         """``run_dir/teacher``: ``save_pretrained`` UNet (EMA weights when kept) + scheduler + vkd metadata."""
@@ -287,37 +299,13 @@ class TextTeacherTrainingTask(_DiffusionTrainingTask):
         keeps its grad flags); the UNet is shared."""
         model = model if model is not None else self.model
         encoder = PromptEncoder(copy.deepcopy(model.text_encoder), self.tokenizer, self.prompts)
-        sched = NoiseSchedule(self.alphas_cumprod)
-        return DiffusionTeacher(TextUNetDenoiser(model.unet, encoder), sched.to(self.alphas_cumprod.device),
-                                self.cfg.scheduler.prediction_type, clip_x0=self.cfg.scheduler.clip_sample,
-                                num_classes=len(self.prompts), null_class=encoder.null_index,
-                                sample_shape=(1, self.cfg.data.size, self.cfg.data.size))
+        return self._diffusion_teacher(TextUNetDenoiser(model.unet, encoder), len(self.prompts), encoder.null_index)
 
     @torch.no_grad()
     def save_samples(self, step: int, out_dir: Path) -> None:
         """A grid of DDIM samples: row ``k`` = caption template ``k``, column = digit."""
-        sc = self.cfg.sample
-        teacher = self.as_teacher()
-        dev = self.alphas_cumprod.device
-        _, eps, labels = next(noise_batches(sc.num, sc.seed, teacher.sample_shape, teacher.num_classes, sc.num, dev))
-        save_grid(ddim_sample(teacher, eps, labels, sc.teacher_steps),
-                  Path(out_dir) / f"teacher_ddim{sc.teacher_steps}_step{step:06d}.png", nrow=10)
+        self._save_teacher_grid(step, out_dir, nrow=10)
 
-    @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Digits-CNN FID and prompt accuracy of teacher DDIM-K on the captions (``eval.teacher_steps``, default 50)."""
-        ev: EvalConfig = self.cfg.eval
-        if ev.num_samples == 0:
-            return {}
-        if self._fid is None:
-            self._fid = DigitsFID(self.cfg.data.size)
-        teacher = self.as_teacher()
-        out: dict[str, float] = {}
-        for k in ev.teacher_steps or (50,):
-            out.update(self._fid.score(lambda e, c, k=k: ddim_sample(teacher, e, c, k), ev, teacher.sample_shape,
-                                       teacher.num_classes, f"teacher_ddim{k}", self.alphas_cumprod.device,
-                                       self.prompts))
-        return out
 
     def export(self, run_dir: Path) -> None:
         """``RUN/teacher`` (pipeline layout; EMA weights when kept) and ``RUN/prompts.txt``."""
