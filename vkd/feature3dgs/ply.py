@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vkd.errors import DataError
+from vkd.render.sh import num_sh_bases
 
 __all__ = ["write_ply", "read_ply", "gaussian_ply_properties", "validate_gaussian_ply", "read_gaussian_ply"]
 
@@ -120,8 +121,7 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
                 data.dtype.names}
 
 
-_GAUSSIAN_BASE = ("x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
-                  "rot_0", "rot_1", "rot_2", "rot_3")
+_NORMALS = ("nx", "ny", "nz")
 
 
 def gaussian_ply_properties(sh_degree: int) -> list[str]:
@@ -132,7 +132,7 @@ def gaussian_ply_properties(sh_degree: int) -> list[str]:
     """
     if sh_degree < 0:
         raise ValueError(f"sh_degree must be >= 0, got {sh_degree}")
-    num_rest = 3 * ((sh_degree + 1) ** 2 - 1)
+    num_rest = 3 * (num_sh_bases(sh_degree) - 1)
     return (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
             + [f"f_rest_{i}" for i in range(num_rest)]
             + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"])
@@ -157,13 +157,14 @@ def validate_gaussian_ply(table: dict[str, np.ndarray], source: str | Path = "PL
     rest_ids = sorted(int(k[len("f_rest_"):]) for k in table if k.startswith("f_rest_") and k[7:].isdigit())
     num_rest = rest_ids[-1] + 1 if rest_ids else 0
     present = set(rest_ids)
-    missing = [k for k in _GAUSSIAN_BASE if k not in table]
+    # every property of the degree-0 layout but the normals (3DGS writes zeros there and never reads them)
+    missing = [k for k in gaussian_ply_properties(0) if k not in table and k not in _NORMALS]
     missing += [f"f_rest_{i}" for i in range(num_rest) if i not in present]  # gaps: f_rest must be 0..n-1
     if missing:
         raise DataError(f"{source}: not a 3DGS PLY, missing vertex properties: {', '.join(missing)}")
     bases = num_rest // 3 + 1  # K = (d + 1)^2 SH bases per channel
     degree = math.isqrt(bases) - 1
-    if num_rest % 3 or (degree + 1) ** 2 != bases:
+    if num_rest % 3 or num_sh_bases(degree) != bases:
         raise DataError(f"{source}: {num_rest} f_rest_* properties match no SH degree "
                         "(expected 3 * ((d + 1)^2 - 1): 0, 9, 24, 45, ...)")
     return degree
@@ -195,7 +196,7 @@ def read_gaussian_ply(path: str | Path) -> tuple[dict[str, np.ndarray], int]:
     def cols(names: list[str]) -> np.ndarray:
         return np.stack([np.asarray(table[k], dtype=np.float32) for k in names], 1)  # [G, len(names)]
 
-    rest = 3 * ((degree + 1) ** 2 - 1)
+    rest = 3 * (num_sh_bases(degree) - 1)
     # channel-major [G, 3, K-1] on disk -> the field's [G, K-1, 3]
     sh_rest = (cols([f"f_rest_{i}" for i in range(rest)]).reshape(n, 3, -1).transpose(0, 2, 1).copy() if rest
                else np.zeros((n, 0, 3), dtype=np.float32))
