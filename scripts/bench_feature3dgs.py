@@ -19,6 +19,7 @@ Usage::
 
     .venv/bin/python scripts/bench_feature3dgs.py [--fresh] [--output-dir runs/bench] [--json FILE]
         [--threads 1] [--fps-threads 1,2] [--set train.steps=1000 ...] [--skip-train]
+    .venv/bin/python scripts/bench_feature3dgs.py --lift ...   # lifting vs training (bench_feature3dgs_lift.py)
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def fps_table(field: GaussianField, scene, size: int, repeats: int, teacher_dim:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if "--lift" in (argv if argv is not None else sys.argv[1:]):  # lifting vs training: its own benchmark
+        from bench_feature3dgs_lift import main as lift_main
+
+        return lift_main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", default="runs/bench", help="run.output_dir of the benchmark run")
     ap.add_argument("--name", default="bench", help="run.name")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import textwrap
 
+import torch
+
 from vkd.config import load_config
 from vkd.feature3dgs.config import Feature3DGSConfig
+from vkd.feature3dgs.distiller import build_field
+from vkd.feature3dgs.model import GaussianField
+
+TEACHER_DIM = 6  # the stub teacher's width
 
 # A text-aligned stand-in teacher: per-patch colour features, and "text" embeddings of the colour words. It is
 # imported through teacher.target exactly like a user's plug-in (the stub_teacher fixture writes it).
@@ -48,3 +54,19 @@ def tiny_cfg(tmp_path, name="tiny", extra=()):
         "eval.fps_repeats=1", "compute.cpu_threads=1", *extra,
     ]
     return load_config(Feature3DGSConfig, None, over, task="feature3dgs")
+
+
+def trained_like(cfg, scene, seed: int) -> GaussianField:
+    """The scene's point init with every geometry and colour parameter perturbed: a stand-in for a trained scene."""
+    field = build_field(cfg, scene, TEACHER_DIM)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        p = field.params
+        p["scales"].add_(0.3 * torch.randn(p["scales"].shape, generator=g))
+        p["quats"].copy_(torch.randn(p["quats"].shape, generator=g))
+        p["opacities"].copy_(torch.randn(p["opacities"].shape, generator=g))
+        p["sh0"].add_(0.3 * torch.randn(p["sh0"].shape, generator=g))
+        if "shN" in p:
+            p["shN"].copy_(0.3 * torch.randn(p["shN"].shape, generator=g))
+    field.active_sh_degree = field.sh_degree
+    return field.eval()

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from f3d_helpers import tiny_cfg
+from f3d_helpers import TEACHER_DIM, trained_like, tiny_cfg
 from plyfile import PlyData, PlyElement
 
 from vkd.cli import main
@@ -21,28 +21,9 @@ from vkd.feature3dgs.export import export_ply
 from vkd.feature3dgs.model import GaussianField
 from vkd.feature3dgs.ply import read_ply, write_ply
 
-TEACHER_DIM = 6  # the stub teacher's width
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)  # the CPU rasterizer's small ops; conftest restores the count
-
-
-def _trained_like(cfg, scene, seed: int) -> GaussianField:
-    """The scene's point init with every geometry and colour parameter perturbed: a stand-in for a trained scene."""
-    field = build_field(cfg, scene, TEACHER_DIM)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        p = field.params
-        p["scales"].add_(0.3 * torch.randn(p["scales"].shape, generator=g))
-        p["quats"].copy_(torch.randn(p["quats"].shape, generator=g))
-        p["opacities"].copy_(torch.randn(p["opacities"].shape, generator=g))
-        p["sh0"].add_(0.3 * torch.randn(p["sh0"].shape, generator=g))
-        if "shN" in p:
-            p["shN"].copy_(0.3 * torch.randn(p["shN"].shape, generator=g))
-    field.active_sh_degree = field.sh_degree
-    return field.eval()
 
 
 def _inria_names(sh_degree: int) -> list[str]:
@@ -57,7 +38,7 @@ def _inria_names(sh_degree: int) -> list[str]:
 def test_export_then_import_renders_identically(tmp_path, sh_degree):
     cfg = tiny_cfg(tmp_path, extra=[f"model.sh_degree={sh_degree}"])
     scene = prepare_scene(cfg)
-    source = _trained_like(cfg, scene, seed=sh_degree)
+    source = trained_like(cfg, scene, seed=sh_degree)
     path = export_ply(source, tmp_path / "trained.ply")
     imported = build_field(tiny_cfg(tmp_path, extra=[f"model.sh_degree={sh_degree}", f"model.init_ply={path}"]),
                            scene, TEACHER_DIM)
@@ -135,7 +116,7 @@ def test_count_gaussians_in_views_counts_centres_inside_an_image():
 def test_freeze_geometry_trains_features_and_decoder_only(tmp_path, stub_teacher):
     cfg = tiny_cfg(tmp_path, "source")
     scene = prepare_scene(cfg)
-    path = export_ply(_trained_like(cfg, scene, seed=1), tmp_path / "trained.ply")
+    path = export_ply(trained_like(cfg, scene, seed=1), tmp_path / "trained.ply")
     common = [f"model.init_ply={path}", "train.steps=3", "train.checkpoint_every=3", "train.log_every=1"]
     assert "freeze_geometry" not in {f.name for f in fields(TrainConfig)}  # not in the shared class
 
@@ -167,7 +148,7 @@ def test_bad_init_ply_is_one_line_and_exit_code_2(tmp_path, capsys):
     scene = prepare_scene(cfg)
     config = tmp_path / "tiny.yaml"
     config.write_text(dump_config(cfg))
-    table = read_ply(export_ply(_trained_like(cfg, scene, seed=2), tmp_path / "good.ply"))
+    table = read_ply(export_ply(trained_like(cfg, scene, seed=2), tmp_path / "good.ply"))
     n = len(table["x"])
 
     missing = write_ply(tmp_path / "missing.ply", {k: v for k, v in table.items() if k not in ("opacity", "rot_3")})

@@ -4,8 +4,8 @@ Parts: ``data`` (scene formats table: COLMAP, transforms.json; ``prepare_scene``
 generator), ``teacher`` (teacher kinds table, ``prepare_teacher``), ``maskclip`` (dense CLIP features),
 ``feature_cache`` (fp16 memory-mapped teacher maps), ``feature_files`` (per-image feature files:
 ``teacher.kind=files``, ``vkd features``), ``model`` (Gaussians + 1x1 decoder), ``losses``, ``distiller``
-(the training task), ``runs`` (reopen a run), ``evaluate``, ``query`` (text queries, editing), ``render``,
-``export``, ``commands`` (CLI adapters), ``demo``.
+(the training task), ``lift`` (training-free lifting onto a trained 3DGS scene: ``vkd lift``), ``runs`` (reopen a
+run), ``evaluate``, ``query`` (text queries, editing), ``render``, ``export``, ``commands`` (CLI adapters), ``demo``.
 """
 
 from pathlib import Path
@@ -65,5 +65,25 @@ METHOD = MethodSpec(
   vkd features --scene /data/garden --teacher callable --set teacher.target=my_pkg.sam:dense --out feats/
   vkd distill feature3dgs --config colmap_vitb16 --set data.path=/data/garden \\
       --set teacher.kind=files --set teacher.features_dir=/data/garden/clip --set teacher.text_encoder=open_clip"""),
+        VerbSpec(
+            name="lift", help="training-free feature field: average a teacher's maps onto a trained 3DGS scene",
+            args=(Arg("--scene", required=True, help="scene directory (COLMAP, transforms.json) or 'synthetic'"),
+                  Arg("--ply", required=True, help="the trained 3DGS scene: a standard 3DGS PLY (model.init_ply)"),
+                  Arg("--features", default=None, metavar="DIR", group="source",
+                      help="per-image feature files (teacher.kind=files; <stem>.npy/.pt/.safetensors)"),
+                  Arg("--teacher", default=None, metavar="KIND", group="source",
+                      help="or a built-in teacher: maskclip, tiny_clip, callable (with --set teacher.target=...)"),
+                  Arg("--config", default=None, metavar="FILE|PRESET",
+                      help="YAML file or feature3dgs preset (default: the config defaults)"),
+                  Arg("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set model.render_dim=64 (repeatable)"),
+                  Arg("--out", required=True, type=Path, help="run directory to write (rerun to resume)")),
+            run=Ref("vkd.feature3dgs.commands:lift_command"),
+            examples="""examples:
+  vkd lift --scene /data/garden --ply /models/garden/point_cloud/iteration_30000/point_cloud.ply \\
+      --features /data/garden/clip --set teacher.text_encoder=open_clip --out runs/lift/garden
+  vkd lift --scene synthetic --ply runs/feature3dgs/synthetic/export/point_cloud.ply --teacher auto \\
+      --config synthetic --out runs/lift/synthetic
+  vkd eval feature3dgs --run runs/lift/synthetic && vkd render --run runs/lift/synthetic --query "red sphere" --extract"""),
     ),
 )

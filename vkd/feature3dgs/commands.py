@@ -15,7 +15,7 @@ from vkd.feature3dgs.evaluate import evaluate_run
 from vkd.feature3dgs.render import render_run
 from vkd.feature3dgs.teacher import export_teacher_features
 
-__all__ = ["run", "evaluate", "render", "render_command", "features_command"]
+__all__ = ["run", "evaluate", "render", "render_command", "features_command", "lift_command"]
 
 
 def run(cfg: Feature3DGSConfig, resume: str | None = None) -> dict:
@@ -62,3 +62,18 @@ def features_command(args: argparse.Namespace) -> dict:
     overrides = [*args.overrides, f"data.path={args.scene}", f"teacher.kind={args.teacher}"]
     cfg = load_config(Feature3DGSConfig, path, overrides, task="feature3dgs")
     return export_teacher_features(cfg, args.out)
+
+
+def lift_command(args: argparse.Namespace) -> dict:
+    """``vkd lift --scene DIR --ply PLY (--features DIR | --teacher KIND) --out RUN``: training-free lifting."""
+    from vkd.feature3dgs.lift import lift  # on use: keeps `vkd --help` light
+
+    if not args.features and not args.teacher:
+        raise UserError("vkd lift needs the features: --features DIR (feature files) or --teacher KIND")
+    path = find_preset("feature3dgs", args.config) if args.config else None
+    teacher = ["teacher.kind=files", f"teacher.features_dir={args.features}"] if args.features else \
+        [f"teacher.kind={args.teacher}"]
+    overrides = [f"data.path={args.scene}", f"model.init_ply={args.ply}", "train.freeze_geometry=true", *teacher,
+                 *args.overrides]
+    cfg = load_config(Feature3DGSConfig, path, overrides, task="feature3dgs")
+    return lift(cfg, args.out)

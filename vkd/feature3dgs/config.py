@@ -27,6 +27,7 @@ __all__ = [
     "EvalConfig",
     "QueryConfig",
     "ComputeConfig",
+    "LiftConfig",
     "Feature3DGSTrainConfig",
     "Feature3DGSConfig",
     "cache_root",
@@ -287,6 +288,16 @@ class ComputeConfig:
 
 
 @dataclass
+class LiftConfig:
+    """Training-free lifting (``vkd lift``, :mod:`vkd.feature3dgs.lift`)."""
+
+    save_every: int = 10  # views per batch: the sums are saved (resumable) and, on several processes, reduced
+
+    def __post_init__(self) -> None:
+        check_positive(self, ["save_every"])
+
+
+@dataclass
 class Feature3DGSTrainConfig(TrainConfig):
     """The shared training options plus Feature 3DGS's own."""
 
@@ -315,6 +326,7 @@ class Feature3DGSConfig(TaskConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    lift: LiftConfig = field(default_factory=LiftConfig)
 
     def __post_init__(self) -> None:
         if self.train.freeze_geometry and self.densify.enabled:

@@ -54,6 +54,10 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.manifest.get("files", []))
 
+    def map_shape(self, index: int) -> tuple[int, int, int]:
+        """``(C, h, w)`` of image ``index``'s map (the file header only)."""
+        return tuple(np.load(self.file(index), mmap_mode="r").shape)
+
     def get(self, index: int) -> Tensor:
         """Features of image ``index`` as float32 ``[C, h, w]`` (only this file is read)."""
         arr = np.load(self.file(index), mmap_mode="r")

@@ -1,6 +1,8 @@
 """vkd.render: the shared Gaussian rasterizer (torch and gsplat backends), 2D splats and cameras.
 
 * :func:`rasterization` — gsplat-compatible 3D Gaussian rasterization (``backend="auto" | "torch" | "gsplat"``).
+* :func:`rasterization_adjoint` — its transpose for plain colours, ``Σ_p w_i(p)·g(p)`` per Gaussian (torch backend;
+  feature lifting).
 * :func:`splat_points_2d` — additive 2D Gaussian splats (density maps) matching ``scipy.ndimage.gaussian_filter``.
 * :mod:`vkd.render.cameras` — look-at / orbit / spiral paths, intrinsics from FOV, pose conventions.
 * :mod:`vkd.render.sh` — spherical harmonics in gsplat's convention.
@@ -26,7 +28,7 @@ from vkd.render.cameras import (
     viewmat_to_c2w,
     viewmat_to_nerf_synthetic,
 )
-from vkd.render.rendering import rasterization
+from vkd.render.rendering import rasterization, rasterization_adjoint
 from vkd.render.sh import eval_sh, rgb_to_sh, sh_to_color, sh_to_rgb
 from vkd.render.splat2d import (
     gaussian_kernel_1d,
@@ -37,6 +39,7 @@ from vkd.render.splat2d import (
 from vkd.render.torch_backend import project_gaussians, quat_to_rotmat
 
 __all__ = [
+    "rasterization_adjoint",
     "rasterization",
     "project_gaussians",
     "quat_to_rotmat",

@@ -15,9 +15,15 @@ from torch import Tensor
 
 from vkd.render import gsplat_backend as _gs
 from vkd.render.sh import sh_to_color
-from vkd.render.torch_backend import TORCH_TILE_SIZE, build_tile_schedule, composite_tiles, project_gaussians
+from vkd.render.torch_backend import (
+    TORCH_TILE_SIZE,
+    build_tile_schedule,
+    composite_adjoint,
+    composite_tiles,
+    project_gaussians,
+)
 
-__all__ = ["rasterization", "RENDER_MODES", "RASTERIZE_MODES", "BACKENDS"]
+__all__ = ["rasterization", "rasterization_adjoint", "RENDER_MODES", "RASTERIZE_MODES", "BACKENDS"]
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 RASTERIZE_MODES = ("classic", "antialiased")
@@ -400,3 +406,46 @@ def _torch_rasterization(
         "backend": "torch",
     }
     return img, alpha, meta
+
+
+@torch.no_grad()
+def rasterization_adjoint(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    viewmats: Tensor,  # [C, 4, 4]
+    Ks: Tensor,  # [C, 3, 3]
+    grad: Tensor,  # [C, H, W, D]
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    eps2d: float = 0.3,
+    rasterize_mode: Literal["classic", "antialiased"] = "classic",
+) -> Tensor:
+    """``Σ_c Σ_p w_i(c, p)·grad(c, p)`` for every Gaussian i: the transpose of rendering plain colours, ``[N, D]``.
+
+    ``w_i = α_i·T_i`` are the blending weights of the torch backend's ``rasterization`` (same projection, culling,
+    tiles and early stop), so the result equals the colour gradient of ``(rasterization(...)[0] * grad).sum()``
+    for shared ``[N, D]`` colours without a background (the test oracle), at the cost of one pass over the tiles
+    that composites nothing. Feature lifting (``vkd lift``) uses it with ``grad`` = the teacher's map.
+
+    Args:
+        means, quats, scales, opacities, viewmats, Ks, near_plane, far_plane, radius_clip, eps2d, rasterize_mode:
+            as :func:`rasterization`.
+        grad: ``[C, H, W, D]`` the per-pixel values to splat back (the image size is its ``H x W``).
+
+    Returns:
+        ``[N, D]`` in the dtype of ``means``.
+    """
+    C = viewmats.shape[0]
+    if grad.ndim != 4 or grad.shape[0] != C:
+        raise ValueError(f"grad must be [C, H, W, D] with C={C}, got {_shape(grad)}")
+    height, width = int(grad.shape[1]), int(grad.shape[2])
+    dtype = means.dtype
+    proj = project_gaussians(means, quats, scales, opacities, viewmats.to(dtype), Ks.to(dtype), width, height,
+                             near_plane=near_plane, far_plane=far_plane, radius_clip=radius_clip, eps2d=eps2d,
+                             antialiased=rasterize_mode == "antialiased")
+    sched = build_tile_schedule(proj["means2d"], proj["radii"], proj["depths"], width, height, TORCH_TILE_SIZE,
+                                conics=proj["conics"], opacities=proj["opacities"])
+    return composite_adjoint(proj["means2d"], proj["conics"], proj["opacities"], sched, grad)

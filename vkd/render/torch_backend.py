@@ -51,7 +51,8 @@ CHUNK = 64
 # Blocks kept from the forward for the backward pass (w and α/(1-α)): at most this many elements each.
 SAVE_MAX_ELEMENTS = 1 << 25
 
-__all__ = ["project_gaussians", "quat_to_rotmat", "build_tile_schedule", "composite_tiles", "TileSchedule"]
+__all__ = ["project_gaussians", "quat_to_rotmat", "build_tile_schedule", "composite_tiles", "composite_adjoint",
+           "TileSchedule"]
 
 
 def quat_to_rotmat(quats: Tensor) -> Tensor:
@@ -496,6 +497,7 @@ class _Composite(torch.autograd.Function):
         g_coefs = torch.zeros(M + 1, 6, dtype=dtype, device=device)
         g_fe = torch.zeros(Fn + 1, D + 1, dtype=dtype, device=device)
         phi_t = phi.t()
+        geometry = ctx.needs_input_grad[0]  # False when only the colours train (frozen geometry, feature lifting)
         for i, item in enumerate(sched.items):
             tiles, G, p0, p1, _ = item
             if blocks is not None:
@@ -517,6 +519,10 @@ class _Composite(torch.autograd.Function):
                 fidx = fpad.index_select(0, flat)
                 fb = fe_pad.index_select(0, fidx).view(b, g, D + 1)
                 gg = g_all if rows is None else g_all.index_select(0, rows)
+                g_f = torch.bmm(w.transpose(1, 2), gg)  # [b, g, D+1]
+                g_fe.index_add_(0, fidx, g_f.reshape(-1, D + 1))
+                if not geometry:
+                    continue
                 # v_k = ∂L/∂w_k = g_c·f_k + g_alpha
                 vw = torch.bmm(gg, fb.transpose(1, 2)).mul_(w)  # [b, P', g]
                 cs = torch.cumsum(vw, -1)
@@ -534,13 +540,11 @@ class _Composite(torch.autograd.Function):
                 else:
                     s_run.index_add_(0, rows, tot)
                 g_k = torch.matmul(phi_t[:, p0:p1], gn)  # [b, 6, g]
-                g_f = torch.bmm(w.transpose(1, 2), gg)  # [b, g, D+1]
                 if p0 == 0 and p1 == P:
                     g_coefs.index_copy_(0, flat, g_k.transpose(1, 2).reshape(-1, 6))
                 else:
                     g_coefs.index_add_(0, flat, g_k.transpose(1, 2).reshape(-1, 6))
-                g_fe.index_add_(0, fidx, g_f.reshape(-1, D + 1))
-        return g_coefs[:M], g_fe[:Fn, :D], None, None, None
+        return (g_coefs[:M] if geometry else None), g_fe[:Fn, :D], None, None, None
 
 
 def _padded_inputs(coefs: Tensor, feats: Tensor, pair_feat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -576,6 +580,63 @@ def composite_tiles(
     ts, tw, th = sched.tile_size, sched.tile_width, sched.tile_height
     dtype, device = means2d.dtype, means2d.device
     pg = sched.pair_gauss
+    coefs = _pair_coefs(means2d, conics, opacities, sched)  # [M, 6]
+    if feats.dim() == 3:
+        ff, pair_feat = feats.reshape(C * N, D), pg
+    else:
+        ff, pair_feat = feats, pg % N
+    phi = _pixel_features(ts, dtype, device)
+    out = _Composite.apply(coefs, ff, pair_feat, sched, phi)  # [C*TH*TW, P, D+1]
+    img = out.view(C, th, tw, ts, ts, D + 1).permute(0, 1, 3, 2, 4, 5).reshape(C, th * ts, tw * ts, D + 1)
+    img = img[:, :height, :width]
+    return img[..., :D], img[..., D:]
+
+
+@torch.no_grad()
+def composite_adjoint(
+    means2d: Tensor,  # [C, N, 2]
+    conics: Tensor,  # [C, N, 3]
+    opacities: Tensor,  # [C, N]
+    sched: TileSchedule,
+    grad: Tensor,  # [C, H, W, D]
+) -> Tensor:
+    """The transpose of compositing: ``Σ_p w_g(p)·grad(p)`` per Gaussian, ``[N, D]`` (summed over the C images).
+
+    Equal to the colour gradient of :func:`composite_tiles` for shared ``[N, D]`` colours and an output gradient
+    ``grad`` (the test oracle), but it walks the tiles once, without compositing any colour: the per-chunk weights
+    ``w [b, P, g]`` times the tiles' ``grad`` rows, scattered into the Gaussians. Memory: ``[N, D]`` plus ``grad``
+    re-tiled, plus one block.
+    """
+    C, N = opacities.shape
+    D = grad.shape[-1]
+    ts, tw, th = sched.tile_size, sched.tile_width, sched.tile_height
+    dtype, device = means2d.dtype, means2d.device
+    H, W = grad.shape[1:3]
+    padded = grad.new_zeros(C, th * ts, tw * ts, D)
+    padded[:, :H, :W] = grad.to(dtype)
+    tiles_grad = padded.view(C, th, ts, tw, ts, D).permute(0, 1, 3, 2, 4, 5).reshape(C * th * tw, ts * ts, D)
+    del padded
+    coefs = _pair_coefs(means2d, conics, opacities, sched)  # [M, 6]
+    M = coefs.shape[0]
+    kpad = torch.cat([coefs, torch.tensor([[0, 0, 0, 0, 0, -math.inf]], dtype=dtype, device=device)], 0)
+    gauss = torch.cat([sched.pair_gauss % N, sched.pair_gauss.new_full((1,), N)], 0)  # [M+1] padding → row N
+    out = torch.zeros(N + 1, D, dtype=dtype, device=device)
+    phi = _pixel_features(ts, dtype, device)
+    for item in sched.items:
+        tiles, _, p0, p1, _ = item
+        g_tiles = tiles_grad[tiles, p0:p1]  # [B, P', D]
+        for rows, idx, w, _, _ in _chunks(sched, item, M, kpad, phi, keep=False):
+            gg = g_tiles if rows is None else g_tiles.index_select(0, rows)
+            contrib = torch.bmm(w.transpose(1, 2), gg)  # [b, g, D]
+            out.index_add_(0, gauss.index_select(0, idx.reshape(-1)), contrib.reshape(-1, D))
+    return out[:N]
+
+
+def _pair_coefs(means2d: Tensor, conics: Tensor, opacities: Tensor, sched: TileSchedule) -> Tensor:
+    """``[M, 6]`` coefficients ``k`` of the tile-local exponent ``n = φ·k`` of every (tile, Gaussian) pair."""
+    ts, tw, th = sched.tile_size, sched.tile_width, sched.tile_height
+    dtype = means2d.dtype
+    pg = sched.pair_gauss
     t_local = sched.pair_tile % (tw * th)
     # Tile centres of each pair, in pixels.
     tcx = (t_local % tw).to(dtype) * ts + ts / 2.0
@@ -590,15 +651,6 @@ def composite_tiles(
     au_bv = a * u + b * v
     bu_cv = b * u + c * v
     # n(x, y) = log o - σ, σ = ½a(x-u)² + b(x-u)(y-v) + ½c(y-v)²
-    coefs = torch.stack(
+    return torch.stack(
         [-0.5 * a, -b, -0.5 * c, au_bv, bu_cv, lo - 0.5 * (u * au_bv + v * bu_cv)], dim=-1
     )  # [M, 6]
-    if feats.dim() == 3:
-        ff, pair_feat = feats.reshape(C * N, D), pg
-    else:
-        ff, pair_feat = feats, pg % N
-    phi = _pixel_features(ts, dtype, device)
-    out = _Composite.apply(coefs, ff, pair_feat, sched, phi)  # [C*TH*TW, P, D+1]
-    img = out.view(C, th, tw, ts, ts, D + 1).permute(0, 1, 3, 2, 4, 5).reshape(C, th * ts, tw * ts, D + 1)
-    img = img[:, :height, :width]
-    return img[..., :D], img[..., D:]
