@@ -76,6 +76,11 @@ class TrainConfig:
     num_workers: int = 0
     detect_anomaly: bool = False  # torch.autograd anomaly detection, for debugging only
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Model selection: a validation metric of the task (DistillationTask.validation_metrics, measured on a split
+    # carved from the training data, never the test split) checked at every checkpoint step; the best weights are
+    # kept in <run>/best and exported. "" disables it.
+    select_best: str = ""
+    select_mode: Literal["min", "max"] = "min"
 
     def __post_init__(self) -> None:
         check_positive(self, ["steps", "batch_size", "grad_accum", "log_every", "checkpoint_every"])

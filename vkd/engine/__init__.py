@@ -2,6 +2,8 @@
 
 from vkd.engine.checkpoint import (
     latest_checkpoint,
+    read_best,
+    selected_checkpoint,
     list_checkpoints,
     load_checkpoint_weights,
     load_training_state,
@@ -25,6 +27,8 @@ __all__ = [
     "load_checkpoint_weights",
     "with_final_ema",
     "load_training_state",
+    "read_best",
+    "selected_checkpoint",
     "native_bf16",
     "resolve_mixed_precision",
     "save_checkpoint",

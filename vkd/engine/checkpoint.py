@@ -7,6 +7,10 @@ Layout of ``checkpoints/checkpoint-{step}/``::
     training_state.pt      # optimizers, schedulers, RNG states, task extra state: loaded weights_only=True
     meta.json              # step, sha256 of every file above; written last, so its presence marks completeness
 
+With ``train.select_best`` the run also keeps ``best/`` (the same layout, without optimizer state, plus ``metric``,
+``value`` and ``mode`` in ``meta.json``): the weights of the step whose validation metric was best so far
+(:func:`save_best`, :func:`read_best`; :func:`selected_checkpoint` is what evaluation and export should read).
+
 A checkpoint is assembled in a hidden temporary directory and renamed into place, so a crash or a full
 disk never leaves a half-written ``checkpoint-{step}`` and never touches the previous one. Old
 checkpoints are likewise renamed to a hidden name before they are deleted, so a process killed while
@@ -49,9 +53,14 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "CheckpointWriteError",
+    "BEST_DIR",
+    "save_best",
+    "read_best",
+    "selected_checkpoint",
 ]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+BEST_DIR = "best"  # <run>/best: the selected weights (train.select_best)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -285,3 +294,61 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
         raise DataError(f"checkpoint {path} has no training_state.pt") from None
     except Exception as err:  # UnpicklingError for anything beyond tensors and containers
         raise DataError(f"refusing to load {file}: {str(err).splitlines()[0]}") from None
+
+
+def save_best(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], extra: dict[str, Any],
+              metric: str, value: float, mode: str) -> Path:
+    """Write ``<run_dir>/best`` atomically (weights, ``training_state.pt`` with the task's extra state only,
+    ``meta.json`` with the metric), replacing the previous best only once the new one is complete.
+
+    Raises:
+        CheckpointWriteError: if it could not be written; the previous ``best/`` is intact.
+    """
+    run_dir = Path(run_dir)
+    final = run_dir / BEST_DIR
+    tmp = run_dir / f".tmp-{BEST_DIR}-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(_plain_tensors(model_state), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+        torch.save({"step": step, "extra": extra}, tmp / "training_state.pt")
+        files = {}
+        for name in ("model.safetensors", "training_state.pt"):
+            _fsync(tmp / name)
+            files[name] = _sha256(tmp / name)
+        meta = {"step": step, "time": time.time(), "files": files, "metric": metric, "value": float(value),
+                "mode": mode}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        _fsync(tmp / "meta.json")
+        if final.exists():
+            old = run_dir / f".old-{BEST_DIR}-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        _fsync(run_dir)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write {final}: {err}") from err
+    return final
+
+
+def read_best(run_dir: str | Path) -> dict[str, Any] | None:
+    """``best/meta.json`` of a run (step, metric, value, mode), or ``None`` when it keeps no best."""
+    path = Path(run_dir) / BEST_DIR / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        raise DataError(f"{path} is corrupt") from None
+
+
+def selected_checkpoint(run_dir: str | Path) -> Path | None:
+    """The weights a run's evaluation and export use: ``best/`` when the run selects one, else the latest."""
+    run_dir = Path(run_dir)
+    if read_best(run_dir) is not None:
+        return run_dir / BEST_DIR
+    return latest_checkpoint(run_dir)

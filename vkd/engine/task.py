@@ -55,6 +55,8 @@ class DistillationTask(nn.Module):
     frozen_modules: tuple[str, ...] = ("teacher",)
     find_unused_parameters: bool = False
     manual_gradient_sync: bool = False
+    # Names of the metrics validate() returns (train.select_best must be one of them); () = no validation split.
+    validation_metrics: tuple[str, ...] = ()
 
     # ---- required -------------------------------------------------------------------------------
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
@@ -94,6 +96,11 @@ class DistillationTask(nn.Module):
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Periodic/final evaluation on the main process; returned scalars go to metrics and summary."""
+        return {}
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Metrics on the validation split (carved from the training data) for ``train.select_best``; main
+        process. Tasks that have one declare its metric names in ``validation_metrics``."""
         return {}
 
     def save_samples(self, step: int, out_dir: Path) -> None:

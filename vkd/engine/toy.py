@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from vkd.config import TaskConfig, TrainConfig, load_config
-from vkd.engine.checkpoint import latest_checkpoint, load_checkpoint_weights
+from vkd.data.splits import carve_validation
+from vkd.engine.checkpoint import load_checkpoint_weights, selected_checkpoint
 from vkd.engine.task import DistillationTask
 from vkd.engine.trainer import train_task
 from vkd.errors import ConfigError, DataError
@@ -39,6 +40,7 @@ class ToyDataConfig:
     num_train: int = 512
     num_test: int = 256
     data_seed: int = 7
+    val_split: float = 0.0  # fraction (or count) of the training inputs held out for train.select_best ("val_mse")
 
 
 @dataclass
@@ -93,6 +95,9 @@ class ToyTask(DistillationTask):
         self.student = _mlp(cfg.model.in_dim, cfg.model.student_hidden, cfg.model.out_dim)
         torch.random.set_rng_state(gen_state)
         self.test_inputs = make_toy_data(cfg, "test").tensors[0]
+        _, val = carve_validation(cfg.data.num_train, cfg.data.val_split, cfg.data.data_seed)
+        self.val_inputs = make_toy_data(cfg, "train").tensors[0][val]  # [V, in_dim]
+        self.validation_metrics = ("val_mse",) if val else ()
 
     def forward(self, batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         x = batch[0]  # [B, in_dim]
@@ -111,14 +116,25 @@ class ToyTask(DistillationTask):
         x = self.test_inputs.to(next(self.student.parameters()).device)
         return {"test_mse": float(F.mse_loss(self.student(x), self.teacher(x)))}
 
+    @torch.no_grad()
+    def validate(self, step: int) -> dict[str, float]:
+        x = self.val_inputs.to(next(self.student.parameters()).device)
+        return {"val_mse": float(F.mse_loss(self.student(x), self.teacher(x)))} if len(x) else {}
+
+
+def train_split(cfg: ToyConfig) -> Subset:
+    """The training inputs minus the validation ones (``data.val_split``)."""
+    train, _ = carve_validation(cfg.data.num_train, cfg.data.val_split, cfg.data.data_seed)
+    return Subset(make_toy_data(cfg, "train"), train)
+
 
 def run(cfg: ToyConfig, resume: str | None = None) -> dict:
-    return train_task(cfg, ToyTask(cfg), make_toy_data(cfg, "train"), resume=resume)
+    return train_task(cfg, ToyTask(cfg), train_split(cfg), resume=resume)
 
 
 def evaluate(run_dir: Path, overrides: list[str], out_dir: Path | None = None) -> dict:
     cfg = load_config(ToyConfig, run_dir / "config.yaml", overrides, task="toy")
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = selected_checkpoint(run_dir)  # best/ when the run selected one
     if ckpt is None:
         raise DataError(f"{run_dir} has no checkpoint to evaluate")
     task = ToyTask(cfg)

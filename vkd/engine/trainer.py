@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -31,14 +32,17 @@ from tqdm.auto import tqdm
 
 from vkd.config import TaskConfig, TrainConfig, save_config
 from vkd.engine.checkpoint import (
+    BEST_DIR,
     CheckpointWriteError,
     latest_checkpoint,
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint_weights,
     load_training_state,
+    read_best,
     remove_stale,
     rng_state,
+    save_best,
     save_checkpoint,
     set_rng_state,
     verify_checkpoint,
@@ -46,7 +50,7 @@ from vkd.engine.checkpoint import (
 from vkd.engine.ema import EMA
 from vkd.engine.precision import resolve_mixed_precision
 from vkd.engine.task import DistillationTask
-from vkd.errors import DataError, NonFiniteError, TrainingInterrupted, UserError
+from vkd.errors import ConfigError, DataError, NonFiniteError, TrainingInterrupted, UserError
 
 __all__ = ["Trainer", "train_task", "GlobalBatchSampler", "step_seed", "seeded"]
 
@@ -295,6 +299,7 @@ class Trainer:
 
         if start_step >= cfg.steps:
             acc.print(f"checkpoint is at step {start_step} >= train.steps={cfg.steps}: nothing to train")
+        best = self._best_record(task, resume_path)
 
         manual_sync = task.manual_gradient_sync and acc.num_processes > 1
         if manual_sync:  # parameters change shape in training: DDP cannot hold them, sync by hand
@@ -354,6 +359,8 @@ class Trainer:
                         bar.update(1)
 
                     if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                        if cfg.select_best:  # before the checkpoint: a resume from it keeps this record
+                            best = self._validate(acc, unwrapped, ema, step, best, metrics_path, trackers)
                         last_ckpt = self._save(acc, unwrapped, optimizers, schedulers, ema, step) or last_ckpt
                     if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
                         self._samples(acc, unwrapped, ema, step)
@@ -372,8 +379,12 @@ class Trainer:
             if bar is not None:
                 bar.close()
 
-        self._samples(acc, unwrapped, ema, step)
-        eval_metrics = self._evaluate(acc, unwrapped, ema, step, metrics_path, trackers) or eval_metrics
+        final_ema = ema
+        if best is not None:  # samples, the final evaluation and the export are of the selected weights
+            unwrapped.load_checkpoint_state_dict(load_checkpoint_weights(self.run_dir / BEST_DIR))
+            final_ema = None  # best/ holds the weights that were validated (the EMA's, when there is one)
+        self._samples(acc, unwrapped, final_ema, step)
+        eval_metrics = self._evaluate(acc, unwrapped, final_ema, step, metrics_path, trackers) or eval_metrics
         if main:
             unwrapped.export(self.run_dir)
         if trackers:  # not acc.end_training(): it also destroys the process group
@@ -385,6 +396,9 @@ class Trainer:
             "mixed_precision": str(acc.mixed_precision),  # what train.mixed_precision=auto resolved to
             "checkpoint": str(last_ckpt) if last_ckpt else None, "world_size": world, "device": str(acc.device),
         }
+        if best is not None:
+            summary["best"] = {k: best[k] for k in ("step", "metric", "value", "mode")} | {
+                "path": str(self.run_dir / BEST_DIR)}
         if main:
             _write_json(self.run_dir / "summary.json", summary)
         acc.wait_for_everyone()
@@ -553,6 +567,65 @@ class Trainer:
             keep = f"; previous checkpoint intact: {previous[-1][1]}" if previous else ""
             raise UserError(error + keep)
         return path
+
+    def _best_record(self, task: DistillationTask, resume_path: Path | None) -> dict[str, Any] | None:
+        """The best validation record to continue from (``best/meta.json`` on resume), after checking the metric.
+
+        A fresh run drops a ``best/`` left by an earlier run in the same directory (``--overwrite``).
+        """
+        cfg = self.cfg
+        if resume_path is None and int(os.environ.get("RANK", "0")) == 0:
+            shutil.rmtree(self.run_dir / BEST_DIR, ignore_errors=True)  # not this run's: never evaluate or export it
+        if not cfg.select_best:
+            return None
+        if cfg.select_best not in task.validation_metrics:
+            offered = ", ".join(task.validation_metrics) or "none: the task has no validation split"
+            raise ConfigError(f"train.select_best={cfg.select_best!r} is not a validation metric of this task "
+                              f"({offered})")
+        if resume_path is None:
+            return None
+        best = read_best(self.run_dir)
+        if best is not None and (best.get("metric") != cfg.select_best or best.get("mode") != cfg.select_mode
+                                 or int(best.get("step", 0)) > int(verify_checkpoint(resume_path)["step"])):
+            # another metric or direction, or a best from after the resumed step: it is not this run's record
+            if int(os.environ.get("RANK", "0")) == 0:
+                shutil.rmtree(self.run_dir / BEST_DIR, ignore_errors=True)
+            return None
+        return best
+
+    def _validate(self, acc: Any, task: DistillationTask, ema: EMA | None, step: int, best: dict[str, Any] | None,
+                  metrics_path: Path, trackers: Any) -> dict[str, Any] | None:
+        """Validation metrics at ``step``; ``best/`` is rewritten when ``train.select_best`` improved."""
+        cfg = self.cfg
+        record = best
+        if acc.is_main_process:
+            with _maybe_ema(task, ema):
+                task.eval()
+                with torch.no_grad():
+                    metrics = {k: float(v) for k, v in (task.validate(step) or {}).items()}
+                if cfg.select_best not in metrics:
+                    raise RuntimeError(f"task.validate returned no {cfg.select_best!r} (it returned "
+                                       f"{', '.join(metrics) or 'nothing'})")
+                value = metrics[cfg.select_best]
+                _append_jsonl(metrics_path, {"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+                if trackers:
+                    acc.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+                better = best is None or (value < best["value"] if cfg.select_mode == "min" else value > best["value"])
+                if better and math.isfinite(value):
+                    try:
+                        save_best(self.run_dir, step, task.checkpoint_state_dict(), task.extra_state_dict(),
+                                  cfg.select_best, value, cfg.select_mode)
+                    except CheckpointWriteError as err:
+                        raise UserError(str(err)) from None
+                    record = {"step": step, "metric": cfg.select_best, "value": value, "mode": cfg.select_mode}
+        acc.wait_for_everyone()
+        if acc.num_processes > 1:  # every rank loads best/ at the end: they must agree that there is one
+            from accelerate.utils import broadcast_object_list
+
+            box = [record]
+            broadcast_object_list(box, from_process=0)
+            record = box[0]
+        return record
 
     def _samples(self, acc: Any, task: DistillationTask, ema: EMA | None, step: int) -> None:
         if acc.is_main_process:
