@@ -55,7 +55,7 @@ def _scene_gaussians(seed: int, n: int = 60):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grid", [(18, 24), (7, 9)])  # the render size itself, and a coarser teacher grid
+@pytest.mark.parametrize("grid", [(18, 24), (7, 9), (36, 10)])  # the render size, coarser, finer x coarser
 def test_lift_views_is_the_weighted_sum_of_the_resized_teacher_maps(grid):
     """Both routes (torch adjoint, autograd) = Σ_c Σ_p w_i(p)·[F̃(p); r(p)] over two views, with w_i from one-hot
     renders and F̃ = resizeᵀF, r = resizeᵀ1 spelt out through the resize's matrix."""

@@ -63,7 +63,7 @@ from vkd.feature3dgs.model import GaussianField
 from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, prepare_teacher, save_teacher_for_queries
 from vkd.render import rasterization, rasterization_adjoint
 
-__all__ = ["lift", "lift_views", "view_groups", "fit_lifted_field", "check_ply_matches_scene", "views_without_gaussians",
+__all__ = ["lift", "lift_views", "view_groups", "resize_transpose", "fit_lifted_field", "check_ply_matches_scene", "views_without_gaussians",
            "LIFT_DIR"]
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,9 @@ def lift_views(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, 
     if method == "adjoint" or (method == "auto" and torch_backend):
         # The torch backend's exact transpose (rasterization_adjoint): the gradient of step 2 without compositing
         # D+1 zero channels first, i.e. one pass over the tiles instead of a forward and a backward.
-        with torch.enable_grad():
-            probe = torch.zeros(C, D + 1, height, width, dtype=means.dtype, device=means.device, requires_grad=True)
-            (splat,) = torch.autograd.grad(resize_features(probe, grid), probe, weights)  # resizeᵀ: [C, D+1, H, W]
-        del probe
+        splat = resize_transpose(weights, height, width).permute(0, 2, 3, 1)  # [C, H, W, D+1]
         return rasterization_adjoint(means.detach(), quats.detach(), scales.detach(), opacities.detach(),
-                                     viewmats, Ks, splat.permute(0, 2, 3, 1),
-                                     rasterize_mode=rasterize_mode)  # [G, D+1]
+                                     viewmats, Ks, splat, rasterize_mode=rasterize_mode)  # [G, D+1]
     colors = torch.zeros(G, D + 1, dtype=means.dtype, device=means.device, requires_grad=True)  # [G, D+1]
     with torch.enable_grad():
         img, _, _ = rasterization(means.detach(), quats.detach(), scales.detach(), opacities.detach(), colors,
@@ -124,6 +120,27 @@ def lift_views(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, 
         rendered = resize_features(img.permute(0, 3, 1, 2), grid)  # [C, D+1, h, w]
         (grad,) = torch.autograd.grad((rendered * weights).sum(), colors)
     return grad  # [G, D+1]
+
+
+def _axis_matrix(src: int, dst: int, like: Tensor) -> Tensor:
+    """``[src, dst]``: :func:`resize_features` along one axis (bilinear is separable), read off the unit vectors."""
+    eye = torch.eye(src, dtype=like.dtype, device=like.device).reshape(src, 1, 1, src)
+    return resize_features(eye, (1, dst)).reshape(src, dst)
+
+
+def resize_transpose(maps: Tensor, height: int, width: int) -> Tensor:
+    """``resizeᵀ`` of :func:`resize_features` ``[H, W] -> [h, w]``: ``[C, K, h, w]`` maps to ``[C, K, H, W]``.
+
+    The resize is ``Mₕᵀ·X·M_w`` with the separable per-axis matrices, so its transpose is ``Mₕ·F·M_wᵀ``: two small
+    matrix products instead of autograd through an ``[C, K, H, W]`` probe.
+    """
+    h, w = maps.shape[-2:]
+    out = maps
+    if w != width:
+        out = out @ _axis_matrix(width, w, maps).T  # [C, K, h, W]
+    if h != height:
+        out = _axis_matrix(height, h, maps) @ out  # [C, K, H, W]
+    return out
 
 
 def view_groups(scene: Scene, views: Sequence[int], grid_of: Any, dim: int,
