@@ -34,8 +34,12 @@ EXAMPLES = {
   vkd eval toy --run runs/toy/default
   vkd eval skt --run runs/skt/synthetic --out runs/skt/synthetic/eval""",
     "fid": """examples:
-  vkd fid --real data/test_images --fake runs/boot/digits --extractor digits
-  vkd fid --real cifar10_train.npz --fake samples/ --extractor inception --inception-weights pt_inception.pth""",
+  vkd fid --real data/test_images --fake runs/boot/digits --extractor digits --num-fake 2000
+  vkd fid --real train_pngs/ --fake samples/ --metrics fid,kid,pr,is --weights pt_inception.pth \\
+          --save-stats train_ref.npz --out a.json
+  vkd fid --real train_ref.npz --fake samples/ --metrics fid,clip --prompts prompts.txt \\
+          --clip-weights ViT-L-14.pt --out b.json
+  vkd fid --compare a.json b.json""",
     "demo": """examples:
   vkd demo                       # all four methods on the embedded defaults, report in runs/demo/
   vkd demo --quick --out /tmp/demo""",
@@ -98,16 +102,43 @@ def build_parser() -> argparse.ArgumentParser:
             (groups[group] if group else p).add_argument(*arg.flags, **options)
         p.set_defaults(verb=verb)
 
-    p = add("fid", "Fréchet distance between two image sets (or reference statistics)")
-    p.add_argument("--real", required=True, help="image directory or reference statistics .npz")
-    p.add_argument("--fake", required=True, help="image directory, .npz, or a BOOT run directory")
-    p.add_argument("--extractor", default="inception",
-                   help="'inception' (standard FID), 'digits' (embedded, not Inception) or a model path")
-    p.add_argument("--inception-weights", default=None, metavar="PATH", help="local Inception weights (offline)")
+    p = add("fid", "generative metrics (FID, KID, precision/recall, IS, CLIP score, sFID) of a fake set against "
+                   "a real set or reference statistics")
+    p.add_argument("--real", default=None, metavar="DIR|NPZ", help="real image folder or reference statistics .npz")
+    p.add_argument("--fake", default=None, metavar="DIR|NPZ|RUN",
+                   help="generated image folder, statistics .npz, or a run folder (e.g. BOOT) to sample")
+    p.add_argument("--metrics", default="fid", metavar="LIST",
+                   help="comma-separated: fid,kid,pr,is,clip,sfid (default: fid)")
+    p.add_argument("--extractor", default="inception", metavar="NAME|PATH",
+                   help="inception (standard, default), dinov2, clip, digits (embedded, not Inception) or a "
+                        "TorchScript / vkd classifier path")
+    p.add_argument("--weights", "--inception-weights", dest="weights", default=None, metavar="PATH",
+                   help="the extractor's local weights: Inception .pth, DINOv2 Hugging Face folder, OpenAI CLIP .pt")
+    p.add_argument("--num-fake", type=int, default=None, metavar="N",
+                   help="fake images: samples drawn from a run (default 2000) or the first N files of a folder")
+    p.add_argument("--num-real", type=int, default=None, metavar="N", help="the first N real files (default: all)")
+    p.add_argument("--num", type=int, default=None, metavar="N", help="deprecated: the same as --num-fake")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of run folders (default 0)")
+    p.add_argument("--metric-seed", type=int, default=2020,
+                   help="seed of the KID subsets and the IS shuffle (default 2020, torch-fidelity's)")
+    p.add_argument("--kid-subsets", type=int, default=100, metavar="N", help="KID subsets (default 100)")
+    p.add_argument("--kid-subset-size", type=int, default=1000, metavar="N", help="KID subset size (default 1000)")
+    p.add_argument("--pr-k", type=int, default=3, metavar="K", help="precision/recall neighbourhood (default 3)")
+    p.add_argument("--is-splits", type=int, default=10, metavar="N", help="Inception Score splits (default 10)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="CLIP score prompts: one line per image (name order) or JSON {file name: prompt}")
+    p.add_argument("--clip-model", default="ViT-L-14-quickgelu", metavar="NAME",
+                   help="open_clip model of the CLIP score (default ViT-L-14-quickgelu, for OpenAI's ViT-L-14.pt), "
+                        "a model-config .json, or local-dir:DIR")
+    p.add_argument("--clip-weights", default=None, metavar="PATH", help="its local weights file")
+    p.add_argument("--save-stats", default=None, metavar="NPZ",
+                   help="write the real-set statistics (and features when KID/PR need them) to this .npz")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num", type=int, default=None, help="use at most N images of each set")
-    p.add_argument("--out", default=None, metavar="JSON", help="write the result as JSON")
+    p.add_argument("--workers", type=int, default=0, metavar="N", help="DataLoader workers reading image folders")
+    p.add_argument("--out", default=None, metavar="JSON", help="write the result and its protocol as JSON")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("A.json", "B.json"),
+                   help="compare two --out results; refused unless their protocols match")
 
     stages = [spec.name for spec in registry.demo_methods()]
     p = add("demo", f"run the {len(stages)} distillations on the embedded defaults and write a report")
@@ -177,13 +208,31 @@ def _cmd_verb(args: argparse.Namespace) -> int:
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from vkd.metrics.fid_command import (
-        fid_command,  # here, not at the top: it imports torch (`vkd --help` must not)
-    )
+    # here, not at the top: it imports torch (`vkd --help` must not)
+    from vkd.metrics.fid_command import compare_command, fid_command
 
-    result = fid_command(args.real, args.fake, args.extractor, args.inception_weights, args.batch_size, args.num,
-                         args.out, args.device, run_generators=registry.fid_generators())
-    print(f"FID ({result.get('extractor', args.extractor)}): {result['fid']:.4f}")
+    if args.compare:
+        if args.real or args.fake:
+            raise UserError("--compare A.json B.json takes no --real / --fake")
+        print(compare_command(*args.compare)["line"])
+        return 0
+    if not args.real or not args.fake:
+        raise UserError("vkd fid needs --real and --fake (or --compare A.json B.json)")
+    num_fake = args.num_fake
+    if args.num is not None:
+        if num_fake is not None:
+            raise UserError("--num is the deprecated name of --num-fake: give only --num-fake")
+        # kept so that existing commands run; it no longer truncates the real set as it once did
+        print("vkd: warning: --num is deprecated, use --num-fake (the real set is not truncated; see --num-real)",
+              file=sys.stderr)
+        num_fake = args.num
+    result = fid_command(args.real, args.fake, args.extractor, args.weights, args.batch_size, num_fake, args.out,
+                         args.device, args.seed, args.save_stats, registry.fid_generators(),
+                         metrics=args.metrics, num_real=args.num_real, kid_subsets=args.kid_subsets,
+                         kid_subset_size=args.kid_subset_size, pr_k=args.pr_k, is_splits=args.is_splits,
+                         metric_seed=args.metric_seed, prompts=args.prompts, clip_model=args.clip_model,
+                         clip_weights=args.clip_weights, num_workers=args.workers)
+    print(result["line"])
     for side in ("real", "fake"):  # unreadable images are skipped, never silently
         if result.get(f"skipped_{side}"):
             files = "; ".join(result.get(f"skipped_{side}_files", [])[:3])

@@ -150,7 +150,7 @@ def test_inception_download_failure_is_a_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError, match="--inception-weights"):
+    with pytest.raises(UserError, match="--weights PATH"):
         extractors.InceptionExtractor(None)
 
 
@@ -219,7 +219,7 @@ def test_fid_command_folders_npz_and_bad_input(tmp_path, toy_extractor):
     real = _write_images(tmp_path / "real", torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8, generator=gen))
     fake = _write_images(tmp_path / "fake", torch.randint(0, 200, (25, 3, 8, 8), dtype=torch.uint8, generator=gen))
     out = fid_command(str(real), str(fake), toy_extractor, None, 8, None, str(tmp_path / "fid.json"), "cpu",
-                      save_real_stats=str(tmp_path / "real.npz"))
+                      save_stats=str(tmp_path / "real.npz"))
     data = json.loads((tmp_path / "fid.json").read_text())
     assert data["fid"] == pytest.approx(out["fid"]) and out["fid"] > 0
     assert out["num_samples"] == 25 and out["num_reference"] == 30 and out["extractor"] == "torchscript:feat.ts"
