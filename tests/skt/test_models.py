@@ -6,15 +6,8 @@ import pytest
 import torch
 
 from vkd.errors import UserError
-from vkd.skt.models import (
-    CSRNet,
-    count_macs,
-    count_parameters,
-    csrnet_widths,
-    load_reference_checkpoint,
-    load_vgg16_imagenet,
-    make_adapters,
-)
+from vkd.skt.checkpoints import load_reference_checkpoint, load_vgg16_imagenet
+from vkd.skt.models import CSRNet, count_macs, count_parameters, csrnet_widths, make_adapters
 
 
 def test_exact_parameter_counts():

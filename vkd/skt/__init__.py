@@ -9,8 +9,10 @@ kinds and the resolver), :mod:`~vkd.skt.density` (ground-truth maps), :mod:`~vkd
 data set layouts: ShanghaiTech, UCF-QNRF, generic), :mod:`~vkd.skt.datasets` (readers, training and
 evaluation sets), :mod:`~vkd.skt.crowds` (synthetic crowds), :mod:`~vkd.skt.losses` (the table of SKT loss
 terms), :mod:`~vkd.skt.distiller` (training tasks), :mod:`~vkd.skt.runs` (reopen a run),
-:mod:`~vkd.skt.evaluate` (MAE/RMSE, tiling, ``evaluate_run``), :mod:`~vkd.skt.count` (``vkd count``),
-:mod:`~vkd.skt.commands` (CLI adapters), :mod:`~vkd.skt.demo` (the ``vkd demo`` stage).
+:mod:`~vkd.skt.evaluate` (MAE/RMSE, tiling, ``evaluate_run``), :mod:`~vkd.skt.checkpoints` (runs and the
+community's checkpoint families as counters), :mod:`~vkd.skt.video` (streamed video frames),
+:mod:`~vkd.skt.count` (``vkd count``), :mod:`~vkd.skt.commands` (CLI adapters), :mod:`~vkd.skt.demo` (the
+``vkd demo`` stage).
 """
 
 from pathlib import Path
@@ -35,13 +37,30 @@ METHOD = MethodSpec(
     demo=Ref("vkd.skt.demo:demo_stage"),
     verbs=(
         VerbSpec(
-            name="count", help="count people in images with an SKT run (any image size, tiled)",
-            args=(Arg("--run", required=True, type=Path, help="SKT (or skt-teacher) run directory"),
-                  Arg("inputs", nargs="+", help="image files or directories"),
-                  Arg("--out", type=Path, default=None, help="where overlays and counts.csv go")),
+            name="count",
+            help="count people in images and videos with an SKT run or a released checkpoint (CSRNet-pytorch, "
+                 "SKT, C³-Framework, DM-Count, Bayesian Loss)",
+            args=(Arg("--run", type=Path, default=None, group="model", help="SKT (or skt-teacher) run directory"),
+                  Arg("--weights", type=Path, default=None, group="model", metavar="FILE",
+                      help="a checkpoint file: .pth/.pth.tar/.tar/.safetensors of a family in vkd.skt.checkpoints"),
+                  Arg("inputs", nargs="+", help="image or video files, or directories of them"),
+                  Arg("--out", type=Path, default=None,
+                      help="where overlays and counts.csv go (default RUN/count or runs/count/<weights name>)"),
+                  Arg("--every", type=int, default=1, metavar="N", help="videos: count every N-th frame"),
+                  Arg("--max-side", type=int, default=0, metavar="PX",
+                      help="downscale images and frames to this longer side first (default 0: as they are)"),
+                  Arg("--mean", default=None, metavar="R,G,B",
+                      help="input normalisation mean (default: the checkpoint family's)"),
+                  Arg("--std", default=None, metavar="R,G,B",
+                      help="input normalisation std (default: the checkpoint family's)"),
+                  Arg("--log-para", type=float, default=None, metavar="X",
+                      help="C³-Framework density scale (default 100)")),
             run=Ref("vkd.skt.commands:count_command"),
             examples="""examples:
   vkd count --run runs/skt/synthetic crowd.jpg
-  vkd count --run runs/skt/synthetic images/ --out counts/"""),
+  vkd count --run runs/skt/synthetic images/ --out counts/
+  vkd count --weights PartAmodel_best.pth.tar IMG_1.jpg          # CSRNet-pytorch, SKT, DM-Count, BL, C³
+  vkd count --weights all_ep_93_mae_68.8_mse_116.9.pth --mean 0.452,0.447,0.432 --std 0.232,0.225,0.222 shb/
+  vkd count --weights student.pth.tar street.mp4 --every 5 --max-side 1280"""),
     ),
 )

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from vkd.engine import seeded, train_task
 from vkd.engine.runs import check_run_dir
+from vkd.errors import UserError
+from vkd.skt.checkpoints import load_counter
 from vkd.skt.config import SKTConfig, SKTTeacherConfig
-from vkd.skt.count import count_images
+from vkd.skt.count import count_images, count_inputs
 from vkd.skt.datasets import build_eval_sets, build_train_dataset, pad_collate
 from vkd.skt.distiller import CSRNetTask, SKTTask
-from vkd.skt.evaluate import evaluate_run
+from vkd.skt.evaluate import default_out_dir, evaluate_run, evaluate_weights
 from vkd.skt.teacher import load_teacher
 
 __all__ = ["run_teacher", "run_skt", "evaluate", "count", "count_command"]
@@ -38,8 +40,12 @@ def evaluate(run_dir: Path, overrides: list[str], out_dir: Path | None = None) -
     """``vkd eval skt --run RUN``: MAE and RMSE (the "MSE" of the papers) on the test split.
 
     Works for ``skt`` and ``skt-teacher`` runs. Writes ``eval.json`` (metrics and per-image counts) to
-    ``out_dir`` or the run directory and returns the metrics.
+    ``out_dir`` or the run directory and returns the metrics. A checkpoint *file* in place of the run (any family
+    of :data:`vkd.skt.checkpoints.FAMILIES`) is evaluated on the data set of ``overrides`` (``data.*`` and
+    ``eval.*`` keys of the ``skt-teacher`` config).
     """
+    if Path(run_dir).is_file():
+        return evaluate_weights(Path(run_dir), overrides, out_dir)
     return evaluate_run(Path(run_dir), overrides, out_dir)
 
 
@@ -50,5 +56,11 @@ def count(run_dir: Path, inputs: list[str], out: Path | None = None) -> dict:
 
 
 def count_command(args: argparse.Namespace) -> dict:
-    """``vkd count``: the arguments declared in :data:`vkd.skt.METHOD`."""
-    return count(check_run_dir(args.run), args.inputs, args.out)
+    """``vkd count``: the arguments declared in :data:`vkd.skt.METHOD`. Exactly one of ``--run`` / ``--weights``;
+    ``out`` defaults to ``RUN/count`` or ``runs/count/<weights name>``."""
+    if (args.run is None) == (args.weights is None):
+        raise UserError("vkd count needs a model: --run RUN_DIR or --weights FILE (one of them)")
+    source = check_run_dir(args.run) if args.run is not None else args.weights
+    counter = load_counter(source, args.mean, args.std, args.log_para)
+    out = args.out or (source / "count" if args.run is not None else default_out_dir("count", source))
+    return count_inputs(counter, args.inputs, out, every=args.every, max_side=args.max_side)

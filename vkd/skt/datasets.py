@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,8 @@ __all__ = [
     "read_points",
     "load_image",
     "to_tensor",
+    "fit_max_side",
+    "resize_image",
     "list_records",
     "CrowdTrainDataset",
     "CrowdEvalDataset",
@@ -236,12 +239,32 @@ def load_image(path: str | Path, min_size: int = 8) -> tuple[np.ndarray, str | N
     return arr, (mode if mode != "RGB" else None)
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """``[H, W, 3]`` uint8 → ``[3, H, W]`` float32, ImageNet-normalised (the training normalisation)."""
+def to_tensor(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 → ``[3, H, W]`` float32, normalised with ``mean``/``std`` on [0, 1] pixels.
+
+    The default is ImageNet's, vkd's training normalisation; checkpoints of other projects bring their own
+    (:class:`vkd.skt.checkpoints.Counter`).
+    """
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # np.array copies: writable
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x - mean) / std
+    m = torch.tensor(tuple(mean), dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(tuple(std), dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def fit_max_side(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """``(width, height)`` scaled so that the longer side is at most ``max_side`` (0: unchanged); sides ≥ 1."""
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+
+
+def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``[H, W, 3]`` uint8 resized (bicubic) to ``[height, width, 3]``; the same array when the size is unchanged."""
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +321,7 @@ def list_records(root: str | Path, layout: str, split: str, max_side: int = 0, m
         scale = 1.0
         if max_side and max(width, height) > max_side:
             scale = max_side / max(width, height)
-            width, height = max(1, int(round(width * scale))), max(1, int(round(height * scale)))
+            width, height = fit_max_side(width, height, max_side)
             points = points * scale
         finite = np.isfinite(points).all(axis=1)
         inside = finite & (points[:, 0] >= 0) & (points[:, 0] < width) & (points[:, 1] >= 0) & (points[:, 1] < height)
@@ -320,7 +343,7 @@ def _load_record_image(record: CrowdRecord, min_size: int) -> np.ndarray:
     if converted:
         log.info("%s: converted %s image to RGB", record.image_path, converted)
     if record.scale != 1.0:
-        image = np.asarray(Image.fromarray(image).resize((record.width, record.height), Image.BICUBIC))
+        image = resize_image(image, record.width, record.height)
     if image.shape[:2] != (record.height, record.width):
         raise DataError(f"{record.image_path} changed size while reading ({image.shape[1]}x{image.shape[0]})")
     return image
@@ -432,6 +455,8 @@ class CrowdEvalDataset(Dataset):
         self.cache = cache or DensityCache(None)
         self.downsample = downsample
         self.min_size = min_size
+        # (mean, std) of the network under evaluation: ImageNet for vkd's, a checkpoint family's otherwise
+        self.normalisation: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -446,8 +471,8 @@ class CrowdEvalDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
         image = _load_record_image(rec, self.min_size)
-        return {"image": to_tensor(image), "count": torch.tensor(self.count(index), dtype=torch.float32),
-                "index": index}
+        return {"image": to_tensor(image, *self.normalisation),
+                "count": torch.tensor(self.count(index), dtype=torch.float32), "index": index}
 
 
 def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -17,18 +17,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vkd.engine import DistillationTask, resolve_mixed_precision
+from vkd.skt.checkpoints import is_vgg_state_file, load_reference_checkpoint, load_vgg16_imagenet
 from vkd.skt.config import CSRNetConfig, SKTConfig, SKTTeacherConfig
 from vkd.skt.datasets import CrowdEvalDataset
 from vkd.skt.evaluate import evaluate_model
 from vkd.skt.losses import SKTLoss, density_loss
-from vkd.skt.models import (
-    CSRNet,
-    count_parameters,
-    is_vgg_state_file,
-    load_reference_checkpoint,
-    load_vgg16_imagenet,
-    make_adapters,
-)
+from vkd.skt.models import CSRNet, count_parameters, make_adapters
 from vkd.skt.runs import RUN_EXPORT
 
 __all__ = ["build_csrnet", "CSRNetTask", "SKTTask", "export_model"]

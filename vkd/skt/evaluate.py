@@ -18,7 +18,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vkd.config import load_config
 from vkd.engine.runs import write_json
+from vkd.skt.checkpoints import load_counter
+from vkd.skt.config import SKTTeacherConfig
 from vkd.skt.datasets import CrowdEvalDataset, build_eval_dataset
 from vkd.skt.models import count_parameters
 from vkd.skt.runs import load_run
@@ -31,6 +34,8 @@ __all__ = [
     "count_metrics",
     "evaluate_model",
     "evaluate_run",
+    "evaluate_weights",
+    "default_out_dir",
     "measure_latency",
 ]
 
@@ -94,8 +99,10 @@ def predict(model: nn.Module, image: torch.Tensor, tile_size: int = 512, overlap
     """Count the people in one image, tiling it when it is larger than ``tile_size``.
 
     Args:
-        model: a CSRNet (``[B, 3, H, W]`` → ``[B, 1, ⌈H/8⌉, ⌈W/8⌉]``), already in eval mode.
-        image: ``[3, H, W]`` ImageNet-normalised (see :func:`vkd.skt.datasets.to_tensor`).
+        model: a CSRNet or a :class:`~vkd.skt.models.GridCounter` (``[B, 3, H, W]`` → ``[B, 1, ⌈H/8⌉, ⌈W/8⌉]``),
+            already in eval mode.
+        image: ``[3, H, W]`` normalised as the model was trained (ImageNet for vkd's, see
+            :func:`vkd.skt.datasets.to_tensor`).
         tile_size: tile side (0: whole image at once).
         overlap: tile overlap in pixels; overlapping densities are averaged.
 
@@ -182,6 +189,42 @@ def evaluate_run(run_dir: Path, overrides: list[str], out_dir: Path | None = Non
               "seconds": round(time.perf_counter() - t0, 2)}
     write_json(Path(out_dir or run_dir) / "eval.json",
                {**result, "note": "rmse is the metric crowd-counting papers (and the SKT code) call MSE",
+                "per_image": rows})
+    return result
+
+
+def default_out_dir(kind: str, weights: Path) -> Path:
+    """``runs/<kind>/<name>`` for a checkpoint file (``PartAmodel_best.pth.tar`` → ``PartAmodel_best``)."""
+    return Path("runs") / kind / (Path(weights).name.split(".", 1)[0] or "weights")
+
+
+def evaluate_weights(weights: Path, overrides: list[str], out_dir: Path | None = None,
+                     mean: str | None = None, std: str | None = None, log_para: float | None = None
+                     ) -> dict[str, Any]:
+    """MAE and RMSE of a checkpoint file of any family of :data:`vkd.skt.checkpoints.FAMILIES`.
+
+    The data set and the evaluation protocol are the ``data.*`` and ``eval.*`` keys of the ``skt-teacher``
+    config with ``overrides`` applied (``data.dataset=shanghaitech``, ``data.root=...``); images are normalised
+    as the checkpoint's family trained (or with ``mean``/``std``). Writes ``eval.json`` to ``out_dir`` (default
+    ``runs/eval/<weights name>``).
+
+    Returns:
+        The metrics with the split, the family, the architecture, the normalisation and seconds.
+    """
+    cfg = load_config(SKTTeacherConfig, None, list(overrides), task="skt-teacher")
+    counter = load_counter(weights, mean, std, log_para)
+    counter.tile_size, counter.tile_overlap = cfg.eval.tile_size, cfg.eval.tile_overlap
+    split = cfg.eval.split or cfg.data.test_split
+    dataset = build_eval_dataset(cfg.data, split)
+    dataset.normalisation = (counter.mean, counter.std)
+    t0 = time.perf_counter()
+    metrics, rows = evaluate_model(counter.model, dataset, counter.tile_size, counter.tile_overlap,
+                                   cfg.eval.max_images, progress=True)
+    result = {**metrics, "split": split, "gt_count": cfg.data.effective_gt_count(), "family": counter.title,
+              "architecture": counter.arch, "normalisation": counter.input_text(),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    write_json(Path(out_dir or default_out_dir("eval", weights)) / "eval.json",
+               {**result, "weights": str(weights), "note": "rmse is the metric crowd-counting papers call MSE",
                 "per_image": rows})
     return result
 

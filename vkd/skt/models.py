@@ -1,34 +1,35 @@
-"""CSRNet and its 1/n-width students (Li et al., CVPR 2018; Liu et al., ACM MM 2020 §1-2 of the spec).
+"""CSRNet and its 1/n-width students (Li et al., CVPR 2018; Liu et al., ACM MM 2020 §1-2 of the spec), the
+VGG-19 regression counter of Bayesian Loss / DM-Count (Ma et al., ICCV 2019; Wang et al., NeurIPS 2020), and
+:class:`GridCounter`, which puts any of them on vkd's count grid.
 
-One class covers the teacher (``width_div=1``) and the students: both have the same ``Sequential``
-layout, so the six feature taps sit at the same indices (``frontend[1, 4, 9, 16]``,
-``backend[1, 7]``) and a CSRNet-pytorch checkpoint loads by key. The 1×1 adapters of the distiller
-are **not** part of the model: an exported 1/4 student has exactly 1,017,681 parameters.
+One CSRNet class covers the teacher (``width_div=1``) and the students: both have the same ``Sequential``
+layout, so the six feature taps sit at the same indices (``frontend[1, 4, 9, 16]``, ``backend[1, 7]``) and a
+CSRNet-pytorch checkpoint loads by key. The 1×1 adapters of the distiller are **not** part of the model: an
+exported 1/4 student has exactly 1,017,681 parameters. Checkpoint files are read by :mod:`vkd.skt.checkpoints`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
+import torch.nn.functional as F
 from torch import nn
-
-from vkd.errors import UserError
 
 __all__ = [
     "CSRNet",
+    "VGG19Regressor",
+    "GridCounter",
+    "VGG19_DEPTHS",
+    "VGG19_HEAD",
     "TAP_FRONTEND",
     "TAP_BACKEND",
     "TEACHER_WIDTHS",
     "csrnet_widths",
     "make_adapters",
-    "load_vgg16_imagenet",
-    "is_vgg_state_file",
-    "load_reference_checkpoint",
     "count_parameters",
     "count_macs",
 ]
@@ -48,18 +49,27 @@ def csrnet_widths(width_div: int) -> tuple[int, int, int, int]:
     return tuple(int(math.floor(c / width_div + 0.5)) for c in TEACHER_WIDTHS)  # type: ignore[return-value]
 
 
-def _frontend_layers(widths: tuple[int, ...], in_channels: int, ceil_mode: bool) -> list[nn.Module]:
-    c0, c1, c2, c3 = widths
-    cfg: list[int | str] = [c0, c0, "M", c1, c1, "M", c2, c2, c2, "M", c3, c3, c3]
+def _vgg_layers(stage_widths: Sequence[int], depths: Sequence[int], in_channels: int,
+                ceil_mode: bool) -> list[nn.Module]:
+    """VGG stages of ``depths[i]`` 3×3 Conv+ReLU of ``stage_widths[i]`` channels, a 2×2 max-pool between stages.
+
+    Indices match torchvision's ``vgg*.features`` (and CSRNet's ``frontend``): conv ``k`` of a stage is module
+    ``2k`` after the stage start, each pool one module.
+    """
     layers: list[nn.Module] = []
     cin = in_channels
-    for item in cfg:
-        if item == "M":
+    for stage, (width, depth) in enumerate(zip(stage_widths, depths, strict=True)):
+        if stage:
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=ceil_mode))
-        else:
-            layers += [nn.Conv2d(cin, int(item), 3, padding=1), nn.ReLU(inplace=False)]
-            cin = int(item)
+        for _ in range(depth):
+            layers += [nn.Conv2d(cin, int(width), 3, padding=1), nn.ReLU(inplace=False)]
+            cin = int(width)
     return layers
+
+
+def _frontend_layers(widths: tuple[int, ...], in_channels: int, ceil_mode: bool) -> list[nn.Module]:
+    # VGG-16 up to conv4_3 without its 4th pool: 2, 2, 3, 3 convs, 23 modules (indices 0..22)
+    return _vgg_layers(widths, (2, 2, 3, 3), in_channels, ceil_mode)
 
 
 def _backend_layers(widths: tuple[int, ...]) -> list[nn.Module]:
@@ -150,152 +160,106 @@ def make_adapters(student_channels: tuple[int, ...], teacher_channels: tuple[int
     return adapters
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+# VGG-19 (torchvision configuration "E") stage depths; the counter keeps all 5 stages but not the last pool.
+VGG19_DEPTHS = (2, 2, 4, 4, 4)
+# Full-width regression head of Bayesian Loss / DM-Count: Conv 512→256, Conv 256→128 (3×3), then 128→1 (1×1).
+VGG19_HEAD = (256, 128)
 
 
-# ----------------------------------------------------------------------------------------------
-# ImageNet weights and reference checkpoints
-# ----------------------------------------------------------------------------------------------
+class VGG19Regressor(nn.Module):
+    """The Bayesian-Loss / DM-Count counter: VGG-19 features to conv5_4, bilinear ×2, a small regression head.
 
-_VGG_HINT = ("put vgg16-397923af.pth in the torch hub cache ($TORCH_HOME/hub/checkpoints/, default "
-             "~/.cache/torch/hub/checkpoints/) or set model.weights to its local path")
+    ``features`` are torchvision's ``vgg19().features[:36]`` (16 Conv+ReLU, 4 floor-mode max-pools, no 5th pool),
+    so their output is at 1/16; a bilinear ×2 (``align_corners=True``, what ``F.upsample_bilinear`` did) brings it
+    to 1/8. The head differs between the two projects, and so do the checkpoint keys:
 
-
-def _copy_vgg_features(model: CSRNet, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``features.{i}`` of a torchvision VGG-16 state dict into ``frontend.{i}`` (same indices)."""
-    if model.width_div != 1:
-        raise UserError(f"ImageNet VGG-16 weights only fit the full-width teacher (width_div=1), not 1/{model.width_div}")
-    copied = 0
-    with torch.no_grad():
-        for i, layer in enumerate(model.frontend):
-            if not isinstance(layer, nn.Conv2d):
-                continue
-            for name in ("weight", "bias"):
-                key = f"features.{i}.{name}"
-                if key not in state:
-                    raise UserError(f"{source} is not a torchvision VGG-16 state dict: key '{key}' is missing")
-                value = state[key]
-                target = getattr(layer, name)
-                if tuple(value.shape) != tuple(target.shape):
-                    raise UserError(f"{source}: '{key}' has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-                target.copy_(value.to(target.dtype))
-                copied += 1
-    if copied != 20:
-        raise RuntimeError(f"copied {copied} VGG tensors, expected 20")
-
-
-def load_vgg16_imagenet(model: CSRNet, weights: str = "imagenet") -> None:
-    """Initialise the frontend of a full-width CSRNet from VGG-16 ImageNet weights.
+    * ``"dm-count"``: ``reg_layer`` = Conv(c, h1, 3)+ReLU, Conv(h1, h2, 3)+ReLU; ``density_layer`` =
+      Conv(h2, 1, 1)+ReLU (DM-Count also returns a normalised copy of the density; only the density is kept).
+    * ``"bayesian-loss"``: ``reg_layer`` = the same two convs + ReLU, then Conv(h2, 1, 1); the output is its
+      absolute value.
 
     Args:
-        model: a ``CSRNet(width_div=1)``.
-        weights: ``"imagenet"`` loads ``torchvision.models.VGG16_Weights.IMAGENET1K_V1`` through torchvision
-            (torch hub cache, downloaded if the network allows); otherwise a local path to a torchvision
-            VGG-16 state dict (``vgg16-397923af.pth``) or to a full ``vgg16`` pickled state dict.
+        widths: stage widths ``(c0, c1, c2, c3)``; stage 5 has ``c3`` channels like stage 4. Full width is
+            ``(64, 128, 256, 512)``; the SKT "1/4-BL" student divides every width, head included, by 4.
+        head: ``(h1, h2)`` widths of the regression head (``(256, 128)`` at full width).
+        style: ``"dm-count"`` or ``"bayesian-loss"``.
 
-    Raises:
-        UserError: the weights cannot be found or loaded (offline without a cached file, bad file).
+    Forward:
+        ``x [B, 3, H, W]`` (ImageNet-normalised) → density ``[B, 1, 2⌊H/16⌋, 2⌊W/16⌋]`` (people per cell).
     """
-    if weights == "imagenet":
-        from torchvision.models import VGG16_Weights  # start-up time: torchvision.models is slow to import
 
-        try:
-            state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        except Exception as err:  # network errors come as URLError/OSError/RuntimeError depending on the stack
-            raise UserError(f"cannot load torchvision VGG-16 ImageNet weights ({type(err).__name__}); {_VGG_HINT}") from None
-        _copy_vgg_features(model, state, "torchvision VGG16_Weights.IMAGENET1K_V1")
-        return
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise UserError(f"VGG-16 weights file not found: {path}; {_VGG_HINT}")
-    state = _torch_load(path)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path} does not hold a state dict")
-    _copy_vgg_features(model, state, str(path))
+    def __init__(self, widths: Sequence[int] = (64, 128, 256, 512), head: Sequence[int] = VGG19_HEAD,
+                 style: Literal["dm-count", "bayesian-loss"] = "dm-count"):
+        super().__init__()
+        if style not in ("dm-count", "bayesian-loss"):
+            raise ValueError(f"style must be 'dm-count' or 'bayesian-loss', got {style!r}")
+        c0, c1, c2, c3 = (int(c) for c in widths)
+        h1, h2 = (int(h) for h in head)
+        self.style = style
+        self.widths = (c0, c1, c2, c3)
+        self.head = (h1, h2)
+        self.features = nn.Sequential(*_vgg_layers((c0, c1, c2, c3, c3), VGG19_DEPTHS, 3, ceil_mode=False))
+        regression: list[nn.Module] = [nn.Conv2d(c3, h1, 3, padding=1), nn.ReLU(inplace=False),
+                                       nn.Conv2d(h1, h2, 3, padding=1), nn.ReLU(inplace=False)]
+        if style == "bayesian-loss":
+            self.reg_layer = nn.Sequential(*regression, nn.Conv2d(h2, 1, 1))
+        else:
+            self.reg_layer = nn.Sequential(*regression)
+            self.density_layer = nn.Sequential(nn.Conv2d(h2, 1, 1), nn.ReLU(inplace=False))
 
-
-def is_vgg_state_file(path: Path) -> bool:
-    """Whether ``path`` is a VGG-16 state dict (``features.*`` keys) rather than a whole CSRNet / SKT checkpoint."""
-    state = _torch_load(path) if path.is_file() else {}
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return isinstance(state, dict) and any(str(k).startswith("features.") for k in state)
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
+        x = F.interpolate(self.features(x), scale_factor=2, mode="bilinear", align_corners=True)
+        if self.style == "bayesian-loss":
+            return self.reg_layer(x).abs()
+        return self.density_layer(self.reg_layer(x))
 
 
-# Reference SKT student keys: conv{stage}_{k}.0.weight → our Sequential indices.
-def _student_key_map() -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    frontend_convs = [i for i, n in enumerate([2, 2, 3, 3]) for _ in range(n)]
-    index = 0
-    seen: dict[int, int] = {}
-    for stage in frontend_convs:
-        k = seen.get(stage, 0)
-        seen[stage] = k + 1
-        mapping[f"conv{stage}_{k}.0"] = f"frontend.{index}"
-        index += 2
-        if k == [2, 2, 3, 3][stage] - 1 and stage < 3:
-            index += 1  # the pool after the stage
-    for k in range(6):
-        mapping[f"conv4_{k}.0"] = f"backend.{2 * k}"
-    mapping["conv5_0"] = "output_layer"
-    return mapping
+class GridCounter(nn.Module):
+    """A density network seen as vkd's counter: people per cell on the ``⌈H/8⌉ × ⌈W/8⌉`` grid.
 
+    Community networks differ in output size and scale: floor-mode pooling gives ``⌊H/8⌋`` rows (CSRNet-pytorch)
+    or ``2⌊H/16⌋`` (VGG-19 counters), C³-Framework's CSRNet up-samples its map to full resolution and was trained
+    on densities multiplied by ``LOG_PARA``. This wrapper sum-pools a full-resolution output back to 1/8 (which
+    keeps the count), multiplies by ``gain`` (``1 / LOG_PARA``) and zero-pads the bottom/right cells the network
+    did not produce, so :func:`vkd.skt.evaluate.predict` and its tiling work unchanged for every family.
 
-def load_reference_checkpoint(model: CSRNet, path: str | Path) -> dict[str, Any]:
-    """Load a CSRNet-pytorch teacher or an official SKT student checkpoint (``.pth.tar``), or a vkd ``.safetensors``.
+    Args:
+        net: ``[B, 3, H, W] → [B, 1, h, w]`` with ``h ≤ ⌈H/stride⌉``.
+        gain: factor applied to the output (counts = Σ output × gain).
+        out_stride: 8 when the network predicts at 1/8, 1 when at full resolution.
 
-    Teacher dicts carry ``state_dict`` with ``frontend.N.*``, ``backend.N.*``, ``output_layer.*`` keys;
-    SKT student dicts carry ``conv0_0.0.weight`` … ``conv5_0.weight`` plus ``transform*`` adapter keys, which
-    are dropped (they are training-only).
-
-    Returns:
-        The non-tensor metadata of the checkpoint (``epoch``, ``arch``, ``mae_best_prec1``, ...).
+    Forward:
+        ``x [B, 3, H, W]`` normalised as the network was trained → ``[B, 1, ⌈H/8⌉, ⌈W/8⌉]``.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    raw = _torch_load(path)
-    if not isinstance(raw, dict):
-        raise UserError(f"{path} does not hold a state dict")
-    meta = {k: v for k, v in raw.items() if not isinstance(v, (dict, torch.Tensor))}
-    state = raw.get("state_dict", raw)
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: 'state_dict' is not a mapping")
-    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if any(k.startswith("conv0_0.") for k in state):
-        key_map = _student_key_map()
-        converted = {}
-        for key, value in state.items():
-            if key.startswith("transform"):
-                continue
-            prefix, _, leaf = key.rpartition(".")
-            if prefix not in key_map:
-                raise UserError(f"{path}: unexpected key '{key}' in an SKT student checkpoint")
-            converted[f"{key_map[prefix]}.{leaf}"] = value
-        state = converted
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise UserError(f"{path} does not match a 1/{model.width_div} CSRNet: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise UserError(f"{path}: '{key}' has shape {tuple(value.shape)}, a 1/{model.width_div} CSRNet expects "
-                            f"{tuple(own[key].shape)} (wrong width_div?)")
-    model.load_state_dict(state)
-    return meta
+
+    def __init__(self, net: nn.Module, gain: float = 1.0, out_stride: Literal[1, 8] = 8):
+        super().__init__()
+        if out_stride not in (1, 8):
+            raise ValueError(f"out_stride must be 1 or 8, got {out_stride}")
+        self.net = net
+        self.gain = float(gain)
+        self.out_stride = int(out_stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        d = self.net(x)
+        if self.out_stride == 1:
+            h, w = d.shape[-2:]
+            # sum over 8×8 blocks (zero-padded at the border): the count is unchanged
+            d = F.avg_pool2d(F.pad(d, (0, (-w) % 8, 0, (-h) % 8)), 8) * 64.0
+        if self.gain != 1.0:
+            d = d * self.gain
+        gh, gw = -(-H // 8), -(-W // 8)
+        h, w = d.shape[-2:]
+        if h > gh or w > gw:
+            raise ValueError(f"density [{h}, {w}] is larger than the 1/8 grid [{gh}, {gw}] of a {H}x{W} input")
+        return F.pad(d, (0, gw - w, 0, gh - h)) if (h, w) != (gh, gw) else d
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vkd.errors import UserError
+from vkd.skt.checkpoints import load_reference_checkpoint
 from vkd.skt.config import SKTConfig, TeacherRefConfig
-from vkd.skt.models import CSRNet, load_reference_checkpoint
+from vkd.skt.models import CSRNet
 from vkd.skt.runs import load_run
 
 __all__ = ["TeacherKind", "TEACHER_KINDS", "teacher_path", "teacher_kind", "load_teacher"]
