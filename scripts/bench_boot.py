@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark BOOT on the embedded default: train the digits teacher, distil it with BOOT, then measure
-FID (digits CNN extractor, NOT Inception; N samples vs the 360 held-out test digits) and images/s of the
-one-step student and of the teacher with DDIM 1, 4, 10 and 50 steps, on the same seeded noise, in one run.
+FID and precision/recall (k = 3; digits CNN extractor, NOT Inception; N samples vs the 360 held-out test digits) and
+images/s of the one-step student and of the teacher with DDIM 1, 4, 10 and 50 steps, on the same seeded noise, in one
+run.
 
     python scripts/bench_boot.py                       # full: train both stages, 2,000 samples
     python scripts/bench_boot.py --reuse               # reuse finished runs in --out
@@ -174,11 +175,12 @@ def main() -> int:
     print(f"\nBOOT benchmark ({kind}, {result['prediction_type']} prediction; FID with {result['extractor']}, "
           f"{args.num_samples} samples vs {result['num_reference']} held-out digits; RMS to {cmp['reference_chain']} "
           f"on the same noise)")
-    print(f"{'generator':<22s}{'NFE':>5s}{'FID':>10s}{'img/s':>12s}{'RMS':>8s}{'prompt acc':>12s}")
+    print(f"{'generator':<22s}{'NFE':>5s}{'FID':>10s}{'prec':>7s}{'recall':>7s}{'img/s':>12s}{'RMS':>8s}"
+          f"{'prompt acc':>12s}")
     for gen, r in rows.items():
         acc = f"{r['prompt_accuracy']:>12.3f}" if "prompt_accuracy" in r else f"{'-':>12s}"
-        print(f"{gen:<22s}{r['nfe']:>5d}{r['fid']:>10.3f}{r['images_per_s']:>12.1f}"
-              f"{r.get('rms_to_reference', float('nan')):>8.3f}{acc}")
+        print(f"{gen:<22s}{r['nfe']:>5d}{r['fid']:>10.3f}{r['precision']:>7.3f}{r['recall']:>7.3f}"
+              f"{r['images_per_s']:>12.1f}{r.get('rms_to_reference', float('nan')):>8.3f}{acc}")
     for stage in ("teacher_training", "boot_training", "train_total"):
         if stage in result and "wall_s" in result[stage]:
             r = result[stage]

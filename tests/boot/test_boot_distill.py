@@ -181,3 +181,30 @@ def test_every_run_exports_a_diffusers_pipeline(tmp_path, prediction_type):
     for k in range(5):
         with Image.open(tmp_path / "s" / f"{k:06d}.png") as im:
             assert torch.equal(torch.from_numpy(__import__("numpy").asarray(im)), u8[k, 0]), k
+
+
+def test_compare_generators_reports_fid_precision_recall_and_rms_on_the_same_noise(tmp_path, teacher_dir):
+    """The benchmark's side-by-side comparison: each generator's precision/recall equals the metric on its own
+    features against the held-out digits, and the reference chain has RMS 0 to itself."""
+    from vkd.boot.evaluate import DigitsFID, compare_generators
+    from vkd.boot.sample import ddim_sample, noise_batches, to_uint8
+    from vkd.boot.runs import load_run as load_boot_run
+    from vkd.metrics.fid import feature_pass
+    from vkd.metrics.scores import precision_recall
+
+    run_boot(_boot_cfg(tmp_path, teacher_dir, "cmp", steps=1))
+    run_dir = tmp_path / "runs" / "boot" / "cmp"
+    out = compare_generators(run_dir, 24, [2, 1], seed=3, batch_size=8)
+    rows = out["generators"]
+    assert list(rows) == ["boot_student_1step", "teacher_ddim2", "teacher_ddim1"]
+    assert rows["teacher_ddim2"]["rms_to_reference"] == 0.0 and rows["teacher_ddim1"]["rms_to_reference"] > 0
+    for r in rows.values():
+        assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0 and r["fid"] > 0
+
+    _, _, teacher = load_boot_run(run_dir, need_teacher=True)
+    fid = DigitsFID(teacher.sample_shape[-1])
+    batches = [to_uint8(ddim_sample(teacher, e, c, 1)) for _, e, c in
+               noise_batches(24, 3, teacher.sample_shape, teacher.num_classes, 8)]
+    feats = feature_pass(batches, fid.extractor, keep=("features",)).features
+    p, r = precision_recall(fake=feats, real=fid.real_features)
+    assert (rows["teacher_ddim1"]["precision"], rows["teacher_ddim1"]["recall"]) == pytest.approx((p, r))

@@ -23,7 +23,8 @@ from vkd.data.digits import load_digits
 from vkd.engine.runs import open_run, write_json
 from vkd.errors import UserError
 from vkd.metrics.extractors import DIGITS_EXTRACTOR_NAME, build_extractor, extractor_info
-from vkd.metrics.fid import frechet_distance, stats_from_batches, stats_from_images
+from vkd.metrics.fid import feature_pass, frechet_distance, stats_from_batches
+from vkd.metrics.scores import PR_K, precision_recall
 
 __all__ = ["PromptAccuracy", "DigitsFID", "digits_reference_available", "teacher_prompts", "uint8_batches",
            "digits_fid_scores", "evaluate_run", "compare_generators"]
@@ -71,8 +72,9 @@ class DigitsFID:
     def __init__(self, size: int, extractor: str = "digits", inception_weights: str | None = None):
         self.extractor = build_extractor(extractor, inception_weights)
         self.info = extractor_info(self.extractor)
-        real = load_digits("test", size=size, channels=1, value_range="symmetric")
-        self.real = stats_from_images(to_uint8(real.images), self.extractor)
+        real = to_uint8(load_digits("test", size=size, channels=1, value_range="symmetric").images)
+        ref = feature_pass((real[i:i + 256] for i in range(0, len(real), 256)), self.extractor, keep=("features",))
+        self.real, self.real_features = ref.stats, ref.features  # [360, d]: the precision/recall reference
         self.num_reference = self.real.n
 
     def __call__(self, batches: Iterable[torch.Tensor]) -> tuple[float, int]:
@@ -182,7 +184,8 @@ def compare_generators(run_dir: str | Path, num_samples: int = 2000, ddim_steps:
 
     Returns:
         ``{"extractor", "extractor_sha256", "num_reference", "num_samples", "seed", "reference_chain",
-        "generators": {name: {"nfe", "fid", "images_per_s", "gen_s", "rms_to_reference"[, "prompt_accuracy"]}},
+        "generators": {name: {"nfe", "fid", "precision", "recall" (k = 3, against the held-out digits),
+        "images_per_s", "gen_s", "rms_to_reference"[, "prompt_accuracy"]}},
         "grids": {name: path}}``.
     """
     _, student, teacher = load_run(run_dir, need_teacher=True)
@@ -209,9 +212,11 @@ def compare_generators(run_dir: str | Path, num_samples: int = 2000, ddim_steps:
             batches.append(to_uint8(x))
             if tally is not None and tally.applies:
                 tally(batches[-1], labels)
-        stats = stats_from_batches(batches, fid.extractor)
-        score = frechet_distance(stats.mu, stats.sigma, fid.real.mu, fid.real.sigma)
-        row = {"nfe": nfe, "fid": score, "images_per_s": num_samples / gen_time, "gen_s": gen_time}
+        fake = feature_pass(batches, fid.extractor, keep=("features",))
+        score = frechet_distance(fake.stats.mu, fake.stats.sigma, fid.real.mu, fid.real.sigma)
+        precision, recall = precision_recall(fake=fake.features, real=fid.real_features, k=PR_K)
+        row = {"nfe": nfe, "fid": score, "precision": precision, "recall": recall,
+               "images_per_s": num_samples / gen_time, "gen_s": gen_time}
         if name == reference_name:
             reference = torch.cat(images)
         if reference is not None:
@@ -221,7 +226,8 @@ def compare_generators(run_dir: str | Path, num_samples: int = 2000, ddim_steps:
         rows[name] = row
         if progress is not None:
             acc = f"   prompt acc {row['prompt_accuracy']:.3f}" if "prompt_accuracy" in row else ""
-            progress(f"{name:<20s} FID {score:8.3f}   {num_samples / gen_time:10.1f} img/s   "
+            progress(f"{name:<20s} FID {score:8.3f}   P {precision:.3f} R {recall:.3f}   "
+                     f"{num_samples / gen_time:10.1f} img/s   "
                      f"RMS to {reference_name} {row.get('rms_to_reference', float('nan')):.3f}{acc}")
     rows = {name: rows[name] for name in generators}  # student first, then DDIM by decreasing steps
     return {"extractor": fid.info["extractor"], "extractor_sha256": fid.info.get("extractor_sha256"),
