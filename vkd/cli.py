@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("eval", "evaluate a finished run")
     p.add_argument("task", choices=eval_tasks, metavar="TASK", help="one of: " + ", ".join(eval_tasks))
-    p.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", type=Path, help="run directory (holds config.yaml)")
+    source.add_argument("--weights", type=Path, metavar="FILE",
+                        help="a released checkpoint file instead of a run (skt, skt-teacher), on --set data...")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: the run directory)")
 
@@ -191,12 +194,22 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    if not (args.run / "config.yaml").is_file():
-        raise UserError(f"{args.run} is not a run directory (no config.yaml)")
     entry = registry.get_task(args.task)
     if entry.evaluate is None:
         raise UserError(f"'vkd eval {args.task}' is not implemented yet")
-    metrics = entry.evaluate(args.run, args.overrides, args.out)
+    if args.weights is not None:
+        if not entry.evaluates_weights:
+            takes = [t.name for t in registry.tasks().values() if t.evaluates_weights]
+            raise UserError(f"'vkd eval {args.task}' evaluates run directories (--run); --weights FILE is for: "
+                            f"{', '.join(takes)}")
+        if not args.weights.is_file():
+            raise UserError(f"--weights {args.weights}: no such file")
+        source = args.weights
+    else:
+        if not (args.run / "config.yaml").is_file():
+            raise UserError(f"{args.run} is not a run directory (no config.yaml)")
+        source = args.run
+    metrics = entry.evaluate(source, args.overrides, args.out)
     _print_table(metrics)
     return 0
 

@@ -95,6 +95,8 @@ class TaskSpec:
         evaluate: ``evaluate(run_dir, overrides, out_dir) -> metrics`` for ``vkd eval``, or ``None``.
         preset_dir: folder under ``configs/`` holding the YAML presets.
         default_preset: the preset used when ``--config`` is not given (``None``: dataclass defaults).
+        evaluates_weights: ``evaluate`` also takes a weights *file* in place of the run directory
+            (``vkd eval TASK --weights FILE --set data...``: a released checkpoint on the user's data).
     """
 
     name: str
@@ -104,6 +106,7 @@ class TaskSpec:
     evaluate: Ref[EvaluateFn] | None = None
     preset_dir: str = ""
     default_preset: str | None = None
+    evaluates_weights: bool = False
 
     @property
     def config_cls(self) -> type:

@@ -294,6 +294,22 @@ def test_eval_with_a_checkpoint_file(tmp_path):
     assert metrics["family"] == "CSRNet-pytorch" and "ImageNet" in metrics["normalisation"]
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["num_images"] == 3
 
+    # the same through the CLI: vkd eval skt --weights FILE --set data...
+    sets = ["--set", "data.dataset=generic", "--set", f"data.root={tmp_path / 'data'}"]
+    assert main(["eval", "skt", "--weights", str(path), *sets, "--out", str(tmp_path / "cli")]) == 0
+    cli = json.loads((tmp_path / "cli" / "eval.json").read_text())
+    assert cli["mae"] == pytest.approx(metrics["mae"], rel=1e-9)
+
+
+def test_eval_weights_is_refused_where_it_does_not_apply(tmp_path, capsys):
+    path = tmp_path / "w.pth"
+    torch.save({}, path)
+    for args, message in [(["eval", "toy", "--weights", str(path)], "--weights FILE is for: skt-teacher, skt"),
+                          (["eval", "skt", "--weights", str(tmp_path / "absent.pth")], "no such file")]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
 
 class _Payload:
     """Unpickling this creates a marker file: the stand-in for arbitrary code in a downloaded checkpoint."""

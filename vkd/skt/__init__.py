@@ -29,10 +29,10 @@ METHOD = MethodSpec(
                  description="train the CSRNet crowd-counting teacher (or, with model.width_div=4, the no-transfer "
                              "student)",
                  config=Ref("vkd.skt.config:SKTTeacherConfig"), run=Ref("vkd.skt.commands:run_teacher"),
-                 evaluate=Ref("vkd.skt.commands:evaluate"), preset_dir="skt"),
+                 evaluate=Ref("vkd.skt.commands:evaluate"), preset_dir="skt", evaluates_weights=True),
         TaskSpec(name="skt", description="SKT: CSRNet -> 1/4-CSRNet with intra- and inter-layer knowledge transfer",
                  config=Ref("vkd.skt.config:SKTConfig"), run=Ref("vkd.skt.commands:run_skt"),
-                 evaluate=Ref("vkd.skt.commands:evaluate"), preset_dir="skt"),
+                 evaluate=Ref("vkd.skt.commands:evaluate"), preset_dir="skt", evaluates_weights=True),
     ),
     demo=Ref("vkd.skt.demo:demo_stage"),
     verbs=(
