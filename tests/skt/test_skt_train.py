@@ -151,3 +151,36 @@ def test_teacher_precision_only_changes_the_frozen_teachers_forward(monkeypatch,
     reference.adapters.load_state_dict(task.adapters.state_dict())
     with torch.no_grad():
         assert float(reference(batch)["loss"]) == pytest.approx(float(out["loss"]), rel=0.05)
+
+
+def test_val_fraction_carves_validation_from_train_and_selects_the_best_by_val_mae(tmp_path):
+    """data.val_fraction holds out training images (disjoint, never the test split); train.select_best=val_mae
+    keeps best/, whose weights are the export that vkd eval / count read."""
+    from vkd.engine import load_checkpoint_weights, read_best
+    from vkd.skt.datasets import build_eval_sets, split_train_records
+
+    sets = _tiny(tmp_path, 6) + ["model.width_div=4", "data.val_fraction=0.25", "train.checkpoint_every=2",
+                                  "train.keep_last=0", "train.select_best=val_mae"]
+    cfg = load_config(SKTTeacherConfig, None, sets, task="skt-teacher")
+    _, train, val = split_train_records(cfg.data)
+    names = lambda records: {r.image_path.name for r in records}  # noqa: E731
+    assert len(val) == 4 and len(train) == 12 and not names(train) & names(val)
+    assert len(build_train_dataset(cfg.data).records) == 12
+    eval_sets = build_eval_sets(cfg)
+    assert names(eval_sets["val"].records) == names(val)
+    assert not names(eval_sets["test"].records) & names(val)
+
+    summary = get_task("skt-teacher").run.resolve()(cfg, None)
+    run = tmp_path / "runs" / "skt-teacher" / "tiny"
+    best = read_best(run)
+    assert best["metric"] == "val_mae" and summary["best"]["step"] == best["step"] in (2, 4, 6)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val/val_mae"] for r in lines if "val/val_mae" in r}
+    assert sorted(vals) == [2, 4, 6] and best["value"] == min(vals.values())
+    exported = load_checkpoint_weights(run / RUN_EXPORT)
+    best_weights = load_checkpoint_weights(run / "best")
+    assert all(torch.equal(v, best_weights[f"model.{k}"]) for k, v in exported.items())
+
+    bad = load_config(SKTTeacherConfig, None, _tiny(tmp_path, 1) + ["data.val_fraction=16"], task="skt-teacher")
+    with pytest.raises(UserError, match="data.val_fraction=16 takes 16 of the 16 training items"):
+        build_train_dataset(bad.data)

@@ -36,20 +36,22 @@ def validation_size(num: int, val_split: float, what: str = "data.val_split") ->
     if count < 1:
         raise ConfigError(f"{what}={val_split} of {num} training items is no item; use a larger fraction")
     if count >= num:
-        raise ConfigError(f"{what}={val_split} takes {count} of the {num} training items and leaves no training "
+        raise ConfigError(f"{what}={val_split:g} takes {count} of the {num} training items and leaves no training "
                           "data")
     return count
 
 
-def carve_validation(num: int, val_split: float, seed: int) -> tuple[list[int], list[int]]:
+def carve_validation(num: int, val_split: float, seed: int, what: str = "data.val_split"
+                     ) -> tuple[list[int], list[int]]:
     """Split ``range(num)`` into ``(train, val)`` index lists (sorted), the validation part drawn with ``seed``.
 
     Args:
         num: number of training items.
         val_split: fraction in (0, 1) or count >= 1 of items for validation; 0 gives no validation items.
         seed: the draw's seed (a function of the data, not of the run, so every run validates on the same items).
+        what: the config key, for error messages.
     """
-    count = validation_size(num, val_split)
+    count = validation_size(num, val_split, what)
     if count == 0:
         return list(range(num)), []
     order = torch.randperm(num, generator=torch.Generator().manual_seed(seed)).tolist()

@@ -141,7 +141,11 @@ class CrowdDataConfig:
         root: data set root (for ``synthetic``: where to generate; default ``$VKD_CACHE_DIR/skt/synthetic-<hash>``).
         train_split: training split (``train`` → ``train_data`` / ``Train`` / ``train``).
         test_split: split of ``vkd eval`` and of the end-of-training evaluation.
-        val_split: optional held-out split also evaluated during training (never a subset of train).
+        val_split: optional held-out split also evaluated during training (a named split of the data set, such as
+            NWPU-Crowd's ``val``; never a subset of train).
+        val_fraction: a validation set carved from the training split instead (a fraction in (0, 1) or a count of
+            images, drawn with seed 0; the official SKT selects on ``A_val.json``, a subset of train): the images
+            it takes are not trained on. Its ``val_mae`` / ``val_rmse`` drive ``train.select_best``.
         crop: ``ratio`` (reference: side × U(crop_ratio)), ``fixed`` (``crop_size`` squares) or ``none``.
         crop_ratio: range of the ``ratio`` crop.
         crop_size: side of ``fixed`` crops.
@@ -160,6 +164,7 @@ class CrowdDataConfig:
     train_split: str = "train"
     test_split: str = "test"
     val_split: str | None = None
+    val_fraction: float = 0.0
     density: DensityConfig = field(default_factory=DensityConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     crop: Literal["ratio", "fixed", "none"] = "none"
@@ -183,6 +188,12 @@ class CrowdDataConfig:
             raise ConfigError("data.crop_size must be >= 8, data.min_size >= 1, data.repeat >= 1, data.max_side >= 0")
         if self.dataset != "synthetic" and not self.root:
             raise ConfigError(f"data.root is required for data.dataset={self.dataset}")
+        if self.val_fraction < 0:
+            raise ConfigError(f"data.val_fraction must be >= 0 (a fraction in (0, 1) or a count), got "
+                              f"{self.val_fraction}")
+        if self.val_fraction and self.val_split:
+            raise ConfigError("data.val_fraction (carved from train) and data.val_split (a named split) are two "
+                              "validation sets; set one")
 
     @property
     def layout(self) -> str:

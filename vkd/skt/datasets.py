@@ -33,6 +33,7 @@ from scipy.io import loadmat
 from torch.utils.data import Dataset
 
 from vkd.cache import cache_dir
+from vkd.data.splits import carve_validation
 from vkd.data.files import image_size, open_image, read_image
 from vkd.errors import DataError
 from vkd.skt.config import CrowdDataConfig, SKTConfig, SKTTeacherConfig
@@ -58,6 +59,7 @@ __all__ = [
     "build_train_dataset",
     "build_eval_dataset",
     "build_eval_sets",
+    "split_train_records",
 ]
 
 log = logging.getLogger(__name__)
@@ -529,30 +531,42 @@ def _cache(data_cfg: CrowdDataConfig, root: Path) -> DensityCache:
                         else root / ".vkd_density")
 
 
-def build_train_dataset(data_cfg: CrowdDataConfig) -> CrowdTrainDataset:
-    """The training set of a :class:`vkd.skt.config.CrowdDataConfig`."""
+def split_train_records(data_cfg: CrowdDataConfig) -> tuple[Path, list[CrowdRecord], list[CrowdRecord]]:
+    """``(root, train records, validation records)`` of the training split: ``data.val_fraction`` of its images
+    (seed 0, :func:`vkd.data.splits.carve_validation`) are held out for validation, the rest are trained on."""
     root = resolve_root(data_cfg)
     records = list_records(root, data_cfg.layout, data_cfg.train_split, data_cfg.max_side, data_cfg.min_size,
                            dedupe=data_cfg.reference_parity)
+    train, val = carve_validation(len(records), data_cfg.val_fraction, seed=0, what="data.val_fraction")
+    return root, [records[i] for i in train], [records[i] for i in val]
+
+
+def build_train_dataset(data_cfg: CrowdDataConfig) -> CrowdTrainDataset:
+    """The training set of a :class:`vkd.skt.config.CrowdDataConfig` (minus ``data.val_fraction``)."""
+    root, records, _ = split_train_records(data_cfg)
     return CrowdTrainDataset(records, data_cfg.density.spec(data_cfg.reference_parity), _cache(data_cfg, root),
                              data_cfg.crop, tuple(data_cfg.crop_ratio), data_cfg.crop_size, data_cfg.flip_prob,
                              data_cfg.repeat, data_cfg.effective_downsample(),
                              preload=data_cfg.preload or data_cfg.dataset == "synthetic", min_size=data_cfg.min_size)
 
 
-def build_eval_dataset(data_cfg: CrowdDataConfig, split: str | None = None) -> CrowdEvalDataset:
-    """The evaluation set (``split`` defaults to ``data.test_split``)."""
+def build_eval_dataset(data_cfg: CrowdDataConfig, split: str | None = None,
+                       records: list[CrowdRecord] | None = None) -> CrowdEvalDataset:
+    """The evaluation set (``split`` defaults to ``data.test_split``; ``records`` given: those images)."""
     root = resolve_root(data_cfg)
-    records = list_records(root, data_cfg.layout, split or data_cfg.test_split, data_cfg.max_side,
-                           data_cfg.min_size, dedupe=data_cfg.reference_parity)
+    if records is None:
+        records = list_records(root, data_cfg.layout, split or data_cfg.test_split, data_cfg.max_side,
+                               data_cfg.min_size, dedupe=data_cfg.reference_parity)
     return CrowdEvalDataset(records, data_cfg.effective_gt_count(), data_cfg.density.spec(data_cfg.reference_parity),
                             _cache(data_cfg, root), data_cfg.effective_downsample(), data_cfg.min_size)
 
 
 def build_eval_sets(cfg: SKTTeacherConfig | SKTConfig) -> dict[str, CrowdEvalDataset]:
-    """The sets evaluated during and at the end of training: ``{"test": eval.split, "val": data.val_split}``
-    (``val`` only when configured)."""
+    """The sets evaluated during and at the end of training: ``{"test": eval.split, "val": ...}`` with ``val``
+    from ``data.val_split`` (a named split) or ``data.val_fraction`` (carved from train), when configured."""
     sets = {"test": build_eval_dataset(cfg.data, cfg.eval.split)}
     if cfg.data.val_split:
         sets["val"] = build_eval_dataset(cfg.data, cfg.data.val_split)
+    elif cfg.data.val_fraction:
+        sets["val"] = build_eval_dataset(cfg.data, records=split_train_records(cfg.data)[2])
     return sets

@@ -77,6 +77,18 @@ class _EvalMixin:
             out[f"{prefix}{tag}rmse"] = metrics["rmse"]
         return out
 
+    @property
+    def validation_metrics(self) -> tuple[str, ...]:
+        """``val_mae`` / ``val_rmse`` when there is a validation set (``train.select_best`` may use them)."""
+        return ("val_mae", "val_rmse") if "val" in self.eval_sets else ()
+
+    def validate(self, step: int) -> dict[str, float]:
+        cfg = self.cfg  # type: ignore[attr-defined]
+        model = self.student_module()  # type: ignore[attr-defined]
+        metrics, _ = evaluate_model(model, self.eval_sets["val"], cfg.eval.tile_size, cfg.eval.tile_overlap,
+                                    cfg.eval.max_images)
+        return {"val_mae": metrics["mae"], "val_rmse": metrics["rmse"]}
+
 
 class CSRNetTask(_EvalMixin, DistillationTask):
     """``skt-teacher``: a CSRNet trained on ground-truth densities only (``‖D − D_GT‖²`` summed over pixels).
