@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -20,10 +19,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli_output as cli
 from PIL import Image
 from torch import nn
 
-from vkd.cli import main
 from vkd.errors import UserError
 from vkd.metrics import scores
 from vkd.metrics.fid import feature_pass, load_reference, no_tf32
@@ -34,20 +33,6 @@ REL = 1e-4
 # ------------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------------
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """``vkd.cli.main`` in process → ``(exit code, stdout, stderr)``; the logging handler it adds is removed."""
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    try:
-        code = main([str(a) for a in args])
-    finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line_error(code: int, err: str, fragment: str) -> None:

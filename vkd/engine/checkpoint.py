@@ -173,6 +173,29 @@ def remove_stale(checkpoint_dir: str | Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _seal_and_publish(tmp: Path, final: Path, names: list[str], step: int, extra_meta: dict[str, Any]) -> None:
+    """fsync and hash the files of ``tmp``, write ``meta.json`` last, then rename ``tmp`` to ``final``.
+
+    An existing ``final`` (the same step written again, e.g. an interrupt right after a periodic save, or the
+    previous ``best/``) is renamed to a hidden ``.old-*`` name first and deleted after the swap.
+    """
+    files = {}
+    for name in names:
+        _fsync(tmp / name)
+        files[name] = _sha256(tmp / name)
+    meta = {"step": step, "time": time.time(), "files": files, **extra_meta}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    _fsync(tmp / "meta.json")
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync(final.parent)
+
+
 def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict[str, torch.Tensor],
                     training_state: dict[str, Any], ema_state: dict[str, torch.Tensor] | None = None,
                     keep_last: int = 0, extra_meta: dict[str, Any] | None = None) -> Path:
@@ -201,26 +224,13 @@ def save_checkpoint(checkpoint_dir: str | Path, step: int, model_state: dict[str
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        files = {"model.safetensors": None, "training_state.pt": None}
+        names = ["model.safetensors", "training_state.pt"]
         save_file(_plain_tensors(model_state), str(tmp / "model.safetensors"), metadata={"step": str(step)})
         if ema_state is not None:
             save_file(_plain_tensors(ema_state), str(tmp / "ema.safetensors"), metadata={"step": str(step)})
-            files["ema.safetensors"] = None
+            names.append("ema.safetensors")
         torch.save(training_state, tmp / "training_state.pt")
-        for name in files:
-            _fsync(tmp / name)
-            files[name] = _sha256(tmp / name)
-        meta = {"step": step, "time": time.time(), "files": files, **(extra_meta or {})}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _fsync(tmp / "meta.json")
-        if final.exists():  # same step written again (e.g. an interrupt right after a periodic save)
-            old = checkpoint_dir / f".old-checkpoint-{step}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync(checkpoint_dir)
+        _seal_and_publish(tmp, final, names, step, extra_meta or {})
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"could not write checkpoint-{step} in {checkpoint_dir}: {err}") from err
@@ -313,22 +323,8 @@ def save_best(run_dir: str | Path, step: int, model_state: dict[str, torch.Tenso
         tmp.mkdir(parents=True)
         save_file(_plain_tensors(model_state), str(tmp / "model.safetensors"), metadata={"step": str(step)})
         torch.save({"step": step, "extra": extra}, tmp / "training_state.pt")
-        files = {}
-        for name in ("model.safetensors", "training_state.pt"):
-            _fsync(tmp / name)
-            files[name] = _sha256(tmp / name)
-        meta = {"step": step, "time": time.time(), "files": files, "metric": metric, "value": float(value),
-                "mode": mode}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        _fsync(tmp / "meta.json")
-        if final.exists():
-            old = run_dir / f".old-{BEST_DIR}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync(run_dir)
+        _seal_and_publish(tmp, final, ["model.safetensors", "training_state.pt"], step,
+                          {"metric": metric, "value": float(value), "mode": mode})
     except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(f"could not write {final}: {err}") from err
