@@ -309,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return COMMANDS.get(args.command, _cmd_verb)(args)
+        code = COMMANDS.get(args.command, _cmd_verb)(args)
+        if "torch" in sys.modules:  # `vkd --help` and config commands never import it
+            from vkd.engine.runs import close_process_group
+
+            close_process_group()
+        return code
     except UserError as err:
         print(f"vkd: error: {_message(err)}", file=sys.stderr)
         return err.exit_code

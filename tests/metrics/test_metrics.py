@@ -749,7 +749,14 @@ DIST_SCRIPT = GENERATOR + textwrap.dedent("""
         return {"folder": a, "run": b}
 
     if __name__ == "__main__":
-        json.dump(both(*sys.argv[1:5]), open(sys.argv[5], "w"))
+        import os
+        from vkd.engine.runs import close_process_group
+
+        result = both(*sys.argv[1:5])
+        if int(os.environ.get("RANK", "0")) == 0:  # one writer: two ranks writing one file can interleave
+            with open(sys.argv[5], "w") as f:
+                json.dump(result, f)
+        close_process_group()
 """)
 
 

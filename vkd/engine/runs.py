@@ -14,7 +14,7 @@ from vkd.cache import atomic_write_text
 from vkd.config import load_config
 from vkd.errors import UserError
 
-__all__ = ["check_run_dir", "open_run", "run_task_name", "resolve_device", "write_json"]
+__all__ = ["check_run_dir", "open_run", "run_task_name", "resolve_device", "write_json", "close_process_group"]
 
 C = TypeVar("C")
 
@@ -83,3 +83,14 @@ def write_json(path: str | Path, data: Any) -> Path:
     path = Path(path)
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
     return path
+
+
+def close_process_group() -> None:
+    """Under torchrun: wait for every rank, then tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, a gloo group whose peer has already exited can abort the process ("terminate
+    called without an active exception", exit code -6) after the command itself succeeded. No-op without one.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
