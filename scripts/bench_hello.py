@@ -2,11 +2,20 @@
 
 For every IPC and seed the whole distillation runs (projector fit → RDED selection → export) with that
 seed, then fresh students train on the exported set with each label source (hard, teacher online,
-projector online, random-real-images control). The teacher and the tiny CLIP are trained once (the
+projector online, CLIP zero-shot online, random-real-images control). The teacher and the tiny CLIP are trained once (the
 tiny CLIP from an empty cache, so its pretraining time is measured). Writes JSON and prints a table.
 
     .venv/bin/python scripts/bench_hello.py                      # IPC 1 and 10, seeds 0 1 2
     .venv/bin/python scripts/bench_hello.py --ipc 10 --seeds 0   # one pipeline, the "embedded run"
+
+``--streaming``: memory and throughput of the streaming data pipeline instead. Generates ``--num-images`` JPEGs
+(shorter side 224 px) in ``--classes`` class folders under a temporary directory (deleted afterwards), then, in a
+child process, indexes the ImageFolder tree and runs HeLlO's teacher scoring over every image (``rded_select``: all
+images of each class scored by a small CNN teacher, decoded per batch in ``--workers`` DataLoader workers). Reports
+images/s and the peak memory: the child's and its workers' peak RSS (``resource.getrusage``) and the peak of the
+summed PSS of the process tree (sampled from ``/proc``; shared pages counted once)::
+
+    .venv/bin/python scripts/bench_hello.py --streaming --num-images 5000 --classes 100
 """
 
 from __future__ import annotations
@@ -15,9 +24,13 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,15 +47,186 @@ from vkd.hello.data import load_split  # noqa: E402
 from vkd.hello.evaluate import evaluate_run  # noqa: E402
 from vkd.hello.projector import build_clip  # noqa: E402
 
-SOURCES = ["hard", "teacher", "projector", "random"]
+SOURCES = ["hard", "teacher", "projector", "zero_shot", "random"]
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _make_image(job: tuple[str, int, int]) -> None:
+    """One smooth random JPEG (gradients + ellipses + noise: compresses like a photo, ~10-20 kB), shorter side 224."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    path, seed, label = job
+    rng = np.random.default_rng(seed)
+    w, h = 224 + int(rng.integers(0, 96)), 224
+    if rng.random() < 0.5:
+        w, h = h, w
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([np.sin(xx / rng.uniform(8, 40) + rng.uniform(0, 6)) * 60 + 40 * (label % 3 == k) + 100
+                     for k in range(3)], -1) + np.cos(yy / rng.uniform(8, 40))[..., None] * 40
+    img = Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        draw.ellipse([x0, y0, x0 + int(rng.integers(20, 120)), y0 + int(rng.integers(20, 120))],
+                     fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    img.save(path, quality=90)
+
+
+def _generate(root: Path, num_images: int, classes: int, procs: int, unique: int = 0) -> float:
+    """``num_images`` JPEGs in ``classes`` folders; with ``unique`` > 0 only the first ``unique`` are encoded and the
+    rest are hard links to them (same files to open and decode, a fraction of the generation time)."""
+    from multiprocessing import Pool
+
+    jobs, links = [], []
+    for i in range(num_images):
+        c = i % classes
+        folder = root / f"class_{c:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = str(folder / f"{i:07d}.jpg")
+        if unique and i >= unique:
+            links.append((jobs[i % unique][0], path))
+        else:
+            jobs.append((path, i, c))
+    t0 = time.perf_counter()
+    with Pool(procs) as pool:
+        for _ in pool.imap_unordered(_make_image, jobs, chunksize=64):
+            pass
+    for src, dst in links:
+        os.link(src, dst)
+    return time.perf_counter() - t0
+
+
+def _tree_memory(pid: int) -> tuple[int, int]:
+    """(summed PSS, summed RSS) in bytes of ``pid`` and all its descendants (0 for processes already gone)."""
+    pids, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        pids.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    pss = rss = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                    elif line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return pss, rss
+
+
+def _score_child(args: argparse.Namespace) -> None:
+    """In the child process: index the folder, score every image with a small teacher, print JSON."""
+    from vkd.hello.config import ClassifierConfig
+    from vkd.hello.data import load_imagefolder
+    from vkd.hello.images import rded_select
+    from vkd.hello.model import build_classifier
+
+    torch.set_num_threads(args.threads or 1)
+    t0 = time.perf_counter()
+    # no verification pass: the figure is the scoring pass alone (data.verify=false, as for an ImageNet-scale set)
+    data = load_imagefolder(args.score_dir, 224, num_workers=args.workers, verify=False)
+    t_index = time.perf_counter() - t0
+    torch.manual_seed(0)  # random weights: the scoring cost does not depend on them
+    teacher = build_classifier(ClassifierConfig(arch="small_cnn", width=args.teacher_width, depth=3),
+                               data.num_classes, 224).eval()
+    per_class = int(data.counts().max())
+    t0 = time.perf_counter()
+    sel = rded_select(data, None, teacher, data.num_classes, ipc=1, factor=1, mipc=per_class, num_crop=1,
+                      crop_scale=(1.0, 1.0), batch_size=args.batch_size, patch_dtype=torch.uint8)
+    t_score = time.perf_counter() - t0
+    print(json.dumps({
+        "images": len(data), "classes": data.num_classes, "index_seconds": t_index, "score_seconds": t_score,
+        "images_per_second": len(data) / t_score, "selected": int(sel.patches.shape[0]), "skipped": data.skipped,
+        "child_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        # Linux: the largest terminated child (here: one DataLoader worker), not their sum
+        "worker_peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "torch_threads": torch.get_num_threads()}))
+
+
+def streaming_bench(args: argparse.Namespace) -> None:
+    """Generate the ImageFolder tree, score it in a child process while sampling the tree's memory, report."""
+    tmp = Path(tempfile.mkdtemp(prefix="vkd_hello_stream_", dir=args.tmp_dir or None))
+    try:
+        t_gen = _generate(tmp, args.num_images, args.classes, max(1, os.cpu_count() or 1), args.unique)
+        disk = sum(f.stat().st_size for f in tmp.rglob("*.jpg"))
+        distinct = f", {args.unique} distinct + hard links" if args.unique else ""
+        print(f"generated {args.num_images} JPEGs in {args.classes} classes ({disk / 2**20:.0f} MiB{distinct}) in "
+              f"{t_gen:.0f} s under {tmp}", flush=True)
+        cmd = [sys.executable, __file__, "--score-dir", str(tmp), "--workers", str(args.workers), "--threads",
+               str(args.threads or 1), "--teacher-width", str(args.teacher_width), "--batch-size",
+               str(args.batch_size)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        peak = {"pss": 0, "rss": 0}
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                pss, rss = _tree_memory(proc.pid)
+                peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+                done.wait(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.perf_counter()
+        out, _ = proc.communicate()
+        wall = time.perf_counter() - t0
+        done.set()
+        sampler.join()
+        if proc.returncode:
+            raise SystemExit(f"scoring child failed with exit code {proc.returncode}")
+        child = json.loads(out.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    in_ram = args.num_images * 3 * 224 * 224  # what the former loader held: uint8 [N, 3, 224, 224]
+    report = {
+        "benchmark": "hello-streaming-imagefolder",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "num_images": args.num_images, "distinct_images": args.unique or args.num_images, "classes": args.classes,
+        "workers": args.workers,
+        "teacher": f"small_cnn width {args.teacher_width} depth 3 at 224 px (random weights)",
+        "generate_seconds": t_gen, "jpeg_bytes_on_disk": disk, "child_wall_seconds": wall, **child,
+        "peak_tree_pss_bytes": peak["pss"], "peak_tree_rss_bytes": peak["rss"],
+        "in_ram_uint8_bytes_former_loader": in_ram,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "load_avg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+    }
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench_hello_streaming_{args.num_images}.json"
+    path.write_text(json.dumps(report, indent=2))
+    gib = 2**30
+    print(f"{args.num_images} images / {args.classes} classes, {args.workers} workers: teacher scoring "
+          f"{child['images_per_second']:.1f} images/s ({child['score_seconds']:.1f} s, index {child['index_seconds']:.1f} s)")
+    print(f"peak memory: process tree PSS {peak['pss'] / gib:.2f} GiB (RSS sum {peak['rss'] / gib:.2f} GiB); main "
+          f"process RSS {child['child_peak_rss_bytes'] / gib:.2f} GiB, largest worker RSS "
+          f"{child['worker_peak_rss_bytes'] / gib:.2f} GiB; the former in-RAM loader: {in_ram / gib:.2f} GiB of uint8")
+    print(f"JSON: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streaming", action="store_true", help="benchmark the streaming pipeline (see above)")
+    ap.add_argument("--num-images", type=int, default=5000, help="--streaming: JPEGs to generate")
+    ap.add_argument("--classes", type=int, default=100, help="--streaming: class folders")
+    ap.add_argument("--workers", type=int, default=2, help="--streaming: DataLoader decoding workers")
+    ap.add_argument("--teacher-width", type=int, default=8, help="--streaming: small CNN teacher width")
+    ap.add_argument("--batch-size", type=int, default=64, help="--streaming: scoring (teacher) batch size")
+    ap.add_argument("--tmp-dir", default="", help="--streaming: where the temporary image folder goes")
+    ap.add_argument("--unique", type=int, default=0,
+                    help="--streaming: encode only this many distinct JPEGs, hard-link the rest (0: all distinct)")
+    ap.add_argument("--score-dir", default="", help=argparse.SUPPRESS)  # internal: the scoring child
     ap.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="runs/bench/hello")
@@ -50,6 +234,14 @@ def main() -> None:
     ap.add_argument("--keep-cache", action="store_true", help="reuse a pretrained tiny CLIP from a previous run")
     ap.add_argument("--set", nargs="*", default=[], help="extra hello overrides, e.g. student.steps=200")
     args = ap.parse_args()
+    if args.score_dir:
+        _score_child(args)
+        return
+    if args.streaming:
+        if args.out == "runs/bench/hello":
+            args.out = "runs/bench/hello_streaming"
+        streaming_bench(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -133,9 +325,10 @@ def main() -> None:
     (out / "bench_hello.json").write_text(json.dumps(report, indent=2))
 
     print()
-    print("| IPC | hard | teacher online | projector online | random-images control | projector / teacher |"
+    print("| IPC | hard | teacher online | projector online | zero-shot CLIP online | random-images control |"
+          " projector / teacher |"
           " adapter bytes | stored soft labels | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for ipc, r in results.items():
         s, st = r["summary"], r["storage"]
         cells = " | ".join(f"{s[f'acc_{k}'][0]:.3f} ± {s[f'acc_{k}'][1]:.3f}" for k in SOURCES)

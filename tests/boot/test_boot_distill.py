@@ -187,8 +187,8 @@ def test_compare_generators_reports_fid_precision_recall_and_rms_on_the_same_noi
     """The benchmark's side-by-side comparison: each generator's precision/recall equals the metric on its own
     features against the held-out digits, and the reference chain has RMS 0 to itself."""
     from vkd.boot.evaluate import DigitsFID, compare_generators
-    from vkd.boot.sample import ddim_sample, noise_batches, to_uint8
     from vkd.boot.runs import load_run as load_boot_run
+    from vkd.boot.sample import ddim_sample, noise_batches, to_uint8
     from vkd.metrics.fid import feature_pass
     from vkd.metrics.scores import precision_recall
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from f3d_helpers import TEACHER_DIM, trained_like, tiny_cfg
+from f3d_helpers import TEACHER_DIM, tiny_cfg, trained_like
 from plyfile import PlyData, PlyElement
 
 from vkd.cli import main
@@ -18,8 +18,8 @@ from vkd.engine import train_task
 from vkd.feature3dgs.data.prepare import prepare_scene
 from vkd.feature3dgs.distiller import FROZEN_KEYS, build_field, build_task, count_gaussians_in_views
 from vkd.feature3dgs.export import export_ply
-from vkd.feature3dgs.model import GaussianField
 from vkd.feature3dgs.ply import read_ply, write_ply
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -30,15 +30,22 @@ def _tree(root, classes=("cat", "golden_retriever"), n=3, size=20):
     return root
 
 
-def test_imagefolder_loads_and_skips_undecodable(tmp_path):
+def test_imagefolder_streams_and_skips_undecodable(tmp_path):
     root = _tree(tmp_path / "train")
     (root / "cat" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    data = load_imagefolder(root, image_size=16)
-    assert data.images.shape == (6, 3, 16, 16) and data.images.dtype == torch.uint8
-    assert data.class_names == ("cat", "golden_retriever") and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    verified = load_imagefolder(root, image_size=16)  # default: one decoding pass now, nothing kept
+    assert verified.streamed and verified.images is None  # only the index is in RAM
+    assert len(verified) == 6 and verified.skipped == 1 and verified.skipped_files[0].endswith("broken.jpg")
+    data = load_imagefolder(root, image_size=16, verify=False)
+    assert data.class_names == ("cat", "golden_retriever") and data.labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert data.skipped == 0  # nothing decoded yet
+    mem = data.materialize()  # one streaming pass
+    assert mem.images.shape == (6, 3, 16, 16) and mem.images.dtype == torch.uint8
+    assert mem.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert data.skipped == 1 and data.skipped_files[0].endswith("broken.jpg")
+    assert "broken.jpg" in data.skip_summary() and "skipped 1" in data.skip_summary()
     assert prompt_names(data.class_names) == ["cat", "golden retriever"]
-    assert data.float_images().max() <= 1.0
+    assert mem.float_images().max() <= 1.0
 
 
 def test_imagefolder_bad_input(tmp_path):
@@ -54,8 +61,12 @@ def test_imagefolder_bad_input(tmp_path):
     bad = tmp_path / "bad"
     (bad / "a").mkdir(parents=True)
     (bad / "a" / "x.png").write_bytes(b"garbage")
-    with pytest.raises(DataError, match="could be decoded"):
+    (bad / "a" / "y.png").write_bytes(b"garbage too")
+    with pytest.raises(DataError, match="no image of class 'a' .* could be decoded"):
         load_imagefolder(bad, 16)
+    data = load_imagefolder(bad, 16, verify=False)  # no pass yet: the error comes when a pass meets the class
+    with pytest.raises(DataError, match="no image of class 'a' .* could be decoded"):
+        data.fetch(torch.tensor([0]))  # a training pass substitutes within the class: none is left
 
 
 def test_train_val_class_mismatch(tmp_path):

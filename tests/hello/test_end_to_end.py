@@ -25,15 +25,31 @@ def _teacher(out: str, steps: int) -> None:
     assert (cfg.run_dir() / "teacher.json").is_file() and summary["eval"]["test_acc"] > 0.5
 
 
-def test_pipeline_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """A whole embedded run in a few seconds of training: (config, summary of run_hello)."""
+    tmp_path = tmp_path_factory.mktemp("smoke")
     out = str(tmp_path / "runs")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # module scope runs before the autouse single-thread fixture (see conftest.py)
+    try:
+        return _smoke(tmp_path, out)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _smoke(tmp_path, out):
     _teacher(out, 60)
     cfg = apply_overrides(HelloConfig(), [
         f"run.output_dir={out}", f"clip.cache_dir={tmp_path / 'cache'}", "clip.tiny.width=32", "clip.tiny.layers=1",
         "clip.tiny.text_width=32", "clip.tiny.embed_dim=32", "clip.tiny.steps=20", "clip.tiny.batch_size=32",
         "train.steps=20", "train.batch_size=32", "train.checkpoint_every=1000", "selection.ipc=1",
         "selection.mipc=20", "student.steps=10", "student.model.width=8", "eval.seeds=[0]"])
-    summary = run_hello(cfg)
+    return cfg, run_hello(cfg)
+
+
+def test_pipeline_smoke(smoke_run, tmp_path):
+    cfg, summary = smoke_run
     run_dir = cfg.run_dir()
     info = json.loads((run_dir / "hello.json").read_text())
     assert summary["adapter_bytes"] == info["adapter"]["bytes"] == 2 * info["adapter"]["params"]  # fp16
@@ -54,6 +70,45 @@ def test_pipeline_smoke(tmp_path):
         assert key in metrics
     assert metrics["soft_label_bytes"] == 300 * 10 * 10 * 2  # epochs × images × classes × fp16
     assert metrics["storage_ratio"] == metrics["adapter_bytes"] / metrics["soft_label_bytes"]
+    # the run's metadata lists the LoRA targets chosen for the tiny ViT: attention blocks included
+    assert info["clip_family"] == "vit" and any(t.endswith(".attn") for t in info["lora_targets"])
+    assert summary["lora_targets"] == info["lora_targets"]
+
+
+def test_eval_zero_shot_source_and_cross_architecture_rows(smoke_run, tmp_path, capsys):
+    """``vkd eval hello`` reports the zero-shot label source (a student trained on CLIP zero-shot labels, recomputed
+    here without the adapter machinery), the fit against zero-shot, and one row per student architecture."""
+    from vkd.cli import main
+    from vkd.hello.evaluate import accuracy, train_student
+    from vkd.hello.projector import build_projector
+    from vkd.hello.runs import load_run
+    from vkd.models import load_clip
+
+    cfg, _ = smoke_run
+    code = main(["eval", "hello", "--run", str(cfg.run_dir()), "--out", str(tmp_path / "ev"),
+                 "--set", "eval.sources=[hard,zero_shot,projector]",
+                 "--set", "eval.students=[small_cnn,mobilenet_v3_small]"])
+    out = capsys.readouterr().out
+    assert code == 0
+    printed = dict(line.split(None, 1) for line in out.strip().splitlines() if not line.startswith("student "))
+    zero_shot_student = float(printed["acc_zero_shot_mean"])
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert [r["student"] for r in saved["students"]] == ["small_cnn", "mobilenet_v3_small"]
+    assert "student small_cnn" in out and "student mobilenet_v3_small" in out
+    table = (tmp_path / "ev" / "eval_students.md").read_text().strip().splitlines()
+    assert table[0] == "| student | hard | zero_shot | projector |" and len(table) == 4
+    # recompute: the same student recipe and seed, labelled online by a plain CLIP zero-shot head (no LoRA at all)
+    run = load_run(cfg.run_dir(), cfg, progress=False)
+    clip = load_clip(run.adapter_meta["clip_model"])
+    plain = build_projector(clip, run.adapter_meta["class_names"], cfg.clip.prompt_template).eval()
+    student = train_student(run.images, run.labels, 10, cfg.student, plain, 1, 0)
+    assert zero_shot_student == pytest.approx(accuracy(student, run.test), abs=1e-6)
+    assert saved["per_seed"]["zero_shot"] == [pytest.approx(zero_shot_student, abs=1e-6)]
+    # the fit against zero-shot: test accuracy of the plain zero-shot head, and the fit lowered the MSE to the teacher
+    fit = saved["fit"]
+    assert fit["zero_shot_test_acc"] == pytest.approx(accuracy(plain, run.test))
+    assert fit["projector_fit_mse"] < fit["zero_shot_fit_mse"]
+    assert fit["projector_gain_over_zero_shot"] == pytest.approx(fit["projector_test_acc"] - fit["zero_shot_test_acc"])
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ arrays with NaN or infinite values.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import struct
 import warnings
@@ -66,24 +67,37 @@ def _first_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def open_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Iterator[Any]:
+def open_image(path: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, name: str | None = None
+               ) -> Iterator[Any]:
     """Open an image with PIL, refusing empty files, non-images and decompression bombs before decoding.
 
     The ``with`` body gets the open ``PIL.Image`` (only its header has been read). Decoding errors raised in
     the body (truncated data, broken chunks, PIL's own bomb guard) become one-line :class:`DataError` s too.
 
+    Args:
+        path: an image file, or the encoded bytes of one (a tar member).
+        max_pixels: the decompression-bomb limit.
+        name: what messages call the image (default: the path).
+
     Raises:
         DataError: missing, empty, not an image, too large, or broken.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image not found: {path}")
-    if path.stat().st_size == 0:
-        raise DataError(f"image file is empty: {path}")
+    if isinstance(path, bytes):
+        source: Any = io.BytesIO(path)
+        path = name or "<bytes>"
+        if not source.getbuffer().nbytes:
+            raise DataError(f"image file is empty: {path}")
+    else:
+        path = source = Path(path)
+        if not path.is_file():
+            raise DataError(f"image not found: {path}")
+        if path.stat().st_size == 0:
+            raise DataError(f"image file is empty: {path}")
+        path = name or path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise DataError(f"image {path} is {width}×{height} pixels, more than the limit of "

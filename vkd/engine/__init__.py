@@ -2,12 +2,12 @@
 
 from vkd.engine.checkpoint import (
     latest_checkpoint,
-    read_best,
-    selected_checkpoint,
     list_checkpoints,
     load_checkpoint_weights,
     load_training_state,
+    read_best,
     save_checkpoint,
+    selected_checkpoint,
     verify_checkpoint,
     with_final_ema,
 )

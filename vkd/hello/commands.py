@@ -15,20 +15,23 @@ from pathlib import Path
 from vkd.engine import seeded, train_task
 from vkd.hello import evaluate
 from vkd.hello.config import HelloConfig, HelloTeacherConfig
-from vkd.hello.data import load_split
+from vkd.hello.data import load_splits
 from vkd.hello.distiller import HelloTeacherTask, prepare_fit
+from vkd.hello.model import resolve_arch
 
 __all__ = ["run_teacher", "run_hello", "evaluate_hello"]
 
 
 def run_teacher(cfg: HelloTeacherConfig, resume: str | None = None) -> dict:
     """Train the teacher (``vkd distill hello-teacher``); writes ``teacher.safetensors`` + snapshots."""
-    train = load_split(cfg.data, "train")
-    test = load_split(cfg.data, "test")
+    resolve_arch(cfg.model.arch)  # an unknown name fails before the data is indexed
+    train, test = load_splits(cfg.data)
     with seeded(cfg.run.seed):  # initial weights from run.seed alone
         task = HelloTeacherTask(cfg, train, test, cfg.run_dir())
     summary = train_task(cfg, task, train.dataset(), resume=resume)
     summary["skipped_images"] = train.skipped + test.skipped
+    train.log_skips()
+    test.log_skips()
     return summary
 
 
@@ -41,7 +44,10 @@ def run_hello(cfg: HelloConfig, resume: str | None = None) -> dict:
         info = json.loads(info_path.read_text())
         summary["adapter_bytes"] = info["adapter"]["bytes"]
         summary["adapter_params"] = info["adapter"]["params"]
+        summary["lora_targets"] = info.get("lora_targets", [])
     summary["skipped_images"] = train.skipped + test.skipped
+    train.log_skips()
+    test.log_skips()
     return summary
 
 

@@ -33,42 +33,81 @@ class HelloDataConfig:
     """Where the labelled images come from.
 
     ``digits``: scikit-learn's 8×8 digits, fixed stratified 80/20 split (``vkd.data.digits``),
-    upsampled to ``image_size``. ``imagefolder``: ``torchvision.datasets.ImageFolder`` trees
-    ``train_dir`` / ``val_dir`` (one sub-folder per class, same folders in both); images are resized
-    (shorter side) and centre-cropped to ``image_size`` and held in RAM as uint8.
+    upsampled to ``image_size``, held in RAM. The file-backed sources are indexed and **streamed** (decoded per
+    batch in DataLoader workers, resized on the shorter side and centre-cropped to ``image_size``):
+    ``imagefolder``: ``torchvision.datasets.ImageFolder`` trees ``train_dir`` / ``val_dir`` (one sub-folder per
+    class, same folders in both); ``filelist``: text files ``train_list`` / ``val_list`` of ``<path> <label>``
+    lines; ``shards``: webdataset-style uncompressed tar shards ``train_shards`` / ``val_shards``
+    (``<key>.jpg`` + ``<key>.cls``; paths, globs or ``{000..099}`` ranges).
     """
 
-    source: Literal["digits", "imagefolder"] = "digits"
+    source: Literal["digits", "imagefolder", "filelist", "shards"] = "digits"
     train_dir: str = ""
     val_dir: str = ""
+    train_list: str = ""  # filelist: lines "<image path> <label>" (label: class index or class name)
+    val_list: str = ""
+    list_root: str = ""  # filelist: folder relative paths are resolved against (default: the list's folder)
+    train_shards: list[str] = field(default_factory=list)  # shards: tar paths, globs or brace ranges
+    val_shards: list[str] = field(default_factory=list)
     image_size: int = 16  # digits are 8×8: 16 px keeps every detail at a quarter of 32 px's CPU cost
-    max_per_class: int = 0  # ImageFolder only: keep at most this many images per class (0: all)
+    max_per_class: int = 0  # file-backed sources: keep at most this many images per class (0: all)
     class_names: list[str] = field(default_factory=list)  # prompt names in class-index order (default: from data)
+    class_names_file: str = ""  # or one prompt name per line, in class-index order (e.g. ImageNet-1K's 1000)
+    # DataLoader workers decoding file-backed images in the scoring / evaluation passes (training: train.num_workers)
+    num_workers: int = 2
+    # file-backed sources: decode every file once when the data is indexed (in the workers, nothing kept) so that
+    # unreadable files are left out and counted at once and a class without a readable file fails early, as the
+    # in-RAM loader did; false (ImageNet-scale sets: no extra pass): skipped and counted when a pass meets them
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
             raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
-        if self.max_per_class < 0:
-            raise ConfigError(f"data.max_per_class must be >= 0, got {self.max_per_class}")
-        if self.source == "imagefolder" and not self.train_dir:
-            raise ConfigError("data.train_dir must be set when data.source is 'imagefolder'")
+        if self.max_per_class < 0 or self.num_workers < 0:
+            raise ConfigError("data.max_per_class and data.num_workers must be >= 0")
+        need = {"imagefolder": ("train_dir", self.train_dir), "filelist": ("train_list", self.train_list),
+                "shards": ("train_shards", self.train_shards)}.get(self.source)
+        if need is not None and not need[1]:
+            raise ConfigError(f"data.{need[0]} must be set when data.source is '{self.source}'")
+        if self.class_names and self.class_names_file:
+            raise ConfigError("set data.class_names or data.class_names_file, not both")
 
 
 @dataclass
 class ClassifierConfig:
-    """A classifier (teacher or student): ``small_cnn`` (vkd ConvNet) or torchvision ``resnet18``."""
+    """A classifier (teacher or student), by architecture name.
 
-    arch: Literal["small_cnn", "resnet18"] = "small_cnn"
+    ``arch``: ``small_cnn`` (vkd's ConvNet), any torchvision classification model
+    (``torchvision.models.list_models()``: ``resnet18``, ``mobilenet_v2``, ``efficientnet_b0``, ``vgg11``,
+    ``swin_t``, ...) or any timm model (``timm.list_models()``, optionally with a weights tag:
+    ``resnet10t.c3_in1k``). A bare name is looked up in torchvision first; ``torchvision:NAME`` / ``timm:NAME``
+    pick the library. Any class count: the classifier head is built for the dataset.
+    """
+
+    arch: str = "small_cnn"
     width: int = 32  # small_cnn: channels of the first block (doubled per block)
     depth: int = 3  # small_cnn: conv blocks (each halves the resolution)
     norm: Literal["batch", "instance", "group", "none"] = "batch"  # small_cnn normalisation
-    low_res_stem: bool | None = None  # resnet18: 3×3 stride-1 stem without max-pool (None: when image ≤ 64 px)
-    init: Literal["random", "imagenet"] = "random"  # resnet18: ImageNet weights from the torch hub cache
-    init_checkpoint: str = ""  # optional local state dict (.pth/.pt/.safetensors) loaded before training
+    # torchvision ResNets: 3×3 stride-1 stem without max-pool (None: when the image is ≤ 64 px)
+    low_res_stem: bool | None = None
+    # "": random init; "imagenet": the library's ImageNet weights from the local torch hub / Hugging Face cache
+    # (never downloaded); else a local .safetensors / torch state dict. A head of another class count is replaced.
+    pretrained: str = ""
+    init: Literal["random", "imagenet"] = "random"  # older spelling of pretrained=imagenet (saved runs)
+    init_checkpoint: str = ""  # older spelling of pretrained=<file> (saved runs)
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.depth <= 0:
             raise ConfigError("model width and depth must be > 0")
+        if not self.arch.strip():
+            raise ConfigError("model.arch must not be empty")
+        old = self.init_checkpoint or ("imagenet" if self.init == "imagenet" else "")
+        if old:
+            if self.pretrained and self.pretrained != old:
+                raise ConfigError(f"model.pretrained={self.pretrained!r} conflicts with the older init / "
+                                  f"init_checkpoint ({old!r}); set only pretrained")
+            # folded once: the saved config says pretrained=..., and reloading it gives the same model
+            self.pretrained, self.init, self.init_checkpoint = old, "random", ""
 
 
 @dataclass
@@ -106,7 +145,8 @@ class TeacherRefConfig:
 
     ``run``: a ``hello-teacher`` run directory (default ``<run.output_dir>/hello-teacher/default``),
     which provides the final teacher and its weak-teacher snapshots. ``checkpoint``: instead, a
-    state dict of a ``model``-shaped classifier (e.g. torchvision ResNet-18 weights), used alone.
+    state dict of a ``model``-shaped classifier, or ``imagenet`` for the library's ImageNet weights of
+    ``model.arch`` (from the local cache), used alone; its class count must be the dataset's.
     """
 
     run: str = ""
@@ -114,6 +154,13 @@ class TeacherRefConfig:
     model: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(arch="resnet18"))  # for checkpoint
     snapshots: list[int] = field(default_factory=list)  # indices of weak teachers for fitting (empty: all)
     sampling: Literal["uniform_per_batch", "final_only", "mean_logits"] = "uniform_per_batch"
+    # weak teachers whose recorded test accuracy is below this are not sampled (the paper's trajectory of useful
+    # teachers; 0: all snapshots)
+    min_snapshot_accuracy: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_snapshot_accuracy <= 1.0:
+            raise ConfigError(f"teacher.min_snapshot_accuracy must be in [0, 1], got {self.min_snapshot_accuracy}")
 
 
 @dataclass
@@ -137,7 +184,9 @@ class ProjectorConfig:
     """The label projector f(x) = s · normalize(E_I(x)) · W with LoRA on E_I and on W (peft)."""
 
     lora_backend: Literal["peft"] = "peft"
-    image_targets: list[str] = field(default_factory=list)  # regexes on visual module names (empty: auto)
+    # regexes on visual module names; empty: per CLIP architecture (ViT: patch conv + attention + MLP,
+    # ResNet: every conv outside the attention pool; see projector.image_lora_targets)
+    image_targets: list[str] = field(default_factory=list)
     rank_image: int = 2  # 0 disables LoRA on the image encoder
     rank_head: int = 4
     lora_alpha_image: float = 0.0  # 0: equal to the rank (scale 1)
@@ -206,7 +255,10 @@ class StudentConfig:
     """Student training on the distilled set with labels generated online per augmented view."""
 
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
-    steps: int = 300
+    steps: int = 300  # used when epochs is 0
+    # > 0: train for this many passes over the distilled set (the paper's 300 / 1000 epochs);
+    # steps = epochs × ceil(N / batch), the last batch of an epoch holding the remainder
+    epochs: int = 0
     batch_size: int = 100  # capped at the number of distilled images
     lr: float = 3e-3  # measured on digits: 1e-3 underfits in 300 steps (RDED's ResNet-18 value is 1e-3)
     weight_decay: float = 0.01
@@ -223,19 +275,32 @@ class StudentConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.temperature <= 0:
             raise ConfigError("student.steps, batch_size, lr and temperature must be > 0")
+        if self.epochs < 0:
+            raise ConfigError(f"student.epochs must be >= 0, got {self.epochs}")
         if not 0.0 < self.crop_scale_min <= 1.0 or not 0.0 <= self.cutmix <= 1.0 \
                 or not 0.0 <= self.tile_views <= 1.0:
             raise ConfigError("student.crop_scale_min must be in (0, 1], cutmix and tile_views in [0, 1]")
 
 
+LabelSource = Literal["hard", "teacher", "projector", "zero_shot", "random"]
+
+
 @dataclass
 class EvalConfig:
-    """``vkd eval hello``: label sources compared side by side and the storage comparison."""
+    """``vkd eval hello``: label sources compared side by side, per student architecture, and the storage comparison.
 
-    sources: list[Literal["hard", "teacher", "projector", "random"]] = field(
-        default_factory=lambda: ["hard", "teacher", "projector", "random"])
+    Sources: ``hard`` (CE only), ``teacher`` (online), ``projector`` (HeLlO, online), ``zero_shot`` (the CLIP
+    zero-shot classifier the projector starts from, online), ``random`` (random real images, labelled by
+    ``random_label_source``).
+    """
+
+    sources: list[LabelSource] = field(
+        default_factory=lambda: ["hard", "teacher", "projector", "zero_shot", "random"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    random_label_source: Literal["projector", "teacher", "hard"] = "projector"
+    # architectures of the students (one row each, e.g. [resnet18, mobilenet_v2, efficientnet_b0, vgg11, swin_t]);
+    # empty: student.model.arch alone. The other student.model settings apply to every entry.
+    students: list[str] = field(default_factory=list)
+    random_label_source: Literal["projector", "teacher", "zero_shot", "hard"] = "projector"
     storage_epochs: int = 300  # K of the SRe2L-style stored soft labels
     storage_crops: int = 1  # crops per image per epoch
     storage_dtype: Literal["fp16", "fp32"] = "fp16"
@@ -246,6 +311,8 @@ class EvalConfig:
             raise ConfigError("eval.sources and eval.seeds must not be empty")
         if self.storage_epochs < 1 or self.storage_crops < 1:
             raise ConfigError("eval.storage_epochs and storage_crops must be >= 1")
+        if len(set(self.students)) != len(self.students):
+            raise ConfigError(f"eval.students lists an architecture twice: {self.students}")
 
 
 @dataclass

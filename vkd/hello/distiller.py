@@ -26,16 +26,18 @@ from torch import nn
 from vkd.engine import DistillationTask
 from vkd.errors import DataError
 from vkd.hello.config import HelloConfig, HelloTeacherConfig, StudentConfig
-from vkd.hello.data import LabelledImages, load_split, prompt_names, write_distilled_set
-from vkd.hello.evaluate import accuracy, augment_batch, make_augmenter
+from vkd.hello.data import LabelledImages, as_unit, load_splits, prompt_names, write_distilled_set
+from vkd.hello.evaluate import accuracy, augment_batch, make_augmenter, student_configs
 from vkd.hello.images import auto_factor, image_update, rded_select, stitch
 from vkd.hello.losses import projector_fit_loss
-from vkd.hello.model import Classifier, build_classifier
+from vkd.hello.model import Classifier, build_classifier, resolve_arch
 from vkd.hello.projector import (
+    ZeroShot,
     adapter_state_dict,
     add_lora,
     build_clip,
     build_projector,
+    clip_family,
     lora_config,
     save_adapters,
 )
@@ -66,7 +68,7 @@ class HelloTeacherTask(DistillationTask):
         self.run_dir = Path(run_dir)
         self.snapshots = snapshot_steps(cfg.train.steps, cfg.extra.num_snapshots)
         self.snapshot_acc: dict[int, float] = {}
-        self.skipped = train.skipped + test.skipped
+        self.train_data = train
 
         aug_cfg = StudentConfig(crop_scale_min=cfg.extra.crop_scale_min, hflip=cfg.extra.hflip)
         self.augmenter = make_augmenter(aug_cfg, cfg.data.image_size)
@@ -74,8 +76,13 @@ class HelloTeacherTask(DistillationTask):
     def student_module(self) -> nn.Module:
         return self.model
 
+    def train_skipped(self) -> int:
+        """Training files that failed to decode so far (flags shared with the engine's DataLoader workers)."""
+        return self.train_data.skipped
+
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
-        x, y = batch  # [B, 3, S, S] in [0, 1], [B]
+        x, y = batch  # [B, 3, S, S] float in [0, 1] (in RAM) or uint8 (streamed), [B]
+        x = as_unit(x)
         if self.augmenter is not None:
             x = self.augmenter(x)
         logits = self.model(x)
@@ -87,8 +94,7 @@ class HelloTeacherTask(DistillationTask):
             was = self.model.training
             self.model.eval()
             save_teacher(self.model, self.run_dir / "teachers" / f"teacher-step{step}.safetensors", {})
-            self.snapshot_acc[step] = accuracy(self.model, self.test.images, self.test.labels,
-                                               device=next(self.model.parameters()).device)
+            self.snapshot_acc[step] = accuracy(self.model, self.test, device=next(self.model.parameters()).device)
             self.model.train(was)
 
     def extra_state_dict(self) -> dict[str, Any]:
@@ -102,7 +108,7 @@ class HelloTeacherTask(DistillationTask):
     def evaluate(self, step: int) -> dict[str, float]:
         was = self.model.training
         self.model.eval()
-        acc = accuracy(self.model, self.test.images, self.test.labels, device=next(self.model.parameters()).device)
+        acc = accuracy(self.model, self.test, device=next(self.model.parameters()).device)
         self.model.train(was)
         return {"test_acc": acc}
 
@@ -118,7 +124,7 @@ class HelloTeacherTask(DistillationTask):
             "recipe": asdict(self.cfg.train),
             "test_acc": acc,
             "snapshot_test_acc": {str(k): v for k, v in sorted(self.snapshot_acc.items())},
-            "skipped_images": self.skipped,
+            "skipped_images": self.test.skipped + self.train_skipped(),
         }
         save_teacher(self.model, Path(run_dir) / "teacher.safetensors", meta)
         (Path(run_dir) / "class_names.txt").write_text("\n".join(self.class_names) + "\n")
@@ -146,10 +152,13 @@ class ProjectorFitTask(DistillationTask):
         self.test = test
         self.clip_info = {"clip_model": clip.model_name, "clip_pretrained": clip.pretrained or ""}
         self.lora_kwargs = lora_kwargs
+        self.clip_family = clip_family(projector.base_model.model) if hasattr(projector, "base_model") else ""
         self.teacher_meta = teacher_meta or {}
         self.augmenter = make_augmenter(cfg.student, cfg.data.image_size)
         self.factor = auto_factor(cfg.data.image_size, cfg.selection.factor)
-        self.zero_shot_acc = self._projector_acc()  # LoRA B = 0: CLIP zero-shot (Proposition 1)
+        # what the fit starts from and is measured against: CLIP zero-shot (the adapters disabled; Proposition 1).
+        # Measured in the first evaluation pass, on the training device; it does not change during the fit.
+        self.zero_shot: dict[str, float] | None = None
 
     # ---- training -------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> ProjectorFitTask:
@@ -168,6 +177,7 @@ class ProjectorFitTask(DistillationTask):
 
     def forward(self, batch: Any) -> dict[str, torch.Tensor]:
         x, y = batch
+        x = as_unit(x)  # streamed batches arrive as uint8
         n_aug = int(round(x.shape[0] * self.cfg.projector.aug_fraction))
         if n_aug > 0:  # a projector fitted on clean images only mislabels augmented views (§4)
             x_aug, _, _, _ = augment_batch(x[:n_aug], y[:n_aug], self.cfg.student, 1, self.augmenter)
@@ -191,32 +201,42 @@ class ProjectorFitTask(DistillationTask):
         return next(self.projector.parameters()).device
 
     @torch.no_grad()
-    def _projector_acc(self) -> float:
-        was = self.projector.training
-        self.projector.eval()
-        acc = accuracy(self.projector, self.test.images, self.test.labels, device=self._device())
-        self.projector.train(was)
-        return acc
-
-    @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
+        """One pass over the (streamed) test set: projector and teacher accuracy, their argmax agreement on clean and
+        on augmented views, the fit MSE — next to the zero-shot CLIP figures of the start."""
         was = self.projector.training
         self.projector.eval()
         dev = self._device()
-        agree, agree_aug, n = 0, 0, 0
+        teacher = self.teacher[-1]
+        acc_p = acc_t = agree = agree_aug = mse = 0.0
+        zs = {"acc": 0.0, "agree": 0.0, "mse": 0.0}
+        n = 0
+        zero_shot = ZeroShot(self.projector)  # built per call: as a submodule the projector would be listed twice
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(1234)  # fixed augmented views so the number is comparable across steps
-        for s in range(0, len(self.test), 512):
-            x = self.test.float_images(slice(s, s + 512)).to(dev)
-            agree += int((self.projector(x).argmax(-1) == self.teacher[-1](x).argmax(-1)).sum())
-            xa, _, _, _ = augment_batch(x, self.test.labels[s:s + 512].to(dev), self.cfg.student, 1, self.augmenter)
-            agree_aug += int((self.projector(xa).argmax(-1) == self.teacher[-1](xa).argmax(-1)).sum())
+        for x, y, _, _ in self.test.batches(batch_size=512):
+            x, y = x.to(dev), y.to(dev)
+            p, t = self.projector(x), teacher(x)
+            acc_p += float((p.argmax(-1) == y).sum())
+            acc_t += float((t.argmax(-1) == y).sum())
+            agree += float((p.argmax(-1) == t.argmax(-1)).sum())
+            mse += float(projector_fit_loss(p, t, y, self.cfg.projector.fit_target)["mse"]) * x.shape[0]
+            if self.zero_shot is None:
+                z = zero_shot(x)
+                zs["acc"] += float((z.argmax(-1) == y).sum())
+                zs["agree"] += float((z.argmax(-1) == t.argmax(-1)).sum())
+                zs["mse"] += float(projector_fit_loss(z, t, y, self.cfg.projector.fit_target)["mse"]) * x.shape[0]
+            xa, _, _, _ = augment_batch(x, y, self.cfg.student, 1, self.augmenter)
+            agree_aug += float((self.projector(xa).argmax(-1) == teacher(xa).argmax(-1)).sum())
             n += x.shape[0]
         torch.random.set_rng_state(gen_state)
-        out = {"projector_test_acc": accuracy(self.projector, self.test.images, self.test.labels, device=dev),
-               "teacher_test_acc": accuracy(self.teacher[-1], self.test.images, self.test.labels, device=dev),
-               "zero_shot_test_acc": self.zero_shot_acc,
-               "agreement_clean": agree / max(n, 1), "agreement_augmented": agree_aug / max(n, 1)}
+        m = max(n, 1)
+        if self.zero_shot is None:
+            self.zero_shot = {"zero_shot_test_acc": zs["acc"] / m, "zero_shot_teacher_agreement": zs["agree"] / m,
+                              "zero_shot_fit_mse": zs["mse"] / m}
+        out = {"projector_test_acc": acc_p / m, "teacher_test_acc": acc_t / m, **self.zero_shot,
+               "agreement_clean": agree / m, "agreement_augmented": agree_aug / m, "projector_fit_mse": mse / m}
+        out["projector_gain_over_zero_shot"] = out["projector_test_acc"] - out["zero_shot_test_acc"]
         self.projector.train(was)
         return out
 
@@ -229,11 +249,12 @@ class ProjectorFitTask(DistillationTask):
         t0 = time.perf_counter()
         crop_scale = tuple(cfg.selection.crop_scale) if cfg.selection.crop_scale else \
             ((1.0, 1.0) if self.factor == 1 else (0.08, 1.0))
-        sel = rded_select(self.train_data.images, self.train_data.labels, self.teacher[-1],
-                          self.train_data.num_classes, cfg.selection.ipc, self.factor, cfg.selection.mipc,
-                          cfg.selection.num_crop, crop_scale, seed=cfg.run.seed,
+        # streams the training images class by class; patches kept as uint8 (what the PNGs store)
+        sel = rded_select(self.train_data, None, self.teacher[-1], self.train_data.num_classes, cfg.selection.ipc,
+                          self.factor, cfg.selection.mipc, cfg.selection.num_crop, crop_scale, seed=cfg.run.seed,
                           strategy=cfg.selection.strategy,
-                          label_model=self.projector if cfg.selection.projector_agreement else None)
+                          label_model=self.projector if cfg.selection.projector_agreement else None,
+                          patch_dtype=torch.uint8)
         t_sel = time.perf_counter() - t0
         update: dict[str, Any] = {"g_before": 0.0, "g_after": 0.0}
         images = sel.images
@@ -242,13 +263,15 @@ class ProjectorFitTask(DistillationTask):
         elif cfg.image_update.enabled and cfg.image_update.steps > 0:
             # "clip": the frozen base encoder (adapters disabled); "projector": the LoRA-adapted one
             context = self.projector.disable_adapter() if cfg.image_update.encoder == "clip" else nullcontext()
-            with context:
-                patches, update = image_update(self.projector.base_model.model.encode, sel.patches.to(dev),
-                                               sel.sources.to(dev), cfg.image_update.steps, cfg.image_update.lr)
-            images = stitch(patches.cpu(), sel.factor)
+            with context:  # the full-resolution targets are cut again per chunk, never all in RAM
+                patches, update = image_update(self.projector.base_model.model.encode, sel.patches,
+                                               sel.source_crops, cfg.image_update.steps, cfg.image_update.lr,
+                                               device=dev)
+            images = stitch(patches, sel.factor)
         t_upd = time.perf_counter() - t0 - t_sel
         meta = {**self.clip_info, "prompt_template": cfg.clip.prompt_template,
-                "class_names": prompt_names(self.train_data.class_names), "lora": self.lora_kwargs}
+                "class_names": prompt_names(self.train_data.class_names), "lora": self.lora_kwargs,
+                "clip_family": self.clip_family}
         sizes = save_adapters(self.projector, run_dir / "projector_adapters.safetensors", meta,
                               cfg.projector.adapter_dtype)
         write_distilled_set(run_dir / "distilled", images, sel.labels, self.train_data.class_names,
@@ -260,7 +283,10 @@ class ProjectorFitTask(DistillationTask):
                 "image_update": update, "factor": sel.factor, "num_images": int(images.shape[0]),
                 "skipped_images": self.train_data.skipped + self.test.skipped,
                 "teacher": {k: self.teacher_meta.get(k) for k in ("test_acc", "snapshot_test_acc", "model")},
-                "num_fit_teachers": self.num_fit, **self.evaluate(cfg.train.steps)}
+                "num_fit_teachers": self.num_fit, "fit_snapshots": self.teacher_meta.get("fit_snapshots", []),
+                "min_snapshot_accuracy": cfg.teacher.min_snapshot_accuracy,
+                "clip_family": self.clip_family, "lora_targets": list(self.lora_kwargs["target_modules"]),
+                **self.evaluate(cfg.train.steps)}
         (run_dir / "hello.json").write_text(json.dumps(info, indent=2))
 
 
@@ -278,9 +304,10 @@ def _check_ipc(cfg: HelloConfig, train: LabelledImages) -> int:
 
 def prepare_fit(cfg: HelloConfig, device: str | torch.device = "cpu", progress: bool = True
                 ) -> tuple[ProjectorFitTask, LabelledImages, LabelledImages]:
-    """Load data, teachers and CLIP; build the LoRA projector and its fitting task."""
-    train = load_split(cfg.data, "train")
-    test = load_split(cfg.data, "test")
+    """Index the data, load teachers and CLIP; build the LoRA projector and its fitting task."""
+    resolve_arch(cfg.teacher.model.arch)
+    student_configs(cfg.student, cfg.eval.students)  # unknown student names fail now, not after the fit
+    train, test = load_splits(cfg.data)
     _check_ipc(cfg, train)
     fit, final, meta = resolve_teachers(cfg, train)
     clip = build_clip(cfg, train, device=device, progress=progress)

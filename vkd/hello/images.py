@@ -26,6 +26,7 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from vkd.errors import DataError
+from vkd.hello.data import LabelledImages, as_unit
 
 __all__ = ["Selection", "auto_factor", "random_square_boxes", "crop_boxes", "rded_select", "stitch",
            "unstitch", "image_update", "update_objective"]
@@ -36,22 +37,42 @@ class Selection:
     """Result of :func:`rded_select`.
 
     Attributes:
-        images: ``[C·IPC, 3, S, S]`` stitched synthetic images in [0, 1], class order.
-        labels: ``[C·IPC]`` their classes.
-        patches: ``[C·IPC·f², 3, S/f, S/f]`` the stored low-resolution patches (row-major per image).
-        sources: ``[C·IPC·f², 3, S, S]`` the same crops cut at full resolution (image-update targets).
+        labels: ``[C·IPC]`` classes of the synthetic images, class order.
+        patches: ``[C·IPC·f², 3, S/f, S/f]`` the stored low-resolution patches (row-major per image), float in
+            [0, 1] or uint8 (``patch_dtype``).
         scores: ``[C·IPC·f²]`` teacher CE of each kept crop.
         source_index: ``[C·IPC·f²]`` index of the real image each patch came from.
+        source_boxes: ``[C·IPC·f², 4]`` its crop box (x1, y1, x2, y2) in that image's pixels.
         factor: the stitch factor f.
+        data: the real images the patches were cut from (for :meth:`source_crops`).
     """
 
-    images: torch.Tensor
     labels: torch.Tensor
     patches: torch.Tensor
-    sources: torch.Tensor
     scores: torch.Tensor
     source_index: torch.Tensor
+    source_boxes: torch.Tensor
     factor: int
+    data: LabelledImages | None = None
+
+    @property
+    def images(self) -> torch.Tensor:
+        """``[C·IPC, 3, S, S]`` the stitched synthetic images (dtype of ``patches``)."""
+        return stitch(self.patches, self.factor)
+
+    def source_crops(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The crops of patches ``start:end`` cut again at full resolution from their real images (decoded again
+        when streamed), ``[K, 3, S, S]`` float: the image-update targets, built per chunk so that they are never
+        all in RAM."""
+        assert self.data is not None
+        idx, boxes = self.source_index[start:end], self.source_boxes[start:end]
+        real = self.data.fetch(idx)
+        return crop_boxes(real, boxes, torch.arange(idx.numel()), real.shape[-1])
+
+    @property
+    def sources(self) -> torch.Tensor:
+        """All full-resolution source crops ``[C·IPC·f², 3, S, S]`` (small sets; see :meth:`source_crops`)."""
+        return self.source_crops()
 
 
 def auto_factor(image_size: int, factor: int = 0) -> int:
@@ -156,14 +177,21 @@ def _cluster_pick(features: torch.Tensor, ce: torch.Tensor, k: int, seed: int,
     return chosen[torch.argsort(ce[chosen], stable=True)]
 
 
-def rded_select(images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module, num_classes: int, ipc: int,
-                factor: int = 1, mipc: int = 300, num_crop: int = 5, crop_scale: tuple[float, float] = (0.5, 1.0),
-                seed: int = 0, batch_size: int = 256, strategy: str = "lowest_ce",
-                label_model: nn.Module | None = None) -> Selection:
+def rded_select(images: torch.Tensor | LabelledImages, labels: torch.Tensor | None, teacher: nn.Module,
+                num_classes: int, ipc: int, factor: int = 1, mipc: int = 300, num_crop: int = 5,
+                crop_scale: tuple[float, float] = (0.5, 1.0), seed: int = 0, batch_size: int = 256,
+                strategy: str = "lowest_ce", label_model: nn.Module | None = None,
+                patch_dtype: torch.dtype = torch.float32, num_workers: int | None = None) -> Selection:
     """RDED selection of real patches by teacher confidence, stitched ``factor × factor``.
 
+    The real images stream: the seeded plan (which images, which crop boxes) is drawn first, then the planned
+    images are decoded in class order (DataLoader workers for a file-backed set) and each class is scored as soon as
+    its images have arrived, so only one class's ``mipc`` images are in RAM at a time. The result is the same as on
+    the same images held in RAM.
+
     Args:
-        images: ``[N, 3, S, S]`` real images (float in [0, 1] or uint8).
+        images: ``[N, 3, S, S]`` real images (float in [0, 1] or uint8), or a :class:`LabelledImages` (in RAM or
+            streamed; then ``labels`` may be ``None``).
         labels: ``[N]`` their classes in ``[0, num_classes)``.
         teacher: classifier on images in [0, 1] (eval mode; run under no_grad).
         num_classes: C.
@@ -173,69 +201,106 @@ def rded_select(images: torch.Tensor, labels: torch.Tensor, teacher: nn.Module, 
         num_crop: random crops scored per image.
         crop_scale: area fraction range of the square crops.
         seed: selection seed; the result is a pure function of the inputs and the seed.
-        batch_size: teacher batch size.
+        batch_size: teacher batch size (and decoding batch size).
         strategy: ``lowest_ce`` (RDED: the ``IPC·f²`` most confident crops of each class) or ``cluster``
             (vkd: k-means with ``IPC·f²`` clusters on the teacher's penultimate features of each image's best
             crop, then from each cluster the crop nearest its centroid among those the teacher gives its class
             probability > 1/2: the class's modes instead of ``IPC`` near-copies of its most typical sample).
         label_model: ``cluster`` only: the model that will label the set (HeLlO's projector); a cluster's
             pick must then also get class probability > 1/2 from it, where the cluster has such a member.
+        patch_dtype: ``torch.float32`` or ``torch.uint8`` (what the PNGs store: a quarter of the memory at scale).
+        num_workers: decoding workers of a streamed set (default: its own setting).
 
     Returns:
         :class:`Selection` with ``C·IPC`` images labelled in class order.
 
     Raises:
-        DataError: a class has fewer than ``IPC·f²`` images (each patch comes from a distinct image).
+        DataError: a class has fewer than ``IPC·f²`` (decodable) images (each patch comes from a distinct image).
     """
-    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"images must be [N, 3, S, S], got {tuple(images.shape)}")
-    if labels.shape != (images.shape[0],):
-        raise ValueError(f"labels must be [N={images.shape[0]}], got {tuple(labels.shape)}")
+    data = images if isinstance(images, LabelledImages) else LabelledImages(images, labels, tuple(
+        str(c) for c in range(num_classes)))
+    labels = data.labels
+    if data.images is not None:
+        x = data.images
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"images must be [N, 3, S, S], got {tuple(x.shape)}")
+    if labels.shape != (len(data),):
+        raise ValueError(f"labels must be [N={len(data)}], got {tuple(labels.shape)}")
     if strategy not in ("lowest_ce", "cluster"):
         raise ValueError(f"strategy must be 'lowest_ce' or 'cluster', got {strategy!r}")
-    size = images.shape[-1]
+    size = data.image_size
     if size % factor:
         raise DataError(f"image size {size} is not divisible by the stitch factor {factor}")
-    small = size // factor
     need = ipc * factor * factor
     gen = torch.Generator().manual_seed(seed)
-    patches, sources, scores, src_index, out_labels = [], [], [], [], []
+    # 1. the plan: every random draw happens here, in class order, before any image is decoded
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()
         if idx.numel() < need:
             raise DataError(f"class {c} has {idx.numel()} images but IPC={ipc} with stitch factor {factor} needs "
                             f"{need} distinct images")
         idx = idx[torch.randperm(idx.numel(), generator=gen)[:max(mipc, need)]]
+        plan.append((idx, random_square_boxes(idx.numel(), num_crop, size, size, crop_scale, gen)))
+    # 2. stream the planned images in class order; score each class once all of its images have arrived
+    out: list[tuple[torch.Tensor, ...]] = []
+    wanted = torch.cat([idx for idx, _ in plan])
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    have = 0
+    # buffered as stored (uint8 when streamed) and converted per class
+    stream = data.batches(wanted, batch_size=batch_size, num_workers=num_workers, keep_failed=True, unit=False)
+    for c, (idx, boxes) in enumerate(plan):
         n = idx.numel()
-        boxes = random_square_boxes(n, num_crop, size, size, crop_scale, gen).view(-1, 4)
-        which = torch.arange(n).repeat_interleave(num_crop)
-        sub = images[idx]  # convert per class: a uint8 ImageFolder set may not fit in RAM as float
-        sub = sub.float() / 255.0 if sub.dtype == torch.uint8 else sub.float()
-        crops_small = crop_boxes(sub, boxes, which, small)  # [n·k, 3, s, s]
-        ce, feats = _teacher_ce(teacher, crops_small, torch.full((n * num_crop,), c), size, batch_size,
-                                with_features=strategy == "cluster")
-        ce = ce.view(n, num_crop)
-        best_ce, best_k = ce.min(dim=1)  # each image's best crop
-        if strategy == "cluster":
-            assert feats is not None
-            best = torch.arange(n) * num_crop + best_k
-            eligible = best_ce < math.log(2.0)  # p(class) > 1/2: the teacher's argmax is the class
-            if label_model is not None:
-                label_ce, _ = _teacher_ce(label_model, crops_small[best], torch.full((n,), c), size, batch_size)
-                eligible &= label_ce < math.log(2.0)
-            order = _cluster_pick(feats[best], best_ce, need, seed + c, eligible)
-        else:
-            order = torch.argsort(best_ce, stable=True)[:need]  # lowest CE first
-        chosen = order * num_crop + best_k[order]
-        patches.append(crops_small[chosen])
-        sources.append(crop_boxes(sub, boxes[chosen], which[chosen], size))
-        scores.append(best_ce[order])
-        src_index.append(idx[order])
-        out_labels.append(torch.full((ipc,), c, dtype=torch.long))
-    patches_t = torch.cat(patches)
-    return Selection(images=stitch(patches_t, factor), labels=torch.cat(out_labels), patches=patches_t,
-                     sources=torch.cat(sources), scores=torch.cat(scores), source_index=torch.cat(src_index),
-                     factor=factor)
+        while have < n:
+            x, _, _, ok = next(stream)
+            pending.append((x, ok))
+            have += x.shape[0]
+        xs, oks = torch.cat([p[0] for p in pending]), torch.cat([p[1] for p in pending])
+        # the next class's first images, copied so that this class's buffer can be freed
+        pending, have = ([(xs[n:].clone(), oks[n:].clone())], have - n) if have > n else ([], 0)
+        out.append(_select_class(as_unit(xs[:n]), oks[:n], idx, boxes, c, data, teacher, ipc, factor, num_crop, seed,
+                                 batch_size, strategy, label_model, patch_dtype))
+    patches, scores, src_index, boxes, out_labels = (torch.cat(parts) for parts in zip(*out, strict=True))
+    return Selection(labels=out_labels, patches=patches, scores=scores, source_index=src_index, source_boxes=boxes,
+                     factor=factor, data=data)
+
+
+def _select_class(sub: torch.Tensor, ok: torch.Tensor, idx: torch.Tensor, boxes: torch.Tensor, c: int,
+                  data: LabelledImages, teacher: nn.Module, ipc: int, factor: int, num_crop: int, seed: int,
+                  batch_size: int, strategy: str, label_model: nn.Module | None, patch_dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, ...]:
+    """Score one class's planned images ``sub [n, 3, S, S]`` (``ok [n]``: decoded) with their boxes
+    ``[n, num_crop, 4]`` and keep its ``IPC·f²`` patches."""
+    need = ipc * factor * factor
+    if not bool(ok.all()):  # undecodable files leave the pool; the plan (and so the RNG) is unchanged
+        sub, idx, boxes = sub[ok], idx[ok], boxes[ok]
+        if idx.numel() < need:
+            raise DataError(f"class '{data.class_names[c]}' has {idx.numel()} decodable images among those scored, "
+                            f"but IPC={ipc} with stitch factor {factor} needs {need}")
+    n, size = idx.numel(), sub.shape[-1]
+    small = size // factor
+    boxes = boxes.reshape(-1, 4)
+    which = torch.arange(n).repeat_interleave(num_crop)
+    crops_small = crop_boxes(sub, boxes, which, small)  # [n·k, 3, s, s]
+    ce, feats = _teacher_ce(teacher, crops_small, torch.full((n * num_crop,), c), size, batch_size,
+                            with_features=strategy == "cluster")
+    ce = ce.view(n, num_crop)
+    best_ce, best_k = ce.min(dim=1)  # each image's best crop
+    if strategy == "cluster":
+        assert feats is not None
+        best = torch.arange(n) * num_crop + best_k
+        eligible = best_ce < math.log(2.0)  # p(class) > 1/2: the teacher's argmax is the class
+        if label_model is not None:
+            label_ce, _ = _teacher_ce(label_model, crops_small[best], torch.full((n,), c), size, batch_size)
+            eligible &= label_ce < math.log(2.0)
+        order = _cluster_pick(feats[best], best_ce, need, seed + c, eligible)
+    else:
+        order = torch.argsort(best_ce, stable=True)[:need]  # lowest CE first
+    chosen = order * num_crop + best_k[order]
+    patches = crops_small[chosen]
+    if patch_dtype == torch.uint8:
+        patches = (patches * 255).round_().to(torch.uint8)
+    return (patches, best_ce[order], idx[order], boxes[chosen], torch.full((ipc,), c, dtype=torch.long))
 
 
 def update_objective(encoder: Callable[[torch.Tensor], torch.Tensor], patches: torch.Tensor,
@@ -249,28 +314,36 @@ def update_objective(encoder: Callable[[torch.Tensor], torch.Tensor], patches: t
     return F.mse_loss(encoder(up), target_feats)
 
 
-def image_update(encoder: Callable[[torch.Tensor], torch.Tensor], patches: torch.Tensor, targets: torch.Tensor,
-                 steps: int = 30, lr: float = 0.01, batch_size: int = 256) -> tuple[torch.Tensor, dict[str, float]]:
+def image_update(encoder: Callable[[torch.Tensor], torch.Tensor], patches: torch.Tensor,
+                 targets: torch.Tensor | Callable[[int, int], torch.Tensor], steps: int = 30, lr: float = 0.01,
+                 batch_size: int = 256, device: str | torch.device | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Optimise the stored low-resolution patches so that their up-sampled versions encode like the originals.
 
     Args:
         encoder: frozen image encoder on images in [0, 1] → ``[B, D]`` (its parameters are not updated).
-        patches: ``[M, 3, s, s]`` initial patches ``z₀ = down(p)`` in [0, 1].
-        targets: ``[M, 3, S, S]`` full-resolution source crops ``p``.
+        patches: ``[M, 3, s, s]`` initial patches ``z₀ = down(p)``, float in [0, 1] or uint8 (then the result is
+            uint8 too: the PNGs store 8 bits anyway).
+        targets: ``[M, 3, S, S]`` full-resolution source crops ``p``, or ``targets(start, end)`` returning those of
+            patches ``start:end`` (built per chunk, never all in RAM).
         steps: Adam steps (0 returns the input).
         lr: Adam learning rate in [0, 1] pixel space.
         batch_size: patches per optimisation chunk.
+        device: where each chunk is optimised (default: where ``patches`` are).
 
     Returns:
-        ``(patches [M, 3, s, s] clamped to [0, 1], {"g_before", "g_after"})``.
+        ``(patches [M, 3, s, s] in [0, 1] (dtype of the input), {"g_before", "g_after"})``.
     """
-    if patches.shape[0] != targets.shape[0]:
+    if torch.is_tensor(targets) and patches.shape[0] != targets.shape[0]:
         raise ValueError(f"patches {tuple(patches.shape)} and targets {tuple(targets.shape)} differ in length")
+    get = (lambda a, b: targets[a:b]) if torch.is_tensor(targets) else targets
     out = patches.detach().clone()
+    dev = torch.device(device) if device is not None else patches.device
     g_before = g_after = 0.0
     for s in range(0, out.shape[0], batch_size):
-        z = out[s:s + batch_size].clone().requires_grad_(True)
-        p = targets[s:s + batch_size]
+        e = min(s + batch_size, out.shape[0])
+        z = as_unit(out[s:e].to(dev)).clone().requires_grad_(True)
+        p = as_unit(get(s, e).to(dev))
         with torch.no_grad():
             g_before += float(update_objective(encoder, z, p)) * z.shape[0]
         if steps > 0:
@@ -284,6 +357,7 @@ def image_update(encoder: Callable[[torch.Tensor], torch.Tensor], patches: torch
                     z.clamp_(0, 1)
         with torch.no_grad():
             g_after += float(update_objective(encoder, z, p)) * z.shape[0]
-        out[s:s + batch_size] = z.detach()
+        z = z.detach().to(out.device)
+        out[s:e] = (z * 255).round_().to(torch.uint8) if out.dtype == torch.uint8 else z
     m = max(1, out.shape[0])
     return out, {"g_before": g_before / m, "g_after": g_after / m}

@@ -35,8 +35,8 @@ from vkd.hello.config import HelloConfig, ProjectorConfig
 from vkd.hello.data import LabelledImages, prompt_names, resize_images
 from vkd.models.tiny_clip import ClipBundle, load_clip, preprocess_images, pretrain_tiny_clip, tiny_clip_name
 
-__all__ = ["Projector", "build_projector", "image_lora_targets", "lora_config", "add_lora", "save_adapters",
-           "load_adapters", "adapter_state_dict", "projector_bytes", "class_prompts", "build_clip"]
+__all__ = ["Projector", "build_projector", "clip_family", "image_lora_targets", "ZeroShot", "lora_config", "add_lora",
+           "save_adapters", "load_adapters", "adapter_state_dict", "projector_bytes", "class_prompts", "build_clip"]
 
 _META_KEY = "vkd_hello_projector"
 _DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -96,6 +96,22 @@ class Projector(nn.Module):
         return int(self.head.out_features)
 
 
+class ZeroShot(nn.Module):
+    """CLIP zero-shot classification through a LoRA-wrapped projector with its adapters disabled:
+    ``s · normalize(E_I(x)) · W`` with the frozen encoder and the text-initialised head (Proposition 1).
+
+    ``forward(images [B, 3, H, W] in [0, 1]) -> logits [B, C]``; shares the projector's weights (no copy).
+    """
+
+    def __init__(self, projector: nn.Module):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.projector.disable_adapter():
+            return self.projector(x)
+
+
 def build_projector(clip: ClipBundle, class_names: tuple[str, ...] | list[str], template: str) -> Projector:
     """A projector on a private copy of ``clip``'s image tower, with ``W`` from the class prompts."""
     text = clip.encode_text(class_prompts(template, class_names), normalize=True)  # [C, D]
@@ -104,22 +120,43 @@ def build_projector(clip: ClipBundle, class_names: tuple[str, ...] | list[str], 
     return Projector(visual, text.cpu(), scale, clip.image_size, clip.mean, clip.std).to(text.device)
 
 
+def clip_family(projector: Projector) -> str:
+    """The CLIP image tower's family, which decides the default LoRA targets: ``vit`` (open_clip
+    ``VisionTransformer``: ``nn.MultiheadAttention`` blocks), ``resnet`` (``ModifiedResNet``), ``timm`` (a timm trunk,
+    ``TimmModel``) or ``other``."""
+    name = type(projector.visual).__name__
+    return {"VisionTransformer": "vit", "ModifiedResNet": "resnet", "TimmModel": "timm"}.get(name, "other")
+
+
 def image_lora_targets(projector: Projector, patterns: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Full module names (``visual.…``) of the encoder layers that get LoRA.
 
-    Default (no patterns): every Conv2d and Linear of the image tower except the attention-pool
-    projections of ResNet CLIPs and the Linear inside ``nn.MultiheadAttention`` (peft silently
-    ignores ``out_proj`` alone). With patterns: modules whose name (relative to ``visual``) matches
-    any regex (``re.search``); ``nn.MultiheadAttention`` modules may be matched explicitly.
+    Default (no patterns), per CLIP architecture (:func:`clip_family`):
+
+    * ``vit``: the patch-embedding conv, every attention block (``nn.MultiheadAttention``: peft adapts its packed
+      q/k/v input projection and its output projection) and every MLP ``Linear``;
+    * ``resnet``: every ``Conv2d`` outside the attention pool (its projections stay frozen);
+    * ``timm`` / ``other``: every ``Conv2d`` and ``Linear`` except those inside ``nn.MultiheadAttention`` (a lone
+      ``out_proj`` would be bypassed by the attention's fused forward) and the attention pool.
+
+    With patterns: modules whose name (relative to ``visual``) matches any regex (``re.search``);
+    ``nn.MultiheadAttention`` modules may be matched explicitly.
     """
-    mha_children = {f"{name}.{child}" for name, m in projector.visual.named_modules()
-                    if isinstance(m, nn.MultiheadAttention) for child, _ in m.named_children()}
+    mha = {name for name, m in projector.visual.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    mha_children = {f"{name}.{child}" for name in mha
+                    for child, _ in projector.visual.get_submodule(name).named_children()}
+    family = clip_family(projector)
     names = []
     for name, m in projector.visual.named_modules():
         if not name or name in mha_children:
             continue
         if patterns:
             ok = isinstance(m, (nn.Conv2d, nn.Linear, nn.MultiheadAttention)) and any(re.search(p, name) for p in patterns)
+        elif family == "vit":
+            ok = name in mha or (isinstance(m, nn.Linear) and ".mlp." in f".{name}") or \
+                (isinstance(m, nn.Conv2d) and name == "conv1")
+        elif family == "resnet":
+            ok = isinstance(m, nn.Conv2d) and "attnpool" not in name
         else:
             ok = isinstance(m, (nn.Conv2d, nn.Linear)) and "attnpool" not in name
         if ok:
@@ -240,7 +277,10 @@ def build_clip(cfg: HelloConfig, train: LabelledImages, device: str | torch.devi
         return load_clip(cfg.clip.model_name, cfg.clip.pretrained or None, device=device)
     tiny = cfg.clip.tiny
     names = prompt_names(train.class_names)
-    captions = [cfg.clip.prompt_template.format(names[int(c)]) for c in train.labels]
-    images = resize_images(train.float_images(), tiny.image_size)
+    if train.streamed:  # decoded per batch and shrunk at once: the tiny CLIP's 3·t² floats per image stay in RAM
+        images, labels = train.resized(tiny.image_size)
+    else:
+        images, labels = resize_images(train.float_images(), tiny.image_size), train.labels
+    captions = [cfg.clip.prompt_template.format(names[int(c)]) for c in labels]
     path = pretrain_tiny_clip(images, captions, tiny, cache_dir=cfg.clip.cache_dir or None, progress=progress)
     return load_clip(tiny_clip_name(path), device=device)

@@ -13,7 +13,7 @@ from torch import nn
 from vkd.engine.runs import open_run, resolve_device
 from vkd.errors import DataError
 from vkd.hello.config import HelloConfig
-from vkd.hello.data import LabelledImages, load_split, prompt_names, read_distilled_set
+from vkd.hello.data import LabelledImages, load_splits, prompt_names, read_distilled_set
 from vkd.hello.model import Classifier
 from vkd.hello.projector import build_clip, load_adapters, read_adapter_meta
 from vkd.hello.teacher import resolve_teachers
@@ -28,7 +28,9 @@ class HelloRun:
     """A finished ``vkd distill hello`` run, ready to evaluate on ``device``.
 
     Attributes:
-        images: distilled images ``[N, 3, S, S]`` in [0, 1]; ``labels`` ``[N]``; ``manifest`` their manifest.
+        images: distilled images ``[N, 3, S, S]`` uint8 (as the PNGs store them); ``labels`` ``[N]``; ``manifest``
+            their manifest.
+        train, test: the real splits (streamed when file-backed).
         projector: the CLIP + LoRA label projector exactly as shipped (adapter factors at their stored precision).
         teacher: the final teacher (``[B, 3, S, S] -> [B, K]`` logits).
         adapter_meta: the metadata stored with the adapters (class names, CLIP model, ...).
@@ -60,7 +62,7 @@ def load_run(run_dir: str | Path, cfg: HelloConfig | None = None, overrides: lis
 
     Examples:
         >>> run = load_run("runs/hello/default")  # doctest: +SKIP
-        >>> run.images.shape, run.projector(run.images[:2]).shape  # doctest: +SKIP
+        >>> run.images.shape, run.projector(run.images[:2].float() / 255).shape  # doctest: +SKIP
         (torch.Size([100, 3, 16, 16]), torch.Size([2, 10]))
     """
     run_dir = Path(run_dir)
@@ -69,15 +71,14 @@ def load_run(run_dir: str | Path, cfg: HelloConfig | None = None, overrides: lis
     adapters = run_dir / ADAPTERS_FILE
     if not adapters.is_file():
         raise DataError(f"{run_dir} has no {ADAPTERS_FILE}; run `vkd distill hello` to completion first")
-    train = load_split(cfg.data, "train")
-    test = load_split(cfg.data, "test")
+    train, test = load_splits(cfg.data)
     meta = read_adapter_meta(adapters)
     if list(meta["class_names"]) != prompt_names(train.class_names):
         raise DataError(f"projector adapters in {run_dir} were fitted for different classes than the dataset")
     _, final, _ = resolve_teachers(cfg, train)
     clip = build_clip(cfg, train, device=dev, progress=progress)
     projector = load_adapters(adapters, clip, device=dev)  # evaluate exactly what is shipped (e.g. fp16 factors)
-    images, labels, manifest = read_distilled_set(run_dir / "distilled")
+    images, labels, manifest = read_distilled_set(run_dir / "distilled", dtype=torch.uint8)
     if list(manifest["class_names"]) != list(train.class_names):
         raise DataError(f"distilled set in {run_dir} has different classes than the dataset")
     return HelloRun(cfg, run_dir, dev, train, test, final.to(dev), projector, images, labels, manifest, meta)

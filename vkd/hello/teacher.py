@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from vkd.errors import ConfigError, DataError, UserError
 from vkd.hello.config import ClassifierConfig, HelloConfig
 from vkd.hello.data import LabelledImages
-from vkd.hello.model import Classifier, build_classifier, load_state_file
+from vkd.hello.model import Classifier, build_classifier, load_weights
 
 __all__ = ["save_teacher", "load_teacher", "load_teacher_run", "TeacherBundle", "TEACHER_SOURCES",
            "resolve_teachers"]
@@ -36,23 +36,23 @@ def save_teacher(model: Classifier, path: Path, meta: dict[str, Any]) -> None:
 
 
 def load_teacher(path: str | Path, cfg: ClassifierConfig, num_classes: int, image_size: int) -> Classifier:
-    """Build a ``cfg`` classifier and load weights from ``path`` (frozen, eval mode).
+    """Build a ``cfg.arch`` classifier and load the teacher weights ``path`` (frozen, eval mode).
+
+    ``path="imagenet"``: the library's ImageNet weights of ``cfg.arch`` from the local cache (a 1000-class teacher).
 
     Raises:
-        DataError: the checkpoint's class count differs from ``num_classes``, or it does not fit.
+        DataError: the checkpoint's class count differs from ``num_classes``, or it does not fit the architecture.
     """
-    state = load_state_file(path)
-    fc = [k for k in state if k.endswith("fc.weight")]
-    if fc and state[fc[-1]].shape[0] != num_classes:
-        raise DataError(f"teacher {path} predicts {state[fc[-1]].shape[0]} classes but the dataset has "
-                        f"{num_classes}")
-    init_free = ClassifierConfig(**{**asdict(cfg), "init": "random", "init_checkpoint": ""})
-    model = build_classifier(init_free, num_classes, image_size)
-    target = model if any(k.startswith("net.") for k in state) else model.net
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise DataError(f"teacher checkpoint {path} does not fit a {cfg.arch} "
-                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+    if str(path) == "imagenet":
+        if num_classes != 1000:
+            raise DataError(f"teacher.checkpoint=imagenet gives a 1000-class teacher but the dataset has "
+                            f"{num_classes} classes")
+        library = ClassifierConfig(**{**asdict(cfg), "pretrained": "imagenet", "init": "random",
+                                      "init_checkpoint": ""})
+        return build_classifier(library, num_classes, image_size).requires_grad_(False).eval()
+    bare = ClassifierConfig(**{**asdict(cfg), "pretrained": "", "init": "random", "init_checkpoint": ""})
+    model = build_classifier(bare, num_classes, image_size)
+    load_weights(model, path, num_classes, allow_head_reset=False, what="teacher")
     return model.requires_grad_(False).eval()
 
 
@@ -99,18 +99,60 @@ def load_teacher_run(run_dir: str | Path, num_classes: int, class_names: tuple[s
 def _teacher_from_checkpoint(cfg: HelloConfig, train: LabelledImages
                              ) -> tuple[list[Classifier], Classifier, dict[str, Any]]:
     final = load_teacher(cfg.teacher.checkpoint, cfg.teacher.model, train.num_classes, cfg.data.image_size)
-    return [], final, {"checkpoint": cfg.teacher.checkpoint}
+    return [], final, {"checkpoint": cfg.teacher.checkpoint, "model": asdict(cfg.teacher.model)}
+
+
+def select_snapshots(files: list[str], accuracies: dict[str, float], indices: list[int], min_accuracy: float,
+                     where: str = "the teacher run") -> tuple[list[int], list[dict[str, Any]]]:
+    """Which weak-teacher snapshots the projector is fitted to.
+
+    Args:
+        files: snapshot file names in trajectory order (``teacher-step{N}.safetensors``).
+        accuracies: ``{"N": test accuracy}`` recorded by ``hello-teacher`` (``snapshot_test_acc``).
+        indices: ``teacher.snapshots`` (empty: all), applied first.
+        min_accuracy: ``teacher.min_snapshot_accuracy``: snapshots below it are skipped.
+
+    Returns:
+        ``(positions into files, one record per snapshot considered: file, step, test_acc, used)``.
+
+    Raises:
+        ConfigError: an index out of range, or no snapshot reaches ``min_accuracy``.
+        DataError: ``min_accuracy > 0`` and a snapshot has no recorded accuracy.
+    """
+    chosen = list(range(len(files)))
+    if indices:
+        bad = [i for i in indices if not -len(files) <= i < len(files)]
+        if bad:
+            raise ConfigError(f"teacher.snapshots {bad} out of range: {where} has {len(files)} snapshots")
+        chosen = [chosen[i] for i in indices]
+    records, keep = [], []
+    for pos in chosen:
+        step = files[pos].removeprefix("teacher-step").removesuffix(".safetensors")
+        acc = accuracies.get(step)
+        if acc is None and min_accuracy > 0:
+            raise DataError(f"{where} has no recorded test accuracy for snapshot {files[pos]}; "
+                            "teacher.min_snapshot_accuracy needs one (retrain with vkd distill hello-teacher)")
+        used = acc is None or acc >= min_accuracy
+        records.append({"file": files[pos], "step": int(step), "test_acc": acc, "used": used})
+        if used:
+            keep.append(pos)
+    if not keep:
+        best = max((r["test_acc"] for r in records), default=0.0)
+        raise ConfigError(f"no weak-teacher snapshot of {where} reaches teacher.min_snapshot_accuracy="
+                          f"{min_accuracy} (best {best:.3f}); lower it")
+    return keep, records
 
 
 def _teacher_from_run(cfg: HelloConfig, train: LabelledImages) -> tuple[list[Classifier], Classifier, dict[str, Any]]:
     run = Path(cfg.teacher.run) if cfg.teacher.run else Path(cfg.run.output_dir) / "hello-teacher" / "default"
     bundle = load_teacher_run(run, train.num_classes, train.class_names, cfg.data.image_size)
-    snaps = bundle.snapshots or [bundle.final]
-    if cfg.teacher.snapshots:
-        bad = [i for i in cfg.teacher.snapshots if not -len(snaps) <= i < len(snaps)]
-        if bad:
-            raise ConfigError(f"teacher.snapshots {bad} out of range: {run} has {len(snaps)} snapshots")
-        snaps = [snaps[i] for i in cfg.teacher.snapshots]
+    if bundle.snapshots:
+        keep, records = select_snapshots(bundle.meta["snapshot_files"], bundle.meta.get("snapshot_test_acc", {}),
+                                         cfg.teacher.snapshots, cfg.teacher.min_snapshot_accuracy, str(run))
+        snaps = [bundle.snapshots[i] for i in keep]
+        bundle.meta["fit_snapshots"] = records
+    else:  # a run without snapshots: the final teacher is the only one
+        snaps = [bundle.final]
     fit = [] if cfg.teacher.sampling == "final_only" else snaps
     return fit, bundle.final, bundle.meta
 

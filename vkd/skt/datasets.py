@@ -33,8 +33,8 @@ from scipy.io import loadmat
 from torch.utils.data import Dataset
 
 from vkd.cache import cache_dir
-from vkd.data.splits import carve_validation
 from vkd.data.files import image_size, open_image, read_image
+from vkd.data.splits import carve_validation
 from vkd.errors import DataError
 from vkd.skt.config import CrowdDataConfig, SKTConfig, SKTTeacherConfig
 from vkd.skt.crowds import CrowdSpec, write_crowd_dataset
