@@ -40,7 +40,7 @@ from vkd.feature3dgs.ply import read_gaussian_ply
 from vkd.feature3dgs.teacher import RANDOM_INIT_WARNING, prepare_teacher, save_teacher_for_queries
 
 __all__ = ["SceneDataset", "Feature3DGSTask", "Prepared", "build_field", "build_task", "distill", "load_init_ply",
-           "count_gaussians_in_views", "FROZEN_KEYS"]
+           "count_gaussians_in_views", "centres_in_view", "FROZEN_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,16 @@ class SceneDataset(Dataset):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def centres_in_view(means: Tensor, cam: Any) -> Tensor:
+    """``[G]`` bool: which Gaussian centres project in front of camera ``cam`` and inside its image (pinhole ``K``,
+    no distortion)."""
+    xc = means.float() @ cam.viewmat[:3, :3].T + cam.viewmat[:3, 3]  # [G, 3] camera coordinates (OpenCV: +z forward)
+    uvw = xc @ cam.K.T  # [G, 3]
+    z = xc[:, 2]
+    u, v = uvw[:, 0] / z.clamp_min(1e-6), uvw[:, 1] / z.clamp_min(1e-6)
+    return (z > 1e-6) & (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height)
+
+
 def count_gaussians_in_views(means: Tensor, scene: Scene) -> int:
     """How many Gaussian centres project inside at least one of the scene's views (in front of the camera).
 
@@ -84,14 +94,8 @@ def count_gaussians_in_views(means: Tensor, scene: Scene) -> int:
         scene: the scene whose cameras are used (all of them, train and test).
     """
     seen = torch.zeros(means.shape[0], dtype=torch.bool)  # [G]
-    x = means.float()
     for cam in scene.cameras:
-        xc = x @ cam.viewmat[:3, :3].T + cam.viewmat[:3, 3]  # [G, 3] camera coordinates (OpenCV: +z forward)
-        uvw = xc @ cam.K.T  # [G, 3]
-        z = xc[:, 2]
-        front = z > 1e-6
-        u, v = uvw[:, 0] / z.clamp_min(1e-6), uvw[:, 1] / z.clamp_min(1e-6)
-        seen |= front & (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height)
+        seen |= centres_in_view(means, cam)
     return int(seen.sum())
 
 

@@ -55,7 +55,7 @@ from vkd.errors import ConfigError, DataError, TrainingInterrupted, UserError
 from vkd.feature3dgs.config import Feature3DGSConfig
 from vkd.feature3dgs.data import Scene
 from vkd.feature3dgs.data.prepare import prepare_scene
-from vkd.feature3dgs.distiller import Feature3DGSTask, build_field, load_init_ply
+from vkd.feature3dgs.distiller import Feature3DGSTask, build_field, centres_in_view, load_init_ply
 from vkd.feature3dgs.export import export_field
 from vkd.feature3dgs.feature_cache import FeatureCache, scene_fingerprint
 from vkd.feature3dgs.losses import resize_features
@@ -166,6 +166,17 @@ def view_groups(scene: Scene, views: Sequence[int], grid_of: Any, dim: int,
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_render_width(field: GaussianField, dim: int) -> None:
+    """Raise ``ConfigError`` when ``field`` cannot hold ``dim``-wide lifted features: a rendered width above
+    ``dim`` (a linear decoder cannot widen them), or, without a decoder, any width but ``dim``."""
+    N = field.render_dim
+    if field.decoder is None and N != dim:
+        raise ConfigError(f"model.render_dim={N} must equal the feature width {dim} when model.decoder=false")
+    if field.decoder is not None and N > dim:
+        raise ConfigError(f"model.render_dim={N} exceeds the feature width {dim}: a linear decoder cannot widen "
+                          f"lifted features; set model.render_dim <= {dim}")
+
+
 def fit_lifted_field(field: GaussianField, numerator: Tensor, weight: Tensor) -> dict[str, Any]:
     """Set ``field``'s features (and decoder) from the accumulated sums, in place.
 
@@ -183,6 +194,7 @@ def fit_lifted_field(field: GaussianField, numerator: Tensor, weight: Tensor) ->
     """
     G, D = numerator.shape
     N = field.render_dim
+    check_render_width(field, D)
     seen = weight > _UNSEEN_WEIGHT  # [G]
     if not bool(seen.any()):
         raise DataError("no Gaussian contributes to any training view: nothing to lift")
@@ -195,8 +207,6 @@ def fit_lifted_field(field: GaussianField, numerator: Tensor, weight: Tensor) ->
     p = field.params
     with torch.no_grad():
         if field.decoder is None:
-            if N != D:
-                raise ConfigError(f"model.render_dim={N} must equal the feature width {D} when model.decoder=false")
             p["features"].copy_(g.to(p["features"].dtype))
             info["fit"] = "direct"
         elif N == D:
@@ -205,7 +215,7 @@ def fit_lifted_field(field: GaussianField, numerator: Tensor, weight: Tensor) ->
             if field.decoder.bias is not None:
                 field.decoder.bias.zero_()
             info["fit"] = "identity_decoder"
-        elif N < D:
+        else:  # N < D (check_render_width)
             # Weighted PCA: Σ = Σᵢ wᵢ (gᵢ-μ)(gᵢ-μ)ᵀ / Σᵢ wᵢ, accumulated in row chunks (G·D memory, not G·D·D).
             cov = torch.zeros(D, D, dtype=torch.float64)
             for i0 in range(0, G, 65536):
@@ -221,9 +231,6 @@ def fit_lifted_field(field: GaussianField, numerator: Tensor, weight: Tensor) ->
             total = float(evals.clamp_min(0).sum())
             info["fit"] = "pca_decoder"
             info["explained_variance"] = float(evals[-N:].clamp_min(0).sum()) / total if total > 0 else 1.0
-        else:
-            raise ConfigError(f"model.render_dim={N} exceeds the feature width {D}: a linear decoder cannot widen "
-                              f"lifted features; set model.render_dim <= {D}")
     return info
 
 
@@ -234,18 +241,7 @@ def fit_lifted_field(field: GaussianField, numerator: Tensor, weight: Tensor) ->
 
 def views_without_gaussians(means: Tensor, scene: Scene, ids: Sequence[int]) -> list[str]:
     """Names of the views ``ids`` into which no Gaussian centre projects (in front of the camera, inside)."""
-    x = means.float()
-    empty = []
-    for i in ids:
-        cam = scene.cameras[i]
-        xc = x @ cam.viewmat[:3, :3].T + cam.viewmat[:3, 3]  # [G, 3]
-        z = xc[:, 2]
-        uvw = xc @ cam.K.T
-        u, v = uvw[:, 0] / z.clamp_min(1e-6), uvw[:, 1] / z.clamp_min(1e-6)
-        inside = (z > 1e-6) & (u >= 0) & (u < cam.width) & (v >= 0) & (v < cam.height)
-        if not bool(inside.any()):
-            empty.append(cam.name)
-    return empty
+    return [scene.cameras[i].name for i in ids if not bool(centres_in_view(means, scene.cameras[i]).any())]
 
 
 def _inria_cameras(ply: Path) -> Path | None:
@@ -405,9 +401,7 @@ def lift(cfg: Feature3DGSConfig, out: str | Path, progress: bool = True) -> dict
         teacher, info, cache = prepare_teacher(cfg, scene, progress=progress and rank == 0)
         D = int(cache.shape[0])
         field = build_field(cfg, scene, D, gaussians)
-        if field.decoder is not None and field.render_dim > D:
-            raise ConfigError(f"model.render_dim={field.render_dim} exceeds the feature width {D}: a linear decoder "
-                              f"cannot widen lifted features; set model.render_dim <= {D}")
+        check_render_width(field, D)  # before the run directory exists (fit_lifted_field checks it again)
         views = list(scene.train_ids)
         fingerprint = _fingerprint(cfg, scene, cache, views)
         lift_dir = run_dir / LIFT_DIR
