@@ -19,6 +19,11 @@ captioned digits, ε-prediction) and distils it from its prompt file alone (``di
 reports its **prompt accuracy** (the digits classifier's agreement with the digit the prompt names).
 Every generator reports its same-noise RMS distance to the teacher's longest DDIM chain.
 
+``--seeds 0,1,2`` trains the teacher once (its preset seed), then reruns BOOT with ``run.seed=s`` and scores every
+generator on noise seeded by ``--seed + s``, for each ``s``; the table gives mean ± std (population std over the
+seeds) of every figure, and ``bench_boot_<name>-seeds.json`` holds the per-seed rows. The teacher rows vary only
+with the noise; the student rows with the BOOT training seed and the noise.
+
 Writes ``<out>/bench_boot_<run name>.json`` and prints a table. Wall times depend on what else runs on the machine:
 the JSON also records process CPU time and the load average so shared-machine numbers can be read.
 """
@@ -30,6 +35,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,6 +74,7 @@ def main() -> int:
     p.add_argument("--teacher-steps", type=int, default=None, help="override train.steps of digits-teacher")
     p.add_argument("--boot-steps", type=int, default=None, help="override train.steps of digits")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs in --out instead of training")
+    p.add_argument("--reuse-teacher", action="store_true", help="reuse a finished teacher run in --out (BOOT trains)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--prediction-type", choices=("sample", "epsilon", "v_prediction"), default=None,
                    help="retrain the teacher with this prediction type (default: the preset's: sample for the digits "
@@ -78,7 +85,13 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override of the BOOT config (e.g. student.parameterization=teacher_to_x0)")
     p.add_argument("--tag", default="", help="suffix of the BOOT run name (the teacher run is shared)")
+    p.add_argument("--seeds", default=None, metavar="S,S,...",
+                   help="BOOT training seeds (one teacher): mean ± std over them (e.g. 0,1,2)")
     args = p.parse_args()
+    if args.seeds is not None:
+        if args.run_seed is not None:
+            p.error("--seeds and --run-seed exclude each other (--seeds keeps the teacher's preset seed)")
+        return multi_seed(args, [int(v) for v in args.seeds.split(",")])
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out.resolve()
@@ -113,7 +126,7 @@ def main() -> int:
         train_teacher = run_teacher
     teacher_dir = tcfg.run_dir() / "teacher"
     result["prediction_type"] = tcfg.scheduler.prediction_type
-    if args.reuse and (teacher_dir / "model_index.json").is_file():
+    if (args.reuse or args.reuse_teacher) and (teacher_dir / "model_index.json").is_file():
         result["teacher_training"] = json.loads((out / f"bench_times_{name}.json").read_text())["teacher_training"] \
             if (out / f"bench_times_{name}.json").is_file() else {"reused": True}
     else:
@@ -190,6 +203,76 @@ def main() -> int:
     print(f"load average start {load_start}, end {result['machine']['loadavg_end']}; "
           f"JSON: {out / f'bench_boot_{name}.json'}")
     return 0
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (sum((v - mean) ** 2 for v in values) / n) ** 0.5
+
+
+def multi_seed(args: argparse.Namespace, seeds: list[int]) -> int:
+    """``--seeds``: one teacher, BOOT per seed (``--tag seed<s>``), then mean ± std of every generator's figures."""
+    out = args.out.resolve()
+    per_seed: dict[int, dict] = {}
+    base = list(sys.argv[1:])
+    i = base.index("--seeds")
+    base = base[:i] + base[i + 2:]
+    for n, s in enumerate(seeds):
+        tag = f"{args.tag}-seed{s}" if args.tag else f"seed{s}"
+        # reuse the teacher after the first seed; a BOOT run of a seed is reused only with --reuse
+        cmd = [sys.executable, __file__, *base, "--tag", tag, "--seed", str(args.seed + s),
+               "--set", f"run.seed={s}"]
+        if n > 0 and "--reuse" not in cmd:
+            cmd.append("--reuse-teacher")
+        print(f"== seed {s}: {' '.join(cmd[1:])}", flush=True)
+        subprocess.run(cmd, check=True)
+        name = _json_name(args, tag)
+        per_seed[s] = json.loads((out / f"bench_boot_{name}.json").read_text())
+    first = per_seed[seeds[0]]
+    keys = ("fid", "precision", "recall", "images_per_s", "rms_to_reference", "prompt_accuracy")
+    summary: dict = {}
+    for gen in first["generators"]:
+        summary[gen] = {"nfe": first["generators"][gen]["nfe"]}
+        for k in keys:
+            vals = [per_seed[s]["generators"][gen][k] for s in seeds if k in per_seed[s]["generators"][gen]]
+            if len(vals) == len(seeds):
+                summary[gen][k] = dict(zip(("mean", "std"), _mean_std(vals), strict=True))
+    ratio = [per_seed[s]["generators"]["boot_student_1step"]["fid"] / per_seed[s]["generators"]["teacher_ddim50"]["fid"]
+             for s in seeds if "teacher_ddim50" in per_seed[s]["generators"]]
+    result = {"seeds": seeds, "noise_seeds": [args.seed + s for s in seeds], "prediction_type": first["prediction_type"],
+              "text_to_image": first["text_to_image"], "extractor": first["extractor"],
+              "num_samples": first["num_samples"], "num_reference": first["num_reference"], "generators": summary,
+              "per_seed": {str(s): per_seed[s]["generators"] for s in seeds},
+              "boot_training_wall_s": [per_seed[s]["boot_training"].get("wall_s") for s in seeds]}
+    if ratio:
+        fid_limit = 1.3 if args.text else 1.25
+        m, sd = _mean_std(ratio)
+        result["targets"] = {"student_fid_over_ddim50_fid": {"mean": m, "std": sd, "per_seed": ratio},
+                             f"fid_vs_ddim50_ok (<= {fid_limit}, mean)": m <= fid_limit}
+    name = _json_name(args, f"{args.tag}-seeds" if args.tag else "seeds")
+    (out / f"bench_boot_{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nBOOT benchmark, {len(seeds)} seeds {seeds} ({first['prediction_type']} prediction; FID with "
+          f"{first['extractor']}, {first['num_samples']} samples vs {first['num_reference']} held-out digits), "
+          "mean ± std")
+    cols = [k for k in keys if k in summary["boot_student_1step"]]
+    print(f"{'generator':<22s}{'NFE':>5s}" + "".join(f"{k:>22s}" for k in cols))
+    for gen, r in summary.items():
+        print(f"{gen:<22s}{r['nfe']:>5d}" + "".join(
+            f"{r[k]['mean']:>13.3f} ± {r[k]['std']:<6.3f}" if k in r else f"{'-':>22s}" for k in cols))
+    for k, v in result.get("targets", {}).items():
+        print(f"  {k}: {v['mean']:.3f} ± {v['std']:.3f} (per seed {', '.join(f'{x:.3f}' for x in v['per_seed'])})"
+              if isinstance(v, dict) else f"  {k}: {v}")
+    print(f"JSON: {out / f'bench_boot_{name}.json'}")
+    return 0
+
+
+def _json_name(args: argparse.Namespace, tag: str) -> str:
+    """The run name :func:`main` gives ``bench_boot_<name>.json`` for these arguments and ``tag``."""
+    name = "digits-text" if args.text else "digits"
+    if args.prediction_type is not None and args.prediction_type != ("epsilon" if args.text else "sample"):
+        name += f"-{args.prediction_type}"
+    return f"{name}-{tag}" if tag else name
 
 
 if __name__ == "__main__":

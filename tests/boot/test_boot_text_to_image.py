@@ -52,7 +52,8 @@ def test_sd_layout_is_a_latent_text_teacher_with_the_stock_prompt_encoding_and_d
     teacher = _teacher(pipelines, "sd15")
     assert teacher.latent and teacher.sample_shape == (4, 8, 8) and teacher.prediction_type == "epsilon"
     assert teacher.num_classes == 4 and teacher.null_class == 4  # the empty line was skipped; index 4 is ""
-    assert teacher.prompt_info == {"num_prompts": 4, "skipped_empty": 1, "truncated": 0, "max_tokens": 77}
+    assert teacher.prompt_info == {"num_prompts": 4, "skipped_empty": 1, "truncated": 0, "max_tokens": 77,
+                                   "clean_captions": False, "changed_by_cleaning": 0, "emptied_by_cleaning": 0}
     pipe = StableDiffusionPipeline.from_pretrained(str(pipelines["sd15"]))
     cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=[""] * 4)
     ours = teacher.net.prompts(torch.arange(5))
@@ -99,7 +100,7 @@ def test_if_layout_is_a_pixel_t5_teacher_with_learned_range_and_dynamic_threshol
     assert not teacher.latent and teacher.sample_shape == (3, 8, 8)
     assert teacher.threshold == (0.95, 1.5) and teacher.net.prompts.use_attention_mask
     pipe = IFPipeline.from_pretrained(str(pipelines["if"]))
-    cond, uncond = pipe.encode_prompt(PROMPTS[:2], True, negative_prompt=None, clean_caption=False)
+    cond, uncond = pipe.encode_prompt(PROMPTS[:2], True, negative_prompt=None, clean_caption=True)
     ours = teacher.net.prompts(torch.tensor([0, 1, 4]))
     torch.testing.assert_close(ours[:2], cond, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours[2:], uncond[:1], rtol=0, atol=1e-6)
@@ -109,6 +110,44 @@ def test_if_layout_is_a_pixel_t5_teacher_with_learned_range_and_dynamic_threshol
     sched = DDPMScheduler.from_pretrained(str(pipelines["if"]), subfolder="scheduler")
     big = 3.0 * torch.randn(4, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(dynamic_threshold(big, 0.95, 1.5), sched._threshold_sample(big), rtol=0, atol=1e-12)
+
+
+def test_if_prompts_are_cleaned_as_the_if_pipeline_cleans_them(pipelines, tmp_path):
+    """``teacher.clean_captions=auto`` cleans an IF teacher's prompts (and negative prompt) with diffusers' IF
+    preprocessing, counts what changed and drops prompts it empties; SD teachers and ``false`` keep them."""
+    from diffusers import IFPipeline
+
+    dirty = ["A <b>Red</b> bicycle https://example.org/img.png", "The DIGIT “one”", "@user #123", "two"]
+    (tmp_path / "dirty.txt").write_text("\n".join(dirty) + "\n")
+    data = BootDataConfig(prompts=str(tmp_path / "dirty.txt"))
+    pipe = IFPipeline.from_pretrained(str(pipelines["if"]))
+    expected = pipe._text_preprocessing(dirty, clean_caption=True)
+    assert expected[2] == "" and expected[0] != dirty[0].lower()  # the fixture exercises cleaning and emptying
+    teacher = build_teacher(BootTeacherRef(path=str(pipelines["if"]), negative_prompt="<i>Blurry</i>"), data)
+    enc = teacher.net.prompts
+    assert enc.prompts == tuple(p for p in expected if p) and enc.clean_captions
+    assert enc.negative_prompt == "blurry"
+    assert teacher.prompt_info["changed_by_cleaning"] == 3 and teacher.prompt_info["emptied_by_cleaning"] == 1
+    cond, uncond = pipe.encode_prompt(dirty[:2], True, negative_prompt=["<i>Blurry</i>"] * 2, clean_caption=True)
+    ours = teacher.net.prompts(torch.tensor([0, 1, 3]))
+    torch.testing.assert_close(ours[:2], cond, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[2:], uncond[:1], rtol=0, atol=1e-6)
+    raw = build_teacher(BootTeacherRef(path=str(pipelines["if"]), clean_captions="false"), data)
+    assert raw.net.prompts.prompts == tuple(dirty) and not raw.net.prompts.clean_captions
+    sd = build_teacher(BootTeacherRef(path=str(pipelines["sd15"])), data)
+    assert sd.net.prompts.prompts == tuple(dirty)
+    forced = build_teacher(BootTeacherRef(path=str(pipelines["sd15"]), clean_captions="true"), data)
+    assert forced.net.prompts.prompts == tuple(p for p in expected if p)
+
+
+def test_if_caption_cleaning_without_its_libraries_names_the_extra(pipelines, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ftfy" else real(name, *a))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    with pytest.raises(UserError, match=r"needs ftfy: pip install 'vkd\[if\]'"):
+        build_teacher(BootTeacherRef(path=str(pipelines["if"])), BootDataConfig(prompts=str(tmp_path / "p.txt")))
 
 
 def test_prompt_cache_truncation_count_and_per_batch_encoding(pipelines, tmp_path):
@@ -131,6 +170,11 @@ eps, prompts = torch.load(sys.argv[2])
 images = pipe(prompts, latents=eps, num_inference_steps=1, output_type="pt").images
 assert type(pipe).__name__ == "BootPipeline" and len(pipe("a handwritten seven").images) == 1
 assert not any(m == "vkd" or m.startswith("vkd.") for m in sys.modules), "vkd was imported"
+assert pipe.config.clean_caption == (sys.argv[4] == "clean")
+# an IF student cleans its prompts as IFPipeline does (HTML, URLs, case); others read them as given
+dirty = pipe("A <b>Handwritten</b> SEVEN https://example.org/x", latents=eps[:1], output_type="pt").images
+plain = pipe("a handwritten seven", latents=eps[:1], output_type="pt").images
+assert torch.equal(dirty, plain) == pipe.config.clean_caption, "caption cleaning"
 torch.save(images, sys.argv[3])
 """
 
@@ -155,8 +199,10 @@ def test_text_run_trains_only_the_unet_and_exports_a_pipeline_that_takes_prompts
     shape = (4, 8, 8) if name == "sd15" else (3, 8, 8)
     _, eps, labels = next(noise_batches(5, 0, shape, 4, 5))
     torch.save((eps, [PROMPTS[i] for i in labels.tolist()]), tmp_path / "noise.pt")
+    assert index["clean_caption"] == (name == "if")  # teacher.clean_captions=auto: IF pipelines only
     subprocess.run([sys.executable, "-c", _LOAD_TEXT_PIPELINE, str(export), str(tmp_path / "noise.pt"),
-                    str(tmp_path / "images.pt")], check=True, cwd=tmp_path, timeout=300)
+                    str(tmp_path / "images.pt"), "clean" if name == "if" else "raw"], check=True, cwd=tmp_path,
+                   timeout=300)
     images = torch.load(tmp_path / "images.pt")
     torch.testing.assert_close(images, student.generate(eps, labels), rtol=0, atol=1e-5)
     u8 = ((images.clamp(-1, 1) + 1.0) * 127.5 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).numpy()

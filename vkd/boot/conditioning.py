@@ -65,14 +65,17 @@ class PromptEncoder(nn.Module):
         prompts: the ``P`` prompts (indices ``0 … P−1``).
         negative_prompt: index ``P``: the ∅ of guidance (``""``: the empty prompt).
         cache_mb: precompute every embedding once when the table takes at most this many MB.
+        clean_captions: the prompts were cleaned as DeepFloyd IF's pipeline does (recorded for the export, whose
+            pipeline then cleans the prompts it is given; the prompts here are used as they are).
 
     Attributes:
         truncated: how many prompts were longer than ``max_length`` tokens and were cut.
     """
 
     def __init__(self, text_encoder: nn.Module, tokenizer, prompts: Sequence[str], negative_prompt: str = "",
-                 cache_mb: float = 256.0):
+                 cache_mb: float = 256.0, clean_captions: bool = False):
         super().__init__()
+        self.clean_captions = bool(clean_captions)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.prompts = tuple(prompts)

@@ -216,6 +216,9 @@ class BootTeacherRef:
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # teacher forward precision (GPU)
     negative_prompt: str = ""  # text-to-image: the ∅ prompt of guidance (empty prompt by default)
     prompt_cache_mb: float = 256.0  # text-to-image: embed every prompt once when the table fits in this many MB
+    # text-to-image: DeepFloyd IF's caption cleaning of the prompts and the negative prompt (diffusers' IFPipeline,
+    # clean_caption=True); auto: on for IF pipelines (model_index IFPipeline, or a T5 encoder without a VAE)
+    clean_captions: Literal["auto", "true", "false"] = "auto"
 
     def __post_init__(self) -> None:
         if self.prompt_cache_mb < 0:

@@ -29,15 +29,15 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vkd.data.digits import DIGIT_NAMES
-from vkd.errors import DataError
+from vkd.errors import DataError, UserError
 
-__all__ = ["PromptFile", "read_prompts", "DEFAULT_COLUMNS", "FORMATS", "DIGIT_CAPTION_TEMPLATES", "digit_captions",
+__all__ = ["PromptFile", "read_prompts", "clean_captions", "DEFAULT_COLUMNS", "FORMATS", "DIGIT_CAPTION_TEMPLATES", "digit_captions",
            "digit_named_in"]
 
 DEFAULT_COLUMNS = ("prompt", "caption", "text")  # tried in this order when no column is given
@@ -99,6 +99,33 @@ def read_prompts(path: str | Path, column: str | None = None) -> PromptFile:
         what = "lines" if fmt in ("text", "jsonl") else "entries"
         raise DataError(f"{source} has no prompts ({skipped} empty {what} skipped)")
     return PromptFile(prompts=prompts, source=source, skipped_empty=skipped, format=fmt, column=col)
+
+
+def clean_captions(prompts: Sequence[str]) -> list[str]:
+    """DeepFloyd IF's caption cleaning, as its pipeline applies it by default (``clean_caption=True``).
+
+    Uses diffusers' own ``IFPipeline`` preprocessing (lower case; URLs, HTML, @names, CJK, ids and file names
+    removed; dashes and quotes normalised; ``ftfy``), so prompts reach an IF teacher as they do in diffusers.
+
+    Args:
+        prompts: raw prompts.
+
+    Returns:
+        The cleaned prompts, same order (a prompt may become empty).
+
+    Raises:
+        UserError: ``beautifulsoup4`` or ``ftfy`` is not installed (``pip install 'vkd[if]'``).
+    """
+    import importlib.util
+
+    missing = [mod for mod, name in (("bs4", "beautifulsoup4"), ("ftfy", "ftfy")) if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise UserError(f"IF caption cleaning needs {' and '.join(missing)}: pip install 'vkd[if]' (or set "
+                        "teacher.clean_captions=false and pass cleaned prompts)")
+    from diffusers import IFPipeline
+
+    pipe = IFPipeline.__new__(IFPipeline)  # the preprocessing reads class attributes only; no weights
+    return list(pipe._text_preprocessing(list(prompts), clean_caption=True))
 
 
 def _read_text(source: str) -> str:

@@ -39,6 +39,8 @@ class BootPipeline(DiffusionPipeline):
         sigma: σ̃ of the output conversion at ``t_sample``.
         max_length: prompt tokens (padding and truncation, as the student was trained).
         use_attention_mask: pass the attention mask to the text encoder (T5 / ``use_attention_mask``).
+        clean_caption: clean prompts as DeepFloyd IF's pipeline does (the student's teacher was an IF pipeline and
+            its prompts were cleaned so in training; needs ``beautifulsoup4`` and ``ftfy``).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -46,14 +48,14 @@ class BootPipeline(DiffusionPipeline):
 
     def __init__(self, unet, scheduler, text_encoder=None, tokenizer=None, vae=None, prediction_type: str = "sample",
                  t_sample: float = -1.0, alpha: float = 1.0, sigma: float = 0.0, max_length: int = 77,
-                 use_attention_mask: bool = False):
+                 use_attention_mask: bool = False, clean_caption: bool = False):
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"unknown prediction_type {prediction_type!r}")
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
         self.register_to_config(prediction_type=prediction_type, t_sample=float(t_sample), alpha=float(alpha),
                                 sigma=float(sigma), max_length=int(max_length),
-                                use_attention_mask=bool(use_attention_mask))
+                                use_attention_mask=bool(use_attention_mask), clean_caption=bool(clean_caption))
 
     def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
         """``[B, L, D]`` text-encoder states: padded to ``max_length``, truncated, ``last_hidden_state``."""
@@ -98,6 +100,10 @@ class BootPipeline(DiffusionPipeline):
             if prompt is None:
                 raise ValueError("this student is text-to-image: pass prompt")
             prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+            if self.config.clean_caption:  # as in training: diffusers' IF preprocessing
+                from diffusers import IFPipeline
+
+                prompt = IFPipeline.__new__(IFPipeline)._text_preprocessing(prompt, clean_caption=True)
             text_states = self.encode_prompt(prompt, device)
             batch_size = len(prompt)
         elif prompt is not None:

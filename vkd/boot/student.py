@@ -201,7 +201,8 @@ def save_student(student: BootStudent, path: str | Path, scheduler_config: dict[
         prompts.text_encoder.save_pretrained(str(path / "text_encoder"))
         prompts.tokenizer.save_pretrained(str(path / "tokenizer"))
         meta = {**meta, "text_to_image": True, "negative_prompt": prompts.negative_prompt,
-                "max_length": prompts.max_length, "use_attention_mask": prompts.use_attention_mask}
+                "max_length": prompts.max_length, "use_attention_mask": prompts.use_attention_mask,
+                "clean_caption": prompts.clean_captions}
     if student.decoder is not None:
         student.decoder.vae.save_pretrained(str(path / "vae"))
     cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
@@ -236,6 +237,7 @@ def _write_pipeline_index(student: BootStudent, path: Path, scheduler_class: str
         index["text_encoder"] = ["transformers", type(prompts.text_encoder).__name__]
         index["tokenizer"] = ["transformers", type(prompts.tokenizer).__name__]
         index["max_length"], index["use_attention_mask"] = prompts.max_length, prompts.use_attention_mask
+        index["clean_caption"] = prompts.clean_captions
     if student.decoder is not None:
         index["vae"] = ["diffusers", type(student.decoder.vae).__name__]
     (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -268,7 +270,8 @@ def load_student(path: str | Path, prompts: tuple[str, ...] = ()) -> tuple[BootS
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(path / "tokenizer"))
     except (OSError, ValueError, KeyError, AttributeError) as err:
         raise UserError(f"cannot load the exported student from {path}: {str(err).splitlines()[0]}") from None
-    net = TextUNetDenoiser(unet, PromptEncoder(encoder, tokenizer, prompts, meta.get("negative_prompt", ""))) \
+    net = TextUNetDenoiser(unet, PromptEncoder(encoder, tokenizer, prompts, meta.get("negative_prompt", ""),
+                                               clean_captions=bool(meta.get("clean_caption", False)))) \
         if text else UNetDenoiser(unet)
     student = BootStudent(net, NoiseSchedule(acp, interp=meta.get("interp", "lambda")),
                           meta["prediction_type"], meta["parameterization"], meta.get("t_sample", -1.0),

@@ -33,10 +33,10 @@ from torch import nn
 
 from vkd.boot.conditioning import LatentDecoder, PromptEncoder, TextUNetDenoiser
 from vkd.boot.config import BootDataConfig, BootTeacherRef
-from vkd.boot.data import read_prompts
+from vkd.boot.data import clean_captions, read_prompts
 from vkd.boot.schedule import NoiseSchedule
 from vkd.boot.schedule import as_timesteps as _as_timesteps
-from vkd.errors import ConfigError, UserError
+from vkd.errors import ConfigError, DataError, UserError
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -609,7 +609,8 @@ def _text_width(text_encoder: nn.Module) -> int:
 
 def load_text_to_image_teacher(source: str, prompts: Sequence[str], negative_prompt: str = "",
                                guidance_scale: float = 1.0, clip_x0: Literal["scheduler"] | bool = "scheduler",
-                               interp: str = "lambda", prompt_cache_mb: float = 256.0) -> DiffusionTeacher:
+                               interp: str = "lambda", prompt_cache_mb: float = 256.0,
+                               clean_captions: bool = False) -> DiffusionTeacher:
     """A frozen text-to-image :class:`DiffusionTeacher` from a diffusers pipeline (directory or hub id).
 
     Reads the ``StableDiffusionPipeline`` layout (``model_index.json``, ``unet/`` = ``UNet2DConditionModel``,
@@ -617,7 +618,9 @@ def load_text_to_image_teacher(source: str, prompts: Sequence[str], negative_pro
     present (the student generates latents; the VAE decodes them for samples and evaluation), pixel-space otherwise
     (the DeepFloyd IF stage-I layout: T5 encoder, ``learned_range`` outputs cut to their first channels, dynamic
     thresholding when the scheduler sets ``thresholding``). The condition is an index into ``prompts`` (index
-    ``len(prompts)`` is ``negative_prompt``, the ∅ of guidance).
+    ``len(prompts)`` is ``negative_prompt``, the ∅ of guidance). ``clean_captions`` records that the prompts were
+    cleaned as IF's pipeline does (:func:`vkd.boot.data.clean_captions`), so the exported student cleans its
+    prompts the same way.
 
     Raises:
         UserError: a missing component or directory, a UNet that is not ``UNet2DConditionModel``, SDXL-style added
@@ -675,7 +678,8 @@ def load_text_to_image_teacher(source: str, prompts: Sequence[str], negative_pro
         if decoder.latent_channels != int(unet.config.in_channels):
             raise UserError(f"{source}: the VAE has {decoder.latent_channels} latent channels but the UNet reads "
                             f"{unet.config.in_channels}")
-    prompt_encoder = PromptEncoder(text_encoder, tokenizer, prompts, negative_prompt, prompt_cache_mb)
+    prompt_encoder = PromptEncoder(text_encoder, tokenizer, prompts, negative_prompt, prompt_cache_mb,
+                                   clean_captions=clean_captions)
     clip = bool(sched_cfg.get("clip_sample", True)) if clip_x0 == "scheduler" else bool(clip_x0)
     threshold = None
     if sched_cfg.get("thresholding", False):
@@ -699,14 +703,41 @@ def _text_to_image_teacher(ref: BootTeacherRef, data: BootDataConfig) -> Diffusi
                         "prompt per line or a JSON/CSV column)")
     prompts = read_prompts(data.prompts, data.prompt_column)
     clip: bool | str = "scheduler" if ref.clip_x0 == "scheduler" else (ref.clip_x0 == "true")
-    teacher = load_text_to_image_teacher(ref.path, prompts.prompts, ref.negative_prompt, ref.guidance_scale, clip,
-                                         ref.interp, ref.prompt_cache_mb)
+    texts, negative, changed, emptied = list(prompts.prompts), ref.negative_prompt, 0, 0
+    clean = ref.clean_captions == "true" or (ref.clean_captions == "auto" and is_if_pipeline(read_model_index(ref.path)))
+    if clean:
+        cleaned = clean_captions(texts)
+        changed = sum(a != b for a, b in zip(texts, cleaned, strict=True))
+        emptied = sum(not c for c in cleaned)
+        texts = [c for c in cleaned if c]
+        if not texts:
+            raise DataError(f"{data.prompts}: every prompt is empty after IF's caption cleaning "
+                            "(teacher.clean_captions=false keeps them as they are)")
+        negative = clean_captions([negative])[0] if negative else negative
+    teacher = load_text_to_image_teacher(ref.path, texts, negative, ref.guidance_scale, clip,
+                                         ref.interp, ref.prompt_cache_mb, clean_captions=clean)
     enc = teacher.net.prompts
-    log.info("prompts: %d from %s (%d empty lines skipped, %d longer than %d tokens truncated)", len(prompts.prompts),
+    log.info("prompts: %d from %s (%d empty lines skipped, %d longer than %d tokens truncated)", len(texts),
              data.prompts, prompts.skipped_empty, enc.truncated, enc.max_length)
-    teacher.prompt_info = {"num_prompts": len(prompts.prompts), "skipped_empty": prompts.skipped_empty,  # type: ignore[attr-defined]
-                           "truncated": enc.truncated, "max_tokens": enc.max_length}
+    if clean:
+        log.info("IF caption cleaning (teacher.clean_captions=%s): %d prompts changed, %d emptied and skipped",
+                 ref.clean_captions, changed, emptied)
+    teacher.prompt_info = {"num_prompts": len(texts), "skipped_empty": prompts.skipped_empty,  # type: ignore[attr-defined]
+                           "truncated": enc.truncated, "max_tokens": enc.max_length, "clean_captions": clean,
+                           "changed_by_cleaning": changed, "emptied_by_cleaning": emptied}
     return teacher
+
+
+def is_if_pipeline(index: dict[str, Any] | None) -> bool:
+    """A DeepFloyd-IF-style pipeline: ``IFPipeline`` in ``model_index.json``, or a T5 text encoder without a VAE."""
+    if not index:
+        return False
+    name = index.get("_class_name")
+    name = name[-1] if isinstance(name, (list, tuple)) else name
+    if str(name).startswith("IF"):
+        return True
+    enc = _component(index, "text_encoder")
+    return enc is not None and enc[1].startswith("T5") and _component(index, "vae") is None
 
 
 def _unet2d_teacher(ref: BootTeacherRef, data: BootDataConfig) -> DiffusionTeacher:
