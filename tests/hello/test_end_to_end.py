@@ -2,7 +2,7 @@
 
 ``test_pipeline_smoke`` checks the whole path and its artefacts in a few seconds of training;
 ``test_projector_labels_beat_hard_labels`` is the accuracy claim (slow: ~45 s on an idle 2-core machine,
-~105 s measured on a shared, overloaded one).
+~105 s measured on a shared, overloaded one; 31 s with the printed-digits CLIP on the shared machine).
 """
 
 import json
@@ -54,6 +54,11 @@ def test_pipeline_smoke(smoke_run, tmp_path):
     info = json.loads((run_dir / "hello.json").read_text())
     assert summary["adapter_bytes"] == info["adapter"]["bytes"] == 2 * info["adapter"]["params"]  # fp16
     assert info["image_update"].get("skipped") == "factor 1"
+    # what is public (the tiny CLIP, pretrained on printed digits only) and what is stored (the LoRA factors)
+    public, stored = info["storage"]["public"], info["storage"]["stored"]
+    assert public["pretraining"]["source"] == "printed_digits" and public["pretraining"]["target_train_images_seen"] == 0
+    assert 0 < public["image_params"] < public["params"] and public["bytes"] == 4 * public["params"]  # fp32 weights
+    assert stored["params"] == info["adapter"]["params"] and stored["bytes"] == info["adapter"]["bytes"]
     manifest = json.loads((run_dir / "distilled" / "manifest.json").read_text())
     assert len(manifest["entries"]) == 10 and manifest["ipc"] == 1 and manifest["crop_scale"] == [1.0, 1.0]
     assert sorted(e["label"] for e in manifest["entries"]) == list(range(10))
@@ -117,15 +122,17 @@ def test_projector_labels_beat_hard_labels(tmp_path):
     _teacher(out, 300)
     cfg = apply_overrides(HelloConfig(), [
         f"run.output_dir={out}", f"clip.cache_dir={tmp_path / 'cache'}", "clip.tiny.layers=2",
-        "clip.tiny.text_width=32", "clip.tiny.steps=150", "clip.tiny.lr=1e-3", "train.steps=300", "train.lr=3e-3",
+        "clip.tiny.text_width=32", "clip.tiny.steps=150", "clip.tiny.lr=1e-3", "train.steps=400", "train.lr=2e-2",
         "train.checkpoint_every=1000", "train.log_every=100", "selection.ipc=2", "selection.mipc=40",
         "selection.crop_scale=[0.5,1.0]", "eval.sources=[hard,projector]", "eval.seeds=[0]"])
     run_hello(cfg)
     info = json.loads((cfg.run_dir() / "hello.json").read_text())
-    assert info["zero_shot_test_acc"] > 0.8 and info["projector_test_acc"] > 0.8, info
+    # the tiny CLIP saw printed digits only: its zero-shot head is weak on the handwritten ones, the fit closes it
+    assert info["zero_shot_test_acc"] < 0.8 and info["projector_test_acc"] > info["zero_shot_test_acc"] + 0.2, info
+    assert info["projector_test_acc"] > 0.8, info
     metrics = evaluate_hello(cfg.run_dir(), [], None)
     # online projector labels beat hard labels clearly on the same 20 partial-digit crops (spec §9 test 7);
-    # measured 0.869 vs 0.656
+    # measured 0.869 vs 0.647 (zero-shot test accuracy 0.381, projector 0.931)
     assert metrics["acc_projector_mean"] > metrics["acc_hard_mean"] + 0.1, metrics
 
 

@@ -165,18 +165,28 @@ class TeacherRefConfig:
 
 @dataclass
 class ClipConfig:
-    """The CLIP behind the projector: ``model_name="tiny"`` pretrains vkd's tiny CLIP on the training
-    split (cached), any other value is an open_clip name with its ``pretrained`` tag or file."""
+    """The CLIP behind the projector: ``model_name="tiny"`` pretrains vkd's tiny CLIP (cached), any other value is
+    an open_clip name with its ``pretrained`` tag or file.
+
+    ``tiny_data`` is what the tiny CLIP is pretrained on, with ``prompt_template`` captions: ``printed_digits``
+    (digits rendered from matplotlib's fonts, :mod:`vkd.hello.printed_digits`; no image of the target task, so the
+    CLIP plays a public model), ``train`` (the task's own labelled training split: a smoke-test stand-in that
+    has seen the target labels) or ``auto`` (``printed_digits`` on the digits, ``train`` otherwise).
+    """
 
     model_name: str = "tiny"
     pretrained: str = ""
     prompt_template: str = "a photo of the digit {}."
     tiny: TinyClipConfig = field(default_factory=lambda: TinyClipConfig(image_size=16, patch_size=4))
+    tiny_data: Literal["auto", "printed_digits", "train"] = "auto"
+    printed_per_font: int = 16  # printed_digits: jittered copies of each digit per font (19 fonts)
     cache_dir: str = ""  # tiny CLIP cache root (default $VKD_CACHE_DIR or ~/.cache/vkd)
 
     def __post_init__(self) -> None:
         if "{}" not in self.prompt_template:
             raise ConfigError(f"clip.prompt_template must contain '{{}}', got {self.prompt_template!r}")
+        if self.printed_per_font < 1:
+            raise ConfigError(f"clip.printed_per_font must be >= 1, got {self.printed_per_font}")
 
 
 @dataclass

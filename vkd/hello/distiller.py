@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from peft import set_peft_model_state_dict
 from torch import nn
 
-from vkd.engine import DistillationTask
+from vkd.engine import DistillationTask, seeded
 from vkd.errors import DataError
 from vkd.hello.config import HelloConfig, HelloTeacherConfig, StudentConfig
 from vkd.hello.data import LabelledImages, as_unit, load_splits, prompt_names, write_distilled_set
@@ -35,7 +35,7 @@ from vkd.hello.projector import (
     ZeroShot,
     adapter_state_dict,
     add_lora,
-    build_clip,
+    build_clip_with_info,
     build_projector,
     clip_family,
     lora_config,
@@ -142,7 +142,7 @@ class ProjectorFitTask(DistillationTask):
 
     def __init__(self, cfg: HelloConfig, projector: nn.Module, fit_teachers: list[Classifier], final_teacher: Classifier,
                  train: LabelledImages, test: LabelledImages, clip: ClipBundle, lora_kwargs: dict[str, Any],
-                 teacher_meta: dict[str, Any] | None = None):
+                 teacher_meta: dict[str, Any] | None = None, public_clip: dict[str, Any] | None = None):
         super().__init__()
         self.cfg = cfg
         self.projector = projector
@@ -154,6 +154,7 @@ class ProjectorFitTask(DistillationTask):
         self.lora_kwargs = lora_kwargs
         self.clip_family = clip_family(projector.base_model.model) if hasattr(projector, "base_model") else ""
         self.teacher_meta = teacher_meta or {}
+        self.public_clip = public_clip or {}  # size and pretraining data of the base CLIP (hello.json)
         self.augmenter = make_augmenter(cfg.student, cfg.data.image_size)
         self.factor = auto_factor(cfg.data.image_size, cfg.selection.factor)
         # what the fit starts from and is measured against: CLIP zero-shot (the adapters disabled; Proposition 1).
@@ -286,8 +287,20 @@ class ProjectorFitTask(DistillationTask):
                 "num_fit_teachers": self.num_fit, "fit_snapshots": self.teacher_meta.get("fit_snapshots", []),
                 "min_snapshot_accuracy": cfg.teacher.min_snapshot_accuracy,
                 "clip_family": self.clip_family, "lora_targets": list(self.lora_kwargs["target_modules"]),
-                **self.evaluate(cfg.train.steps)}
+                "storage": self._storage(sizes), **self.evaluate(cfg.train.steps)}
         (run_dir / "hello.json").write_text(json.dumps(info, indent=2))
+
+    def _storage(self, adapter: dict[str, int]) -> dict[str, Any]:
+        """What is public and what is stored. The base CLIP is not counted: a hub model, or vkd's tiny CLIP, which vkd
+        ships the recipe of and rebuilds from printed digits alone; pretrained on the task's own training split
+        (``clip.tiny_data=train``) it is not public, and ``what`` says so. The LoRA factors are the stored labels."""
+        source = self.public_clip.get("pretraining", {}).get("source")
+        what = {"printed_digits": "vkd's tiny CLIP, pretrained by vkd on printed digits (no target image): public, "
+                                  "not counted",
+                "train": "vkd's tiny CLIP, pretrained on this task's labelled training split: NOT a public model, "
+                         "not counted"}.get(source, "the base CLIP (public weights): not counted")
+        return {"public": {"what": what, **self.public_clip},
+                "stored": {"what": "the LoRA factors (projector_adapters.safetensors)", **adapter}}
 
 
 def _check_ipc(cfg: HelloConfig, train: LabelledImages) -> int:
@@ -310,9 +323,10 @@ def prepare_fit(cfg: HelloConfig, device: str | torch.device = "cpu", progress: 
     train, test = load_splits(cfg.data)
     _check_ipc(cfg, train)
     fit, final, meta = resolve_teachers(cfg, train)
-    clip = build_clip(cfg, train, device=device, progress=progress)
+    clip, clip_info = build_clip_with_info(cfg, train, device=device, progress=progress)
     projector = build_projector(clip, prompt_names(train.class_names), cfg.clip.prompt_template)
     kwargs = lora_config(projector, cfg.projector)
-    model = add_lora(projector, kwargs)
-    task = ProjectorFitTask(cfg, model, fit, final, train, test, clip, kwargs, meta)
+    with seeded(cfg.run.seed):  # LoRA's A factors are drawn at random: from run.seed alone, not from what ran before
+        model = add_lora(projector, kwargs)
+    task = ProjectorFitTask(cfg, model, fit, final, train, test, clip, kwargs, meta, clip_info)
     return task, train, test

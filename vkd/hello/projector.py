@@ -30,13 +30,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from vkd.errors import DataError
+from vkd.data.digits import DIGIT_NAMES
+from vkd.errors import ConfigError, DataError
 from vkd.hello.config import HelloConfig, ProjectorConfig
 from vkd.hello.data import LabelledImages, prompt_names, resize_images
+from vkd.hello.printed_digits import render_printed_digits
 from vkd.models.tiny_clip import ClipBundle, load_clip, preprocess_images, pretrain_tiny_clip, tiny_clip_name
 
 __all__ = ["Projector", "build_projector", "clip_family", "image_lora_targets", "ZeroShot", "lora_config", "add_lora",
-           "save_adapters", "load_adapters", "adapter_state_dict", "projector_bytes", "class_prompts", "build_clip"]
+           "save_adapters", "load_adapters", "adapter_state_dict", "projector_bytes", "class_prompts", "build_clip",
+           "build_clip_with_info", "tiny_clip_data", "tiny_clip_pretraining_set", "count_shared_images",
+           "clip_report"]
 
 _META_KEY = "vkd_hello_projector"
 _DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -266,21 +270,106 @@ def load_adapters(path: str | Path, clip: ClipBundle | None = None, device: str 
     return model.to(device).eval()
 
 
+def tiny_clip_data(cfg: HelloConfig, train: LabelledImages) -> str:
+    """What the tiny CLIP is pretrained on: ``clip.tiny_data`` with ``auto`` resolved (``printed_digits`` on the
+    embedded digits, ``train`` otherwise).
+
+    Raises:
+        ConfigError: ``printed_digits`` for a dataset whose classes are not the ten digits ``zero`` … ``nine``.
+    """
+    choice = cfg.clip.tiny_data
+    if choice == "auto":
+        choice = "printed_digits" if cfg.data.source == "digits" else "train"
+    if choice == "printed_digits" and prompt_names(train.class_names) != list(DIGIT_NAMES):
+        raise ConfigError("clip.tiny_data=printed_digits renders the digits zero … nine, but the dataset's classes are "
+                          f"{prompt_names(train.class_names)[:4]}...; use clip.tiny_data=train")
+    return choice
+
+
+def tiny_clip_pretraining_set(cfg: HelloConfig, train: LabelledImages) -> tuple[torch.Tensor, list[str], dict[str, Any]]:
+    """The tiny CLIP's image–caption pairs and a description of them (recorded in ``hello.json``).
+
+    Returns:
+        ``(images [N, 3, t, t] float in [0, 1], N captions, info)``; ``t = clip.tiny.image_size``, captions
+        ``clip.prompt_template`` with the class name of each image; ``info``: ``source``, ``num_images``, the
+        fonts of ``printed_digits``, and ``target_train_images_seen`` (how many of the task's training images are
+        among the pretraining images, compared after 8-bit quantisation).
+    """
+    tiny = cfg.clip.tiny
+    source = tiny_clip_data(cfg, train)
+    info: dict[str, Any] = {"source": source}
+    if source == "printed_digits":
+        printed = render_printed_digits(per_font=cfg.clip.printed_per_font, size=tiny.image_size, seed=tiny.seed)
+        images, labels, names = printed.images, printed.labels, list(DIGIT_NAMES)
+        info["fonts"] = list(printed.font_names)
+        info["copies_per_font"] = cfg.clip.printed_per_font
+    else:
+        names = prompt_names(train.class_names)
+        if train.streamed:  # decoded per batch and shrunk at once: the tiny CLIP's 3·t² floats per image stay in RAM
+            images, labels = train.resized(tiny.image_size)
+        else:
+            images, labels = resize_images(train.float_images(), tiny.image_size), train.labels
+    captions = [cfg.clip.prompt_template.format(names[int(c)]) for c in labels]
+    info["num_images"] = int(images.shape[0])
+    if source == "train":
+        info["target_train_images_seen"] = int(images.shape[0])
+    else:  # measured, not assumed: the task's training images at the CLIP's resolution against the pretraining set
+        target = train.resized(tiny.image_size)[0] if train.streamed else \
+            resize_images(train.float_images(), tiny.image_size)
+        info["target_train_images_seen"] = count_shared_images(target, images)
+    return images, captions, info
+
+
+def count_shared_images(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many images of ``a`` (``[N, 3, H, W]`` in [0, 1]) also occur in ``b`` (``[M, 3, H, W]``), compared after
+    quantisation to 8 bits; 0 when their shapes differ."""
+    if a.shape[1:] != b.shape[1:]:
+        return 0
+
+    def keys(x: torch.Tensor) -> list[bytes]:
+        q = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).flatten(1).cpu().numpy()
+        return [row.tobytes() for row in q]
+
+    seen = set(keys(b))
+    return sum(k in seen for k in keys(a))
+
+
 def build_clip(cfg: HelloConfig, train: LabelledImages, device: str | torch.device = "cpu",
                progress: bool = True) -> ClipBundle:
-    """The CLIP of the projector: vkd's tiny CLIP pretrained on the training split (cached) or any open_clip.
+    """The CLIP of the projector: vkd's tiny CLIP, pretrained once and cached, or any open_clip model.
 
-    The tiny CLIP plays the public foundation model of the toy setting: it is pretrained on the
-    training images with the class prompts as captions (never on the test split).
+    The tiny CLIP plays the public foundation model of the toy setting. On the embedded digits it is pretrained on
+    printed digits rendered from fonts (``clip.tiny_data``, :func:`tiny_clip_pretraining_set`), never on the target
+    task's images; on other data, on the training split with the class prompts as captions (never on the test split).
     """
+    return build_clip_with_info(cfg, train, device, progress)[0]
+
+
+def build_clip_with_info(cfg: HelloConfig, train: LabelledImages, device: str | torch.device = "cpu",
+                         progress: bool = True) -> tuple[ClipBundle, dict[str, Any]]:
+    """:func:`build_clip` and what the CLIP is: :func:`clip_report` plus, for the tiny CLIP, ``pretraining`` (the
+    :func:`tiny_clip_pretraining_set` description, its cache directory and the recipe's own record)."""
     if cfg.clip.model_name != "tiny":
-        return load_clip(cfg.clip.model_name, cfg.clip.pretrained or None, device=device)
-    tiny = cfg.clip.tiny
-    names = prompt_names(train.class_names)
-    if train.streamed:  # decoded per batch and shrunk at once: the tiny CLIP's 3·t² floats per image stay in RAM
-        images, labels = train.resized(tiny.image_size)
-    else:
-        images, labels = resize_images(train.float_images(), tiny.image_size), train.labels
-    captions = [cfg.clip.prompt_template.format(names[int(c)]) for c in labels]
-    path = pretrain_tiny_clip(images, captions, tiny, cache_dir=cfg.clip.cache_dir or None, progress=progress)
-    return load_clip(tiny_clip_name(path), device=device)
+        clip = load_clip(cfg.clip.model_name, cfg.clip.pretrained or None, device=device)
+        return clip, clip_report(clip)
+    images, captions, info = tiny_clip_pretraining_set(cfg, train)
+    path = pretrain_tiny_clip(images, captions, cfg.clip.tiny, cache_dir=cfg.clip.cache_dir or None,
+                              progress=progress)
+    clip = load_clip(tiny_clip_name(path), device=device)
+    record = path / "vkd_tiny_clip.json"
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        # zero-shot accuracy on its own pretraining pairs (printed digits: not the target task), and its training time
+        info.update({"pretraining_zero_shot_accuracy": saved.get("train_zero_shot_accuracy"),
+                     "train_seconds": saved.get("train_seconds")})
+    return clip, {**clip_report(clip), "pretraining": {**info, "cache_dir": str(path)}}
+
+
+def clip_report(clip: ClipBundle) -> dict[str, Any]:
+    """The base CLIP's size, which is public (shipped or downloadable) and not part of the stored labels:
+    parameters of the image tower and in all, and their bytes at the checkpoint's dtypes."""
+    visual = sum(int(p.numel()) for p in clip.model.visual.parameters())
+    params = sum(int(p.numel()) for p in clip.model.parameters())
+    size = sum(int(p.numel()) * p.element_size() for p in clip.model.parameters())
+    return {"model": clip.model_name, "pretrained": clip.pretrained or "", "image_params": visual, "params": params,
+            "bytes": size}
