@@ -39,7 +39,7 @@ CACHED_ARTEFACTS = {
                     "runs/feature3dgs/_cache/tiny_clip/*/open_clip_model.safetensors",
                     "runs/feature3dgs/_cache/teacher/*/manifest.json"],
     "hello": ["cache/tiny_clip/*/open_clip_model.safetensors"],
-    "skt": ["data/meta.json", "data/.vkd_density/*.npy"],
+    "skt": ["data/meta.json", "cache:skt/density/*/*.npy"],
 }
 
 

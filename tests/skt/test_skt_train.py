@@ -20,6 +20,13 @@ from vkd.skt.runs import RUN_EXPORT
 
 SKT, SKT_TEACHER = get_task("skt"), get_task("skt-teacher")
 
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Density maps of these throw-away data sets go to the test's own cache root, not the user's."""
+    monkeypatch.setenv("VKD_CACHE_DIR", str(tmp_path / "vkd-cache"))
+
+
 def _tiny(tmp_path, steps):
     return [f"run.output_dir={tmp_path / 'runs'}", "run.name=tiny", f"data.root={tmp_path / 'syn'}",
             "data.synthetic.num_train=16", "data.synthetic.num_test=6", "data.synthetic.height=32",
@@ -116,6 +123,15 @@ def test_task_entries_and_presets():
     sha = load_config(SKTConfig, find_preset("skt", "shanghaitech-a"), [], task="skt")
     assert sha.train.batch_size == 1 and sha.train.lr == 1e-4 and sha.loss.cos_weight == 0.5
     assert sha.loss.reduction == "sum" and sha.train.scheduler == "constant" and sha.data.crop == "ratio"
+    # Real-data teachers train as CSRNet-pytorch: whole images (its crop and flip are disabled), batch 1, SGD 1e-7;
+    # the SKT students keep SKT's random crops U(0.5, 1) and flips.
+    for name in ("shanghaitech-a", "shanghaitech-b", "ucf-qnrf"):
+        teacher = load_config(SKTTeacherConfig, find_preset("skt", f"{name}-teacher"), [], task="skt-teacher")
+        assert teacher.data.crop == "none" and teacher.data.flip_prob == 0.0 and teacher.train.batch_size == 1
+        assert teacher.train.optimizer == "sgd" and teacher.train.lr == 1e-7 and teacher.train.momentum == 0.95
+        student = load_config(SKTConfig, find_preset("skt", name), [], task="skt")
+        assert student.data.crop == "ratio" and tuple(student.data.crop_ratio) == (0.5, 1.0)
+        assert student.data.flip_prob == 0.2 and student.train.batch_size == 1
     # The embedded-default presets spell out the dataclass defaults.
     assert load_config(SKTConfig, find_preset("skt", "synthetic"), [], task="skt") == load_config(SKTConfig, None, [], task="skt")
     assert (load_config(SKTTeacherConfig, find_preset("skt", "synthetic-teacher"), [], task="skt-teacher")
@@ -184,3 +200,54 @@ def test_val_fraction_carves_validation_from_train_and_selects_the_best_by_val_m
     bad = load_config(SKTTeacherConfig, None, _tiny(tmp_path, 1) + ["data.val_fraction=16"], task="skt-teacher")
     with pytest.raises(UserError, match="data.val_fraction=16 takes 16 of the 16 training items"):
         build_train_dataset(bad.data)
+
+
+def test_skt_transfer_terms_reach_the_students_gradients():
+    """The intra-layer (cosine) and inter-layer (FSP) transfer terms each put a gradient on the student: backward of
+    the term alone reaches every student conv up to the layers it reads (cosine: up to the last tap; FSP: the
+    density too, so every conv), and setting the term's weight to 0 changes the student's total gradient. Fails if
+    a term is detached, dropped from the sum or skipped."""
+    from torch import nn
+
+    from vkd.config import apply_overrides
+    from vkd.skt.models import CSRNet
+
+    torch.manual_seed(0)
+    teacher = CSRNet(2)  # any width: the adapters map the student's taps to it
+    batch = {"image": torch.rand(2, 3, 32, 32), "density": torch.rand(2, 1, 4, 4), "count": torch.rand(2)}
+
+    def task_with(*sets: str) -> SKTTask:
+        torch.manual_seed(1)  # the same student and adapters for every weighting
+        return SKTTask(apply_overrides(SKTConfig(), ["teacher.precision=fp32", *sets]), teacher)
+
+    def student_grads(task: SKTTask) -> dict[str, torch.Tensor]:
+        return {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                for name, p in task.student.named_parameters()}
+
+    task = task_with()
+    convs = [name for name, m in task.student.named_modules() if isinstance(m, nn.Conv2d)]
+    # the cosine term reads the six taps; the last is backend[7], so backend[8], backend[10] and the output come after
+    after_last_tap = {"backend.8", "backend.10", "output_layer"}
+    assert after_last_tap < set(convs)
+    for term, reached in (("cos", [c for c in convs if c not in after_last_tap]), ("fsp", convs)):
+        task.zero_grad(set_to_none=True)
+        out = task(batch)
+        assert float(out[f"loss_{term}"].detach()) > 0 and out[f"loss_{term}"].requires_grad
+        out[f"loss_{term}"].backward()
+        grads = student_grads(task)
+        norms = {c: float(grads[f"{c}.weight"].norm()) for c in convs}
+        assert all(norms[c] > 0 for c in reached), (term, norms)
+        assert all(p.grad is None for p in task.teacher.parameters())
+        assert all(float(p.grad.norm()) > 0 for p in task.adapters.parameters())  # adapters train through the term
+
+    full = task_with()
+    full(batch)["loss"].backward()
+    with_all = student_grads(full)
+    for term in ("cos", "fsp"):
+        ablated = task_with(f"loss.{term}_weight=0")
+        out = ablated(batch)
+        assert float(out[f"loss_{term}"]) == 0.0  # skipped at weight 0
+        out["loss"].backward()
+        without = student_grads(ablated)
+        change = sum(float((with_all[k] - without[k]).norm()) for k in with_all)
+        assert change > 1e-6 * sum(float(v.norm()) for v in with_all.values()), term

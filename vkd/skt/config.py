@@ -12,7 +12,7 @@ from typing import Literal
 from vkd.config import TaskConfig, TrainConfig, check_nonnegative, check_positive
 from vkd.errors import ConfigError
 from vkd.skt.density import KernelSpec
-from vkd.skt.layouts import LAYOUTS
+from vkd.skt.layouts import LAYOUTS, UCF_CC_50_FOLDS
 from vkd.skt.losses import SKT_LOSS_TERMS
 
 __all__ = [
@@ -80,8 +80,12 @@ class DensityConfig:
         border: ``renormalize`` (count-preserving default), ``constant``, ``reflect`` or ``mirror``.
         truncate: kernel radius in σ.
         downsample: ``sum_pool`` (count-preserving) or ``bicubic_x64`` (reference).
-        cache: keep full-resolution maps on disk.
-        cache_dir: where (default: ``<data.root>/.vkd_density``).
+        cache: keep the maps on disk (:class:`vkd.skt.density.DensityCache`), outside the data set.
+        cache_dir: the cache root (default ``$VKD_CACHE_DIR/skt/density``); each split's maps go to
+            ``<cache_dir>/<data set fingerprint>/`` (:func:`vkd.skt.density.dataset_fingerprint`).
+        cache_resolution: what is stored: ``eighth`` (sum-pooled to the 1/8 output grid, float16: 1/128 of the
+            full-resolution bytes; training crops are then taken on the 8-pixel grid), ``full`` (full-resolution
+            float32) or ``auto`` (``full`` for ``bicubic_x64``, which needs pixels, else ``eighth``).
     """
 
     kernel: Literal["adaptive", "nn_capped", "fixed"] = "adaptive"
@@ -94,11 +98,21 @@ class DensityConfig:
     downsample: Literal["sum_pool", "bicubic_x64"] = "sum_pool"
     cache: bool = True
     cache_dir: str | None = None
+    cache_resolution: Literal["auto", "eighth", "full"] = "auto"
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"data.density.k must be >= 1, got {self.k}")
         check_positive(self, ["beta", "cap", "sigma", "truncate"])
+
+    def stored_resolution(self, downsample: str) -> Literal["eighth", "full"]:
+        """What the cache stores for the effective ``downsample`` (``cache_resolution`` with ``auto`` resolved)."""
+        if self.cache_resolution == "auto":
+            return "full" if downsample == "bicubic_x64" else "eighth"
+        if self.cache_resolution == "eighth" and downsample != "sum_pool":
+            raise ConfigError(f"data.density.cache_resolution=eighth stores sum-pooled maps; downsample={downsample} "
+                              "needs full-resolution ones (use cache_resolution=auto or full)")
+        return self.cache_resolution
 
     def spec(self, reference_parity: bool = False) -> KernelSpec:
         border = self.border
@@ -136,10 +150,12 @@ class CrowdDataConfig:
 
     Attributes:
         dataset: ``synthetic`` (embedded default, generated on first use) or a layout of
-            :data:`vkd.skt.layouts.LAYOUTS`: ``shanghaitech``, ``ucf-qnrf`` or ``generic`` (image +
-            JSON/CSV/TXT/NPY head points).
+            :data:`vkd.skt.layouts.LAYOUTS`: ``shanghaitech``, ``ucf-qnrf``, ``jhu-crowd``, ``nwpu-crowd``,
+            ``ucf-cc-50`` or ``generic`` (image + JSON/CSV/TXT/NPY head points).
         root: data set root (for ``synthetic``: where to generate; default ``$VKD_CACHE_DIR/skt/synthetic-<hash>``).
-        train_split: training split (``train`` → ``train_data`` / ``Train`` / ``train``).
+        train_split: training split (``train`` → ``train_data`` / ``Train`` / ``train``). Any split may instead name
+            a CSRNet-pytorch JSON image list (``part_A_train.json``; a relative path is read from the working
+            directory or ``root``): the listed images with their annotations.
         test_split: split of ``vkd eval`` and of the end-of-training evaluation.
         val_split: optional held-out split also evaluated during training (a named split of the data set, such as
             NWPU-Crowd's ``val``; never a subset of train).
@@ -151,8 +167,14 @@ class CrowdDataConfig:
         crop_size: side of ``fixed`` crops.
         flip_prob: horizontal flip probability.
         repeat: the training list is repeated this many times per epoch.
-        max_side: downscale images whose long side exceeds this at load (0: never; BL uses 2048 on UCF-QNRF).
+        max_side: downscale training (and carved validation) images whose long side exceeds this at load (0: never;
+            BL uses 2048 on UCF-QNRF). Evaluation has its own, ``eval.max_side``.
         min_size: smallest accepted image side.
+        fold: the UCF_CC_50 cross-validation fold, 0..4: ``test`` is that fold (images 10k+1..10k+10), ``train``
+            the other four. Only for ``dataset=ucf-cc-50``.
+        annotations: ``auto`` (head points where a point file exists, else a CSRNet-pytorch ``.h5`` density) or
+            ``h5`` (the ``.h5`` density maps, ``ground_truth/NAME.h5`` with dataset ``density``, even where point
+            files exist: CSRNet-pytorch's own targets; needs ``pip install 'vkd[h5]'``).
         gt_count: evaluation ground truth: ``points`` (annotated heads) or ``density_sum`` (reference).
         reference_parity: reference density maps: ``constant`` borders (``reflect`` for fixed σ),
             ``bicubic_x64``, ``density_sum`` counts and duplicate heads collapsed.
@@ -174,6 +196,8 @@ class CrowdDataConfig:
     repeat: int = 1
     max_side: int = 0
     min_size: int = 8
+    fold: int = 0
+    annotations: Literal["auto", "h5"] = "auto"
     gt_count: Literal["points", "density_sum"] = "points"
     reference_parity: bool = False
     preload: bool = False
@@ -186,11 +210,16 @@ class CrowdDataConfig:
             raise ConfigError(f"data.flip_prob must be in [0, 1], got {self.flip_prob}")
         if self.crop_size < 8 or self.min_size < 1 or self.repeat < 1 or self.max_side < 0:
             raise ConfigError("data.crop_size must be >= 8, data.min_size >= 1, data.repeat >= 1, data.max_side >= 0")
+        self.density.stored_resolution(self.effective_downsample())  # eighth + bicubic_x64: refused at load
         if self.dataset != "synthetic" and not self.root:
             raise ConfigError(f"data.root is required for data.dataset={self.dataset}")
         if self.val_fraction < 0:
             raise ConfigError(f"data.val_fraction must be >= 0 (a fraction in (0, 1) or a count), got "
                               f"{self.val_fraction}")
+        if not 0 <= self.fold < UCF_CC_50_FOLDS:
+            raise ConfigError(f"data.fold must be in 0..{UCF_CC_50_FOLDS - 1}, got {self.fold}")
+        if self.fold and self.dataset != "ucf-cc-50":
+            raise ConfigError(f"data.fold selects a UCF_CC_50 cross-validation fold; data.dataset is {self.dataset}")
         if self.val_fraction and self.val_split:
             raise ConfigError("data.val_fraction (carved from train) and data.val_split (a named split) are two "
                               "validation sets; set one")
@@ -213,18 +242,22 @@ class CrowdEvalConfig:
 
     Attributes:
         split: split to evaluate (default: ``data.test_split``).
+        max_side: downscale evaluation images whose long side exceeds this (0, the default: full resolution, tiled:
+            SKT's UCF-QNRF protocol; 2048: the downscaled protocol of BL / DM-Count). Training keeps
+            ``data.max_side``.
         tile_size: images larger than this (either side) are cut into near-equal tiles (0: never tile).
         tile_overlap: overlap in pixels between tiles; overlapping densities are averaged.
         max_images: evaluate only the first N images (0: all).
     """
 
     split: str | None = None
+    max_side: int = 0
     tile_size: int = 512
     tile_overlap: int = 0
     max_images: int = 0
 
     def __post_init__(self) -> None:
-        check_nonnegative(self, ["tile_size", "tile_overlap", "max_images"])
+        check_nonnegative(self, ["max_side", "tile_size", "tile_overlap", "max_images"])
         if self.tile_size and self.tile_overlap >= self.tile_size:
             raise ConfigError(f"eval.tile_overlap ({self.tile_overlap}) must be < eval.tile_size ({self.tile_size})")
         if self.tile_size and self.tile_size < 16:

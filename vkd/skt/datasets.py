@@ -5,11 +5,18 @@ Layouts (``root`` and ``split`` as in the config; the table is :data:`vkd.skt.la
 * ``shanghaitech``: ``root/{split}_data/images/IMG_k.jpg`` with ``root/{split}_data/ground_truth/GT_IMG_k.mat``
   (``ground-truth/`` is accepted too) holding the MATLAB struct ``image_info`` with field ``location`` (N×2, x, y).
 * ``ucf-qnrf``: ``root/{Train,Test}/img_XXXX.jpg`` with ``img_XXXX_ann.mat`` holding ``annPoints`` (N×2, x, y).
+* ``jhu-crowd``: ``root/{train,val,test}/images/NNNN.jpg`` with ``gt/NNNN.txt`` (``x y w h o b`` per head).
+* ``nwpu-crowd``: ``root/{train,val}.txt`` ids, ``root/images/NNNN.jpg`` with ``root/jsons/NNNN.json`` (``points``).
+* ``ucf-cc-50``: ``root/N.jpg`` with ``N_ann.mat`` (``annPoints``), 5 folds of consecutive images (``data.fold``).
 * ``generic`` (also the synthetic default): ``root/{split}/NAME.{jpg,png,...}`` with a side-car ``NAME.json``
   (``[[x, y], ...]``, ``{"points": [...]}`` or ``[{"x":..,"y":..}, ...]``), ``NAME.csv`` (``x,y`` rows, header
   optional), ``NAME.txt`` (``x y`` per line, P2PNet) or ``NAME.npy`` (first two columns, BL/DM-Count).
 
-Every reader returns an ``[N, 2]`` float64 ``(x, y)`` array. Points outside the image are dropped and
+A split may also be a CSRNet-pytorch JSON image list (``part_A_train.json``). An image whose annotation is a
+CSRNet-pytorch ``.h5`` density map (``ground_truth/IMG_k.h5``, dataset ``density``; ``data.annotations=h5`` prefers
+them to points) gives a record that carries the map instead of points (:func:`load_density`; needs h5py).
+
+Every point reader returns an ``[N, 2]`` float64 ``(x, y)`` array. Points outside the image are dropped and
 counted; grey, palette and RGBA images are converted to RGB; unreadable files, missing keys and images
 smaller than the network can handle raise :class:`~vkd.errors.DataError` with one line naming the file.
 """
@@ -28,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy.io import loadmat
 from torch.utils.data import Dataset
@@ -35,17 +43,19 @@ from torch.utils.data import Dataset
 from vkd.cache import cache_dir
 from vkd.data.files import image_size, open_image, read_image
 from vkd.data.splits import carve_validation
-from vkd.errors import DataError
+from vkd.errors import DataError, UserError
 from vkd.skt.config import CrowdDataConfig, SKTConfig, SKTTeacherConfig
 from vkd.skt.crowds import CrowdSpec, write_crowd_dataset
-from vkd.skt.density import DensityCache, KernelSpec, downsample_density
-from vkd.skt.layouts import pair_files
+from vkd.skt.density import DensityCache, KernelSpec, density_cache_dir, downsample_density
+from vkd.skt.layouts import csrnet_density_path, pair_files
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CrowdRecord",
     "read_points",
+    "read_density",
+    "load_density",
     "load_image",
     "to_tensor",
     "fit_max_side",
@@ -212,6 +222,43 @@ def read_points(path: str | Path) -> np.ndarray:
     raise DataError(f"{path}: unknown annotation format (use .mat, .json, .csv, .txt or .npy)")
 
 
+def _h5py() -> Any:
+    try:
+        import h5py
+    except ImportError:
+        raise UserError("reading CSRNet-pytorch .h5 density maps needs h5py: pip install 'vkd[h5]'") from None
+    return h5py
+
+
+def read_density(path: str | Path) -> np.ndarray:
+    """A CSRNet-pytorch density map: the dataset ``density`` of an ``.h5`` file (its sum is the count).
+
+    Returns:
+        ``[H, W]`` float32.
+
+    Raises:
+        UserError: h5py is not installed. DataError: a missing, unreadable or non-2-D map, or a non-finite value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"density map not found: {path}")
+    h5py = _h5py()
+    try:
+        with h5py.File(path, "r") as handle:
+            if "density" not in handle:
+                raise DataError(f"{path}: no dataset 'density' (CSRNet-pytorch ground truth), found {sorted(handle)[:8]}")
+            arr = np.asarray(handle["density"], dtype=np.float32)
+    except DataError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise DataError(f"cannot read density map {path}: {type(err).__name__}") from None
+    if arr.ndim != 2:
+        raise DataError(f"{path}: the density map must be 2-D (H×W), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: the density map has non-finite values")
+    return arr
+
+
 # ----------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +323,8 @@ def resize_image(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 @dataclass
 class CrowdRecord:
-    """One annotated image: points inside the image (``[N, 2]`` x, y) and how many were dropped."""
+    """One annotated image: points inside the image (``[N, 2]`` x, y) and how many were dropped, or (CSRNet-pytorch
+    ``.h5`` ground truth) no points and a density map read by :func:`load_density`."""
 
     image_path: Path
     points: np.ndarray
@@ -285,41 +333,91 @@ class CrowdRecord:
     dropped: int = 0
     scale: float = 1.0  # resize factor applied at load (``max_side``)
     meta: dict[str, Any] = field(default_factory=dict)
+    density_path: Path | None = None  # a CSRNet-pytorch .h5 density that replaces the points
+    density_count: float = 0.0  # the sum of that map
 
     @property
-    def count(self) -> int:
-        return int(len(self.points))
+    def count(self) -> float:
+        """The annotated heads, or the sum of the density map of a record that has one."""
+        return self.density_count if self.density_path is not None else int(len(self.points))
+
+
+def load_density(record: CrowdRecord) -> np.ndarray:
+    """The ``.h5`` density map of a record at the record's size: ``[height, width]`` float32.
+
+    A map of an image downscaled at load (``max_side``) is area-resampled and rescaled to keep its sum.
+    """
+    if record.density_path is None:
+        raise ValueError(f"{record.image_path} has head points, not a density map")
+    arr = read_density(record.density_path)
+    if arr.shape == (record.height, record.width):
+        return arr
+    resized = F.interpolate(torch.from_numpy(arr)[None, None], size=(record.height, record.width), mode="area")[0, 0]
+    mass = float(resized.sum())
+    if mass > 0:
+        resized = resized * (float(arr.sum(dtype=np.float64)) / mass)
+    return resized.numpy()
+
+
+def _density_record(image: Path, path: Path, width: int, height: int, max_side: int) -> CrowdRecord:
+    arr = read_density(path)
+    if arr.shape != (height, width):
+        raise DataError(f"{path}: the density map is {arr.shape[1]}x{arr.shape[0]} but image {image} is {width}x{height}")
+    scale = max_side / max(width, height) if max_side and max(width, height) > max_side else 1.0
+    new_width, new_height = fit_max_side(width, height, max_side)
+    return CrowdRecord(image, np.zeros((0, 2)), new_height, new_width, scale=scale, density_path=path,
+                       density_count=float(arr.sum(dtype=np.float64)))
+
+
+def _prefer_h5(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    """``data.annotations=h5``: CSRNet-pytorch's ``.h5`` density of every image instead of its point file."""
+    dens = [(img, csrnet_density_path(img)) for img, _ in pairs]
+    missing = [path for _, path in dens if not path.is_file()]
+    if missing:
+        raise DataError(f"data.annotations=h5: {len(missing)} of {len(dens)} images have no CSRNet-pytorch density map "
+                        f"(first: {missing[0]})")
+    return dens
 
 
 def list_records(root: str | Path, layout: str, split: str, max_side: int = 0, min_size: int = 8,
-                 dedupe: bool = False) -> list[CrowdRecord]:
+                 dedupe: bool = False, fold: int = 0,
+                 annotations: Literal["auto", "h5"] = "auto") -> list[CrowdRecord]:
     """Read the annotations of one split.
 
     Args:
         root: dataset root.
-        layout: a key of :data:`vkd.skt.layouts.LAYOUTS` (``shanghaitech``, ``ucf-qnrf`` or ``generic``).
-        split: split name (``train``/``test``; mapped to ``train_data`` or ``Train`` by the layouts).
+        layout: a key of :data:`vkd.skt.layouts.LAYOUTS` (``shanghaitech``, ``ucf-qnrf``, ..., ``generic``).
+        split: split name (``train``/``test``; mapped to ``train_data`` or ``Train`` by the layouts), or a
+            CSRNet-pytorch ``.json`` image list.
         max_side: if > 0, images whose long side exceeds it are downscaled at load (points scaled too).
         min_size: images with a smaller side raise ``DataError``.
         dedupe: collapse heads that fall on the same pixel (reference behaviour).
+        fold: cross-validation fold (``ucf-cc-50``).
+        annotations: ``auto`` (the layout's annotation files) or ``h5`` (CSRNet-pytorch's ``.h5`` densities).
 
     Returns:
-        One record per image, sorted by file name. Dropped out-of-image points are logged.
+        One record per image, sorted by file name (in list order for a list). Dropped out-of-image points are
+        logged.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset root not found: {root}")
-    pairs = pair_files(root, layout, split)
+    pairs = pair_files(root, layout, split, fold)
     if not pairs:
         raise DataError(f"no images found for split '{split}' under {root}")
+    if annotations == "h5":
+        pairs = _prefer_h5(pairs)
     records = []
     total_dropped = 0
     for img_path, ann_path in pairs:
-        points = read_points(ann_path)
         width, height = image_size(img_path, MAX_IMAGE_PIXELS)  # header only: truncated data fails at decode
         if min(width, height) < min_size:
             raise DataError(f"image {img_path} is {width}x{height} pixels; the counter needs at least {min_size} "
                             f"pixels per side")
+        if ann_path.suffix.lower() == ".h5":
+            records.append(_density_record(img_path, ann_path, width, height, max_side))
+            continue
+        points = read_points(ann_path)
         scale = 1.0
         if max_side and max(width, height) > max_side:
             scale = max_side / max(width, height)
@@ -357,16 +455,21 @@ def _load_record_image(record: CrowdRecord, min_size: int) -> np.ndarray:
 
 
 class CrowdTrainDataset(Dataset):
-    """Training samples: random crop + horizontal flip of the image and its full-resolution density map.
+    """Training samples: random crop + horizontal flip of the image and its density map.
 
-    The crop is taken on the full-resolution map *before* downsampling, so a sum-pooled target keeps
-    exactly the mass inside the crop. Randomness comes from torch's global RNG (the engine seeds it
-    every step), so runs are reproducible.
+    With ``sum_pool`` the crop lies on the 8-pixel grid (offsets and sides multiples of 8; a side may instead end
+    at the image's edge), so the crop's 1/8 cells are cells of the whole image's sum-pooled map: the target read
+    from a 1/8 cache (``DensityCache(resolution="eighth")``) is exactly the sum-pooled full-resolution crop, which
+    keeps exactly the mass inside the crop. A flipped crop whose width is no multiple of 8 (it ends at the right
+    edge) is padded on the right with zeros (the ImageNet mean after normalisation, as :func:`pad_collate` pads)
+    before the flip, so its cells stay whole. With ``bicubic_x64`` (reference, full-resolution cache) crops are
+    anywhere, as in the reference. Randomness comes from torch's global RNG (the engine seeds it every step), so
+    runs are reproducible.
 
     Args:
         records: annotated images.
         kernel: density kernel.
-        cache: full-resolution density cache.
+        cache: density cache (``eighth`` needs ``downsample="sum_pool"``).
         crop: ``ratio`` (side × U(ratio_lo, ratio_hi), one ratio for both sides: the reference),
             ``fixed`` (``crop_size`` squares; images smaller than it are used whole) or ``none``.
         crop_ratio: ratio range of ``ratio`` crops.
@@ -399,6 +502,10 @@ class CrowdTrainDataset(Dataset):
         self.min_size = min_size
         self._memory: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.preload = preload
+        if cache.resolution == "eighth" and downsample != "sum_pool":
+            raise ValueError(f"a 1/8 density cache holds sum-pooled maps; downsample={downsample} needs a full one")
+        # crops on the output grid whenever the target is sum-pooled (whatever the cache stores: same samples)
+        self._grid = cache.factor if downsample == "sum_pool" else 1
 
     def __len__(self) -> int:
         return len(self.records) * self.repeat
@@ -408,7 +515,10 @@ class CrowdTrainDataset(Dataset):
             return self._memory[index]
         rec = self.records[index]
         image = _load_record_image(rec, self.min_size)
-        density = self.cache.get(rec.points, rec.height, rec.width, self.kernel, name=rec.image_path.stem)
+        if rec.density_path is not None:  # a CSRNet-pytorch .h5 map is the target as it is: no kernel, no cache
+            density = load_density(rec)
+        else:
+            density = self.cache.get(rec.points, rec.height, rec.width, self.kernel, name=rec.image_path.stem)
         if self.preload:
             self._memory[index] = (image, np.asarray(density))
         return image, density
@@ -423,25 +533,39 @@ class CrowdTrainDataset(Dataset):
             ratio = lo + (hi - lo) * float(torch.rand(()))
             ch, cw = max(self.min_size, int(h * ratio)), max(self.min_size, int(w * ratio))
             ch, cw = min(ch, h), min(cw, w)
-        y0 = int(torch.randint(0, h - ch + 1, ()))
-        x0 = int(torch.randint(0, w - cw + 1, ()))
+        g = self._grid
+        ch, cw = min(h, -(-ch // g) * g), min(w, -(-cw // g) * g)  # whole cells, or the whole side
+        y0 = g * int(torch.randint(0, (h - ch) // g + 1, ()))
+        x0 = g * int(torch.randint(0, (w - cw) // g + 1, ()))
         return y0, x0, ch, cw
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image, density = self._item(index % len(self.records))
         h, w = image.shape[:2]
         y0, x0, ch, cw = self._crop_box(h, w)
-        img = image[y0:y0 + ch, x0:x0 + cw]
-        den = np.asarray(density[y0:y0 + ch, x0:x0 + cw], dtype=np.float32)
-        if float(torch.rand(())) < self.flip_prob:
-            img, den = img[:, ::-1], den[:, ::-1]
-        target = downsample_density(torch.from_numpy(den.copy())[None], self.downsample)  # [1, h/8, w/8]
-        return {"image": to_tensor(img), "density": target, "count": target.sum()}
+        flip = float(torch.rand(())) < self.flip_prob
+        img = to_tensor(image[y0:y0 + ch, x0:x0 + cw])  # [3, ch, cw]
+        full_resolution = density.shape[:2] == (h, w)  # a full cache or an .h5 map; else the 1/8 grid
+        if full_resolution:
+            den = density[y0:y0 + ch, x0:x0 + cw]
+        else:  # the crop's cells (the crop is on the grid, see _crop_box)
+            f = self.cache.factor
+            den = density[y0 // f:-(-(y0 + ch) // f), x0 // f:-(-(x0 + cw) // f)]
+        den = torch.from_numpy(np.array(den, dtype=np.float32))[None]  # [1, ch, cw] or [1, ⌈ch/8⌉, ⌈cw/8⌉]
+        if flip:
+            pad = -cw % self._grid  # a crop ending at the right edge: whole cells before the flip
+            if pad:
+                img = F.pad(img, (0, pad))
+                den = F.pad(den, (0, pad)) if full_resolution else den
+            img, den = img.flip(-1), den.flip(-1)
+        target = downsample_density(den, self.downsample) if full_resolution else den  # [1, h/8, w/8]
+        return {"image": img, "density": target, "count": target.sum()}
 
 
 class CrowdEvalDataset(Dataset):
-    """Whole images for evaluation; the ground-truth count is the number of annotated heads (vkd default)
-    or, with ``gt_count="density_sum"``, the sum of the downsampled map (reference parity).
+    """Whole images for evaluation; the ground-truth count is the number of annotated heads (vkd default; the sum
+    of the map for a record with an ``.h5`` density) or, with ``gt_count="density_sum"``, the sum of the downsampled
+    map (reference parity).
 
     Items: ``{"image": [3, H, W] float32, "count": [] float32, "index": int}``.
     """
@@ -467,8 +591,18 @@ class CrowdEvalDataset(Dataset):
         rec = self.records[index]
         if self.gt_count == "points":
             return float(rec.count)
-        density = self.cache.get(rec.points, rec.height, rec.width, self.kernel, name=rec.image_path.stem)
-        return float(downsample_density(torch.from_numpy(np.asarray(density, dtype=np.float32)), self.downsample).sum())
+        return float(self.target_map(index).sum())
+
+    def target_map(self, index: int) -> torch.Tensor:
+        """The ground-truth map on the network's 1/8 grid, ``[⌈H/8⌉, ⌈W/8⌉]``: its sum is the ``density_sum`` count."""
+        rec = self.records[index]
+        if rec.density_path is not None:
+            density = load_density(rec)
+        else:
+            density = self.cache.get(rec.points, rec.height, rec.width, self.kernel, name=rec.image_path.stem)
+            if self.cache.resolution == "eighth":  # already sum-pooled to the 1/8 grid
+                return torch.from_numpy(np.asarray(density, dtype=np.float32))
+        return downsample_density(torch.from_numpy(np.asarray(density, dtype=np.float32)), self.downsample)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
@@ -524,19 +658,29 @@ def resolve_root(data_cfg: CrowdDataConfig) -> Path:
     return write_crowd_dataset(root, syn.num_train, syn.num_test, spec, seed=syn.seed)
 
 
-def _cache(data_cfg: CrowdDataConfig, root: Path) -> DensityCache:
-    if not data_cfg.density.cache:
-        return DensityCache(None)
-    return DensityCache(Path(data_cfg.density.cache_dir).expanduser() if data_cfg.density.cache_dir
-                        else root / ".vkd_density")
+def _cache(data_cfg: CrowdDataConfig, root: Path, split: str) -> DensityCache:
+    """The density cache of one split: ``<data.density.cache_dir, default $VKD_CACHE_DIR/skt/density>/<fingerprint>/``
+    (:func:`vkd.skt.density.density_cache_dir`), outside the data set, which may be read-only."""
+    density = data_cfg.density
+    resolution = density.stored_resolution(data_cfg.effective_downsample())
+    if not density.cache:
+        return DensityCache(None, resolution)
+    annotations = [ann for _, ann in pair_files(root, data_cfg.layout, split, data_cfg.fold)]
+    split_id = f"{split}-fold{data_cfg.fold}" if data_cfg.fold else split
+    return DensityCache(density_cache_dir(root, data_cfg.layout, split_id, annotations, density.cache_dir), resolution)
 
 
-def split_train_records(data_cfg: CrowdDataConfig) -> tuple[Path, list[CrowdRecord], list[CrowdRecord]]:
+def split_train_records(data_cfg: CrowdDataConfig, max_side: int | None = None
+                        ) -> tuple[Path, list[CrowdRecord], list[CrowdRecord]]:
     """``(root, train records, validation records)`` of the training split: ``data.val_fraction`` of its images
-    (seed 0, :func:`vkd.data.splits.carve_validation`) are held out for validation, the rest are trained on."""
+    (seed 0, :func:`vkd.data.splits.carve_validation`) are held out for validation, the rest are trained on.
+
+    ``max_side`` (default ``data.max_side``) only resizes: the same images are held out at any size.
+    """
     root = resolve_root(data_cfg)
-    records = list_records(root, data_cfg.layout, data_cfg.train_split, data_cfg.max_side, data_cfg.min_size,
-                           dedupe=data_cfg.reference_parity)
+    records = list_records(root, data_cfg.layout, data_cfg.train_split,
+                           data_cfg.max_side if max_side is None else max_side, data_cfg.min_size,
+                           dedupe=data_cfg.reference_parity, fold=data_cfg.fold, annotations=data_cfg.annotations)
     train, val = carve_validation(len(records), data_cfg.val_fraction, seed=0, what="data.val_fraction")
     return root, [records[i] for i in train], [records[i] for i in val]
 
@@ -544,29 +688,35 @@ def split_train_records(data_cfg: CrowdDataConfig) -> tuple[Path, list[CrowdReco
 def build_train_dataset(data_cfg: CrowdDataConfig) -> CrowdTrainDataset:
     """The training set of a :class:`vkd.skt.config.CrowdDataConfig` (minus ``data.val_fraction``)."""
     root, records, _ = split_train_records(data_cfg)
-    return CrowdTrainDataset(records, data_cfg.density.spec(data_cfg.reference_parity), _cache(data_cfg, root),
+    return CrowdTrainDataset(records, data_cfg.density.spec(data_cfg.reference_parity),
+                             _cache(data_cfg, root, data_cfg.train_split),
                              data_cfg.crop, tuple(data_cfg.crop_ratio), data_cfg.crop_size, data_cfg.flip_prob,
                              data_cfg.repeat, data_cfg.effective_downsample(),
                              preload=data_cfg.preload or data_cfg.dataset == "synthetic", min_size=data_cfg.min_size)
 
 
 def build_eval_dataset(data_cfg: CrowdDataConfig, split: str | None = None,
-                       records: list[CrowdRecord] | None = None) -> CrowdEvalDataset:
-    """The evaluation set (``split`` defaults to ``data.test_split``; ``records`` given: those images)."""
+                       records: list[CrowdRecord] | None = None, max_side: int = 0) -> CrowdEvalDataset:
+    """The evaluation set (``split`` defaults to ``data.test_split``; ``records`` given: those images), at full
+    resolution or downscaled to ``max_side`` (``eval.max_side``; ``data.max_side`` is for training only)."""
     root = resolve_root(data_cfg)
+    given = records is not None
     if records is None:
-        records = list_records(root, data_cfg.layout, split or data_cfg.test_split, data_cfg.max_side,
-                               data_cfg.min_size, dedupe=data_cfg.reference_parity)
+        records = list_records(root, data_cfg.layout, split or data_cfg.test_split, max_side, data_cfg.min_size,
+                               dedupe=data_cfg.reference_parity, fold=data_cfg.fold, annotations=data_cfg.annotations)
+    # given records are the validation images carved from the training split: the training split's cache
+    cache_split = split or (data_cfg.train_split if given else data_cfg.test_split)
     return CrowdEvalDataset(records, data_cfg.effective_gt_count(), data_cfg.density.spec(data_cfg.reference_parity),
-                            _cache(data_cfg, root), data_cfg.effective_downsample(), data_cfg.min_size)
+                            _cache(data_cfg, root, cache_split), data_cfg.effective_downsample(), data_cfg.min_size)
 
 
 def build_eval_sets(cfg: SKTTeacherConfig | SKTConfig) -> dict[str, CrowdEvalDataset]:
     """The sets evaluated during and at the end of training: ``{"test": eval.split, "val": ...}`` with ``val``
     from ``data.val_split`` (a named split) or ``data.val_fraction`` (carved from train), when configured."""
-    sets = {"test": build_eval_dataset(cfg.data, cfg.eval.split)}
+    max_side = cfg.eval.max_side  # validation is measured as the test split is
+    sets = {"test": build_eval_dataset(cfg.data, cfg.eval.split, max_side=max_side)}
     if cfg.data.val_split:
-        sets["val"] = build_eval_dataset(cfg.data, cfg.data.val_split)
+        sets["val"] = build_eval_dataset(cfg.data, cfg.data.val_split, max_side=max_side)
     elif cfg.data.val_fraction:
-        sets["val"] = build_eval_dataset(cfg.data, records=split_train_records(cfg.data)[2])
+        sets["val"] = build_eval_dataset(cfg.data, records=split_train_records(cfg.data, max_side)[2])
     return sets

@@ -9,7 +9,9 @@ adds what is specific to crowd counting:
   computed with ``scipy.spatial.cKDTree`` (O(P log P); a dense ``cdist`` would need 1 GB at 12k heads);
 * count-preserving downsampling to the network's 1/8 output grid (zero-pad + 8×8 sum-pool), and the
   reference's non-preserving ``bicubic × 64`` for parity;
-* an on-disk cache of the full-resolution maps keyed by the points and every kernel parameter.
+* an on-disk cache keyed by the points and every kernel parameter, outside the data set
+  (``$VKD_CACHE_DIR/skt/density/<data set fingerprint>/``): by default the maps sum-pooled to the 1/8 grid in
+  float16 (1/128 of the full-resolution float32 bytes), or full-resolution float32 for ``bicubic_x64``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
+from vkd.cache import cache_dir, tmp_path
 from vkd.render import geometry_adaptive_sigmas, splat_points_2d
 
 __all__ = [
@@ -37,11 +42,16 @@ __all__ = [
     "sum_pool",
     "bicubic_x64",
     "downsample_density",
+    "CacheResolution",
     "DensityCache",
+    "dataset_fingerprint",
+    "density_cache_dir",
 ]
 
 KernelKind = Literal["adaptive", "nn_capped", "fixed"]
 BorderMode = Literal["constant", "reflect", "mirror", "renormalize"]
+# What a DensityCache stores: the sum-pooled 1/8 grid in float16, or the full-resolution float32 map.
+CacheResolution = Literal["eighth", "full"]
 
 
 @dataclass(frozen=True)
@@ -179,38 +189,113 @@ def downsample_density(density: torch.Tensor, mode: Literal["sum_pool", "bicubic
     raise ValueError(f"unknown downsample mode {mode!r}")
 
 
-class DensityCache:
-    """Full-resolution density maps cached as ``.npy`` files (memory-mapped on read).
+def dataset_fingerprint(root: str | Path, layout: str, split: str, annotations: Sequence[str | Path]) -> str:
+    """A cheap identity of one split of a data set, the name of its density-cache directory.
 
-    The key hashes the points, the image size and every kernel parameter, so changing any of them
-    makes a new map instead of reading a stale one. ``directory=None`` disables caching.
+    sha256 over the resolved root, the layout, the split and, for every annotation file (sorted), its path
+    relative to the root, size and modification time: one ``stat`` per file, nothing is read. Editing,
+    adding or removing an annotation gives a new fingerprint (and a new directory); the maps themselves are
+    also keyed by their points (:meth:`DensityCache.key`), so a stale map is never read either way.
+
+    Returns:
+        ``<root name>-<split>-<16 hex digits>`` (the readable prefix says which data set a directory holds).
+    """
+    root = Path(root).expanduser()
+    resolved = root.resolve()
+    digest = hashlib.sha256(json.dumps([str(resolved), layout, split]).encode())
+    for ann in sorted(str(a) for a in annotations):
+        stat = os.stat(ann)
+        rel = os.path.relpath(os.path.abspath(ann), os.path.abspath(root))
+        digest.update(json.dumps([rel, stat.st_size, stat.st_mtime_ns]).encode())
+    prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{resolved.name or 'root'}-{split}")
+    return f"{prefix}-{digest.hexdigest()[:16]}"
+
+
+def density_cache_dir(root: str | Path, layout: str, split: str, annotations: Sequence[str | Path],
+                      base: str | Path | None = None) -> Path:
+    """``<base>/<dataset_fingerprint(...)>``; ``base`` defaults to ``$VKD_CACHE_DIR/skt/density``.
+
+    The cache lives outside the data set, so a read-only data set directory works and nothing is written
+    under it.
+    """
+    base = Path(base).expanduser() if base else cache_dir() / "skt" / "density"
+    return base / dataset_fingerprint(root, layout, split, annotations)
+
+
+class DensityCache:
+    """Ground-truth density maps cached as ``.npy`` files (memory-mapped on read).
+
+    ``resolution="eighth"`` stores each map sum-pooled to the network's 1/8 grid (:func:`sum_pool`, computed in
+    float64) in float16: ``2·⌈H/8⌉·⌈W/8⌉`` bytes instead of ``4·H·W``. Per-cell sums of 64 pixels sit far above
+    float16's smallest normal (6.1e-5) for any realistic σ and far below its maximum (65504); the count error this
+    rounding introduces is measured in ``tests/skt/test_density.py`` (a few thousandths of a person per
+    UCF-QNRF-sized image). A training crop on the 8-pixel grid reads its cells directly, which equals sum-pooling
+    the full-resolution crop (:class:`vkd.skt.datasets.CrowdTrainDataset`). ``resolution="full"`` (the default of
+    this class, kept for callers that read pixels) stores the ``[H, W]`` float32 map that ``bicubic_x64`` needs.
+
+    The key hashes the points, the image size, every kernel parameter and the resolution, so changing any of them
+    makes a new map instead of reading a stale one. ``directory=None`` disables caching (maps are computed on each
+    call).
+
+    Args:
+        directory: where the files go (see :func:`density_cache_dir`), or ``None``.
+        resolution: ``eighth`` or ``full``.
+        factor: the network stride of the ``eighth`` grid.
     """
 
-    def __init__(self, directory: str | Path | None):
+    def __init__(self, directory: str | Path | None, resolution: CacheResolution = "full", factor: int = 8):
+        if resolution not in ("eighth", "full"):
+            raise ValueError(f"resolution must be 'eighth' or 'full', got {resolution!r}")
         self.directory = Path(directory) if directory is not None else None
+        self.resolution = resolution
+        self.factor = int(factor)
 
-    @staticmethod
-    def key(points: np.ndarray, height: int, width: int, spec: KernelSpec) -> str:
+    @property
+    def dtype(self) -> np.dtype:
+        """float16 for ``eighth``, float32 for ``full``."""
+        return np.dtype(np.float16 if self.resolution == "eighth" else np.float32)
+
+    def shape(self, height: int, width: int) -> tuple[int, int]:
+        """The stored map's shape: ``(⌈H/8⌉, ⌈W/8⌉)`` for ``eighth``, ``(H, W)`` for ``full``."""
+        if self.resolution == "eighth":
+            return -(-height // self.factor), -(-width // self.factor)
+        return height, width
+
+    def key(self, points: np.ndarray, height: int, width: int, spec: KernelSpec) -> str:
         digest = hashlib.sha1()
         digest.update(np.ascontiguousarray(points, dtype=np.float64).tobytes())
-        digest.update(json.dumps([height, width, spec.__dict__], sort_keys=True).encode())
+        # The full-resolution key is the one of the previous format (same files for the same inputs).
+        extra = [] if self.resolution == "full" else [self.resolution, self.factor, "float16"]
+        digest.update(json.dumps([height, width, spec.__dict__, *extra], sort_keys=True).encode())
         return digest.hexdigest()[:20]
 
+    def build(self, points: np.ndarray, height: int, width: int, spec: KernelSpec) -> np.ndarray:
+        """The map at this cache's resolution, computed (no disk)."""
+        full = density_map(points, height, width, spec)  # [H, W] float32
+        if self.resolution == "full":
+            return full.numpy()
+        # pooled in float64, then one rounding to float16
+        return sum_pool(full.double(), self.factor).to(torch.float16).numpy()
+
     def get(self, points: np.ndarray, height: int, width: int, spec: KernelSpec, name: str = "map") -> np.ndarray:
-        """The ``[H, W]`` float32 map (read-only memory map when cached)."""
+        """The stored map (:meth:`shape`, :attr:`dtype`; a read-only memory map when cached)."""
         if self.directory is None:
-            return density_map(points, height, width, spec).numpy()
+            return self.build(points, height, width, spec)
         path = self.directory / f"{name}-{self.key(points, height, width, spec)}.npy"
         if path.is_file():
             try:
                 arr = np.load(path, mmap_mode="r")
-                if arr.shape == (height, width):
+                if arr.shape == self.shape(height, width) and arr.dtype == self.dtype:
                     return arr
             except (OSError, ValueError):
                 pass  # a torn file from an interrupted run: rebuild it
-        arr = density_map(points, height, width, spec).numpy()
+        arr = self.build(points, height, width, spec)
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, arr)
-        tmp.replace(path)  # atomic: concurrent workers never see half a file
+        tmp = tmp_path(path)
+        try:
+            np.save(tmp, arr)
+            os.replace(tmp, path)  # atomic: concurrent workers never see half a file
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return arr

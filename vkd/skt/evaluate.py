@@ -1,8 +1,11 @@
-"""Counting with tiling, MAE / RMSE evaluation of a network and of a run (``vkd eval skt``), latency (spec §8).
+"""Counting with tiling, MAE / RMSE / NAE / GAME evaluation of a network and of a run (``vkd eval skt``), latency
+(spec §8).
 
 MAE = mean |Ĉ − C| and RMSE = sqrt(mean (Ĉ − C)²), with Ĉ the sum of the predicted density and C the
 number of annotated heads. The SKT code, its checkpoints (``mse_best_prec1``) and most crowd-counting
-papers call the RMSE "MSE": vkd names it ``rmse``.
+papers call the RMSE "MSE": vkd names it ``rmse``. NAE = mean |Ĉ − C| / C over the images with C > 0 (images
+without people are left out, as in NWPU-Crowd's evaluation). GAME(L) (Guerrero-Gómez-Olmedo et al., 2015) cuts
+each image into a 2^L × 2^L grid and sums the per-cell count errors, averaged over images; GAME(0) = MAE.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from vkd.config import load_config
 from vkd.engine.runs import write_json
 from vkd.skt.checkpoints import load_counter
 from vkd.skt.config import SKTTeacherConfig
-from vkd.skt.datasets import CrowdEvalDataset, build_eval_dataset
+from vkd.skt.datasets import CrowdEvalDataset, build_eval_dataset, load_density
 from vkd.skt.models import count_parameters
 from vkd.skt.runs import load_run
 
@@ -31,6 +34,9 @@ __all__ = [
     "spread_density",
     "Prediction",
     "predict",
+    "GAME_LEVELS",
+    "grid_counts",
+    "game_errors",
     "count_metrics",
     "evaluate_model",
     "evaluate_run",
@@ -128,67 +134,175 @@ def predict(model: nn.Module, image: torch.Tensor, tile_size: int = 512, overlap
     return Prediction(float(full.sum()), full, len(boxes))
 
 
-def count_metrics(pred: np.ndarray | list[float], gt: np.ndarray | list[float]) -> dict[str, float]:
-    """``{"mae", "rmse", "mean_gt", "mean_pred", "num_images"}``; ``rmse`` is what papers call "MSE"."""
+# GAME(0) .. GAME(3)
+GAME_LEVELS = 4
+
+
+def _grid_edges(size: int, cells: int) -> list[int]:
+    return [(i * size) // cells for i in range(cells + 1)]
+
+
+def grid_counts(height: int, width: int, level: int, points: np.ndarray | None = None,
+                density: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+    """People per cell of the 2^L × 2^L grid of GAME(L), from head points or from a per-pixel density.
+
+    Cell edges are at pixel ``⌊i·H/2^L⌋`` (rows) and ``⌊j·W/2^L⌋`` (columns), so the cells of level L are unions of
+    the cells of level L+1. A head at ``(x, y)`` belongs to the cell of pixel ``(⌊x⌋, ⌊y⌋)``.
+
+    Args:
+        height: image height ``H``.
+        width: image width ``W``.
+        level: ``L``.
+        points: ``[N, 2]`` (x, y) inside the image; or
+        density: ``[H, W]`` per-pixel density.
+
+    Returns:
+        ``[2^L, 2^L]`` float64 counts (rows top to bottom).
+    """
+    cells = 2**level
+    ys, xs = _grid_edges(height, cells), _grid_edges(width, cells)
+    if density is not None:
+        d = density.detach().cpu().numpy() if isinstance(density, torch.Tensor) else np.asarray(density)
+        if d.shape != (height, width):
+            raise ValueError(f"density {d.shape} does not match an image of {height}x{width}")
+        return np.array([[d[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].sum(dtype=np.float64) for j in range(cells)]
+                         for i in range(cells)])
+    pts = np.asarray(points if points is not None else np.zeros((0, 2)), dtype=np.float64).reshape(-1, 2)
+    # the last edge at or below the pixel: skips the empty cells of images smaller than the grid
+    rows = np.clip(np.searchsorted(ys, np.floor(pts[:, 1]), side="right") - 1, 0, cells - 1)
+    cols = np.clip(np.searchsorted(xs, np.floor(pts[:, 0]), side="right") - 1, 0, cells - 1)
+    out = np.zeros((cells, cells))
+    np.add.at(out, (rows, cols), 1.0)
+    return out
+
+
+def game_errors(pred: torch.Tensor | np.ndarray, points: np.ndarray | None = None,
+                density: torch.Tensor | np.ndarray | None = None, levels: int = GAME_LEVELS) -> np.ndarray:
+    """Per-image GAME(0..levels−1): ``Σ_cells |pred_cell − gt_cell|`` for each grid level.
+
+    Args:
+        pred: ``[H, W]`` predicted per-pixel density (:attr:`Prediction.density`).
+        points: ``[N, 2]`` ground-truth heads; or
+        density: ``[H, W]`` ground-truth density.
+        levels: number of levels (GAME(0) .. GAME(levels − 1)).
+
+    Returns:
+        ``[levels]`` float64 errors; entry 0 is ``|Σ pred − Σ gt|``.
+    """
+    height, width = pred.shape[-2:]
+    finest = levels - 1
+    diff = grid_counts(height, width, finest, density=pred) - grid_counts(height, width, finest, points, density)
+    errors = []
+    for level in range(levels):
+        cells, block = 2**level, 2 ** (finest - level)
+        errors.append(np.abs(diff.reshape(cells, block, cells, block).sum(axis=(1, 3))).sum())
+    return np.array(errors)
+
+
+def count_metrics(pred: np.ndarray | list[float], gt: np.ndarray | list[float],
+                  game: np.ndarray | list[list[float]] | None = None) -> dict[str, float]:
+    """``{"mae", "rmse", "nae", "nae_images", "mean_gt", "mean_pred", "num_images"}`` and, with ``game``, ``game0`` ..
+
+    ``rmse`` is what papers call "MSE". ``nae`` is the mean of ``|pred − gt| / gt`` over the ``nae_images`` images
+    with ``gt > 0`` (images without people are left out, as NWPU-Crowd's evaluation does; NaN when none has people).
+
+    Args:
+        pred: ``[N]`` predicted counts.
+        gt: ``[N]`` ground-truth counts.
+        game: ``[N, L]`` per-image GAME errors (:func:`game_errors`); ``gameL`` is the mean of column L.
+    """
     p = np.asarray(pred, dtype=np.float64)
     g = np.asarray(gt, dtype=np.float64)
     if p.shape != g.shape or p.ndim != 1:
         raise ValueError(f"pred {p.shape} and gt {g.shape} must be equal-length vectors")
     err = p - g
-    return {"mae": float(np.abs(err).mean()) if len(err) else math.nan,
-            "rmse": float(np.sqrt((err**2).mean())) if len(err) else math.nan,
-            "mean_gt": float(g.mean()) if len(g) else math.nan,
-            "mean_pred": float(p.mean()) if len(p) else math.nan,
-            "num_images": int(len(err))}
+    positive = g > 0
+    out = {"mae": float(np.abs(err).mean()) if len(err) else math.nan,
+           "rmse": float(np.sqrt((err**2).mean())) if len(err) else math.nan,
+           "nae": float((np.abs(err[positive]) / g[positive]).mean()) if positive.any() else math.nan,
+           "nae_images": int(positive.sum()),
+           "mean_gt": float(g.mean()) if len(g) else math.nan,
+           "mean_pred": float(p.mean()) if len(p) else math.nan,
+           "num_images": int(len(err))}
+    if game is not None:
+        table = np.asarray(game, dtype=np.float64).reshape(len(p), -1)
+        for level in range(table.shape[1]):
+            out[f"game{level}"] = float(table[:, level].mean()) if len(table) else math.nan
+    return out
+
+
+def _ground_truth(dataset: CrowdEvalDataset, index: int) -> dict[str, Any]:
+    """What GAME compares with, summing to the image's ground-truth count: ``{"points": [N, 2]}`` or
+    ``{"density": [H, W]}``."""
+    rec = dataset.records[index]
+    if dataset.gt_count == "density_sum":  # the count is the sum of the 1/8 map: spread back over its pixels
+        return {"density": spread_density(dataset.target_map(index), rec.height, rec.width)}
+    if rec.density_path is not None:
+        return {"density": load_density(rec)}
+    return {"points": rec.points}
 
 
 def evaluate_model(model: nn.Module, dataset: CrowdEvalDataset, tile_size: int = 512, overlap: int = 0,
                    max_images: int = 0, progress: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """MAE / RMSE of ``model`` over a :class:`~vkd.skt.datasets.CrowdEvalDataset`.
+    """MAE / RMSE / NAE / GAME(0-3) of ``model`` over a :class:`~vkd.skt.datasets.CrowdEvalDataset`.
+
+    GAME compares the full-resolution predicted density (:func:`predict`) with the head points (or the ``.h5``
+    density; with ``gt_count="density_sum"`` the 1/8 map spread over its pixels), so GAME(0) is the MAE.
 
     Returns:
-        ``(metrics, per_image)`` where ``per_image`` lists ``{"image", "gt", "pred"}``.
+        ``(metrics, per_image)`` where ``per_image`` lists ``{"image", "gt", "pred", "game": [GAME(0..3)]}``.
     """
     was_training = model.training
     model.eval()
     n = len(dataset) if not max_images else min(max_images, len(dataset))
-    preds, gts, rows = [], [], []
+    preds, gts, games, rows = [], [], [], []
     iterator: Any = range(n)
     if progress:
         iterator = tqdm(iterator, desc="eval", disable=None)
     try:
         for i in iterator:
             item = dataset[i]
-            p = predict(model, item["image"], tile_size, overlap).count
+            prediction = predict(model, item["image"], tile_size, overlap)
+            p = prediction.count
             g = float(item["count"])
+            game = game_errors(prediction.density, **_ground_truth(dataset, i))
             preds.append(p)
             gts.append(g)
-            rows.append({"image": str(dataset.records[i].image_path), "gt": g, "pred": p})
+            games.append(game)
+            rows.append({"image": str(dataset.records[i].image_path), "gt": g, "pred": p,
+                         "game": [round(float(e), 6) for e in game]})
     finally:
         model.train(was_training)
-    return count_metrics(preds, gts), rows
+    return count_metrics(preds, gts, games), rows
+
+
+# the parts of eval.json that its numbers alone do not say
+_EVAL_NOTE = ("nae averages |pred - gt| / gt over the nae_images images with gt > 0; gameL sums the count errors of "
+              "the 2^L x 2^L cells; max_side 0 = full resolution")
 
 
 def evaluate_run(run_dir: Path, overrides: list[str], out_dir: Path | None = None) -> dict[str, Any]:
-    """MAE and RMSE (the "MSE" of the papers) of an ``skt`` or ``skt-teacher`` run on its test split.
+    """MAE, RMSE (the "MSE" of the papers), NAE and GAME(0-3) of an ``skt`` or ``skt-teacher`` run on its test split,
+    at full resolution unless ``eval.max_side``.
 
     Writes ``eval.json`` (metrics and per-image counts) to ``out_dir`` or the run directory.
 
     Returns:
-        The metrics with the split, the kind of ground-truth count, parameters, width divisor and seconds.
+        The metrics with the split, the kind of ground-truth count, the resolution, parameters, width divisor and
+        seconds.
     """
     run_dir = Path(run_dir)
     cfg, model = load_run(run_dir, overrides)
     split = cfg.eval.split or cfg.data.test_split
-    dataset = build_eval_dataset(cfg.data, split)
+    dataset = build_eval_dataset(cfg.data, split, max_side=cfg.eval.max_side)
     t0 = time.perf_counter()
     metrics, rows = evaluate_model(model, dataset, cfg.eval.tile_size, cfg.eval.tile_overlap, cfg.eval.max_images,
                                    progress=True)
-    result = {**metrics, "split": split, "gt_count": cfg.data.effective_gt_count(),
+    result = {**metrics, "split": split, "gt_count": cfg.data.effective_gt_count(), "max_side": cfg.eval.max_side,
               "parameters": count_parameters(model), "width_div": model.width_div,
               "seconds": round(time.perf_counter() - t0, 2)}
     write_json(Path(out_dir or run_dir) / "eval.json",
-               {**result, "note": "rmse is the metric crowd-counting papers (and the SKT code) call MSE",
+               {**result, "note": "rmse is the metric crowd-counting papers (and the SKT code) call MSE; " + _EVAL_NOTE,
                 "per_image": rows})
     return result
 
@@ -201,7 +315,7 @@ def default_out_dir(kind: str, weights: Path) -> Path:
 def evaluate_weights(weights: Path, overrides: list[str], out_dir: Path | None = None,
                      mean: str | None = None, std: str | None = None, log_para: float | None = None
                      ) -> dict[str, Any]:
-    """MAE and RMSE of a checkpoint file of any family of :data:`vkd.skt.checkpoints.FAMILIES`.
+    """MAE, RMSE, NAE and GAME(0-3) of a checkpoint file of any family of :data:`vkd.skt.checkpoints.FAMILIES`.
 
     The data set and the evaluation protocol are the ``data.*`` and ``eval.*`` keys of the ``skt-teacher``
     config with ``overrides`` applied (``data.dataset=shanghaitech``, ``data.root=...``); images are normalised
@@ -215,16 +329,17 @@ def evaluate_weights(weights: Path, overrides: list[str], out_dir: Path | None =
     counter = load_counter(weights, mean, std, log_para)
     counter.tile_size, counter.tile_overlap = cfg.eval.tile_size, cfg.eval.tile_overlap
     split = cfg.eval.split or cfg.data.test_split
-    dataset = build_eval_dataset(cfg.data, split)
+    dataset = build_eval_dataset(cfg.data, split, max_side=cfg.eval.max_side)
     dataset.normalisation = (counter.mean, counter.std)
     t0 = time.perf_counter()
     metrics, rows = evaluate_model(counter.model, dataset, counter.tile_size, counter.tile_overlap,
                                    cfg.eval.max_images, progress=True)
-    result = {**metrics, "split": split, "gt_count": cfg.data.effective_gt_count(), "family": counter.title,
+    result = {**metrics, "split": split, "gt_count": cfg.data.effective_gt_count(), "max_side": cfg.eval.max_side,
+              "family": counter.title,
               "architecture": counter.arch, "normalisation": counter.input_text(),
               "seconds": round(time.perf_counter() - t0, 2)}
     write_json(Path(out_dir or default_out_dir("eval", weights)) / "eval.json",
-               {**result, "weights": str(weights), "note": "rmse is the metric crowd-counting papers call MSE",
+               {**result, "weights": str(weights), "note": "rmse is the metric crowd-counting papers call MSE; " + _EVAL_NOTE,
                 "per_image": rows})
     return result
 
