@@ -27,6 +27,7 @@ from torch import nn
 
 from vkd.errors import UserError
 from vkd.skt.datasets import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from vkd.skt.export import exported_counter_fields, is_exported_file
 from vkd.skt.models import VGG19_HEAD, CSRNet, GridCounter, VGG19Regressor, count_parameters, csrnet_widths
 from vkd.skt.runs import load_run
 
@@ -433,8 +434,9 @@ def load_counter(source: str | Path, mean: str | tuple[float, ...] | None = None
     scale are applied unless overridden.
 
     Args:
-        source: a ``skt`` / ``skt-teacher`` run directory, or a ``.pth``, ``.pth.tar``, ``.tar`` or
-            ``.safetensors`` file.
+        source: a ``skt`` / ``skt-teacher`` run directory, a ``.pth``, ``.pth.tar``, ``.tar`` or
+            ``.safetensors`` file, or an ``.onnx`` / TorchScript file of ``vkd export skt``
+            (:func:`vkd.skt.export.exported_counter_fields`).
         mean: override of the input mean, ``"R,G,B"``.
         std: override of the input std, ``"R,G,B"``.
         log_para: override of C³-Framework's ``LOG_PARA`` (refused for other families).
@@ -454,7 +456,10 @@ def load_counter(source: str | Path, mean: str | tuple[float, ...] | None = None
         raise UserError(f"--std must be positive, got {std}")
     if log_para is not None and not (np.isfinite(log_para) and log_para > 0):
         raise UserError(f"--log-para must be a positive number, got {log_para}")
-    if path.is_dir():
+    if is_exported_file(path):  # vkd export skt: the network in ONNX Runtime / TorchScript, the rest recorded
+        counter = Counter(**exported_counter_fields(path, log_para))
+        family = FAMILIES.get(counter.family)
+    elif path.is_dir():
         cfg, model = load_run(path)
         counter = Counter(GridCounter(model).eval(), "vkd-run", "vkd run", f"CSRNet 1/{model.width_div} "
                           f"({count_parameters(model):,} parameters)", IMAGENET_MEAN, IMAGENET_STD, "ImageNet",

@@ -1,4 +1,5 @@
-"""CLI entry points of SKT: ``vkd distill skt-teacher``, ``vkd distill skt``, ``vkd eval skt``, ``vkd count``."""
+"""CLI entry points of SKT: ``vkd distill skt-teacher``, ``vkd distill skt``, ``vkd eval skt``, ``vkd count``,
+``vkd export skt``."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from vkd.skt.count import count_images, count_inputs
 from vkd.skt.datasets import build_eval_sets, build_train_dataset, pad_collate
 from vkd.skt.distiller import CSRNetTask, SKTTask
 from vkd.skt.evaluate import default_out_dir, evaluate_run, evaluate_weights
+from vkd.skt.export import FORMATS, export_counter
 from vkd.skt.teacher import load_teacher
 
-__all__ = ["run_teacher", "run_skt", "evaluate", "count", "count_command"]
+__all__ = ["run_teacher", "run_skt", "evaluate", "count", "count_command", "export_command"]
 
 
 def run_teacher(cfg: SKTTeacherConfig, resume: str | None = None) -> dict:
@@ -64,3 +66,18 @@ def count_command(args: argparse.Namespace) -> dict:
     counter = load_counter(source, args.mean, args.std, args.log_para)
     out = args.out or (source / "count" if args.run is not None else default_out_dir("count", source))
     return count_inputs(counter, args.inputs, out, every=args.every, max_side=args.max_side)
+
+
+def export_command(args: argparse.Namespace) -> dict:
+    """``vkd export skt``: the arguments declared in :data:`vkd.skt.METHOD`. Exactly one of ``--run`` /
+    ``--weights``; ``out`` defaults to ``RUN/export/<format file>`` or ``runs/export/<weights name>/<format file>``
+    (:data:`vkd.skt.export.FORMATS`), or that file inside ``--out`` when it is a directory."""
+    if (args.run is None) == (args.weights is None):
+        raise UserError("vkd export needs a model: --run RUN_DIR or --weights FILE (one of them)")
+    source = check_run_dir(args.run) if args.run is not None else args.weights
+    counter = load_counter(source, args.mean, args.std, args.log_para)
+    name = FORMATS.get(args.format, "")
+    out = args.out or (source / "export" if args.run is not None else default_out_dir("export", source))
+    if args.out is None or args.out.is_dir():
+        out = out / name
+    return export_counter(counter, out, args.format)
