@@ -9,6 +9,14 @@ CLI exits with code 3.
 from __future__ import annotations
 
 
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for a one-line error;
+    cut to ``limit`` characters when given."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if limit is None else line[:limit]
+
+
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, exit code 2."""
 

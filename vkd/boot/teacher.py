@@ -36,7 +36,7 @@ from vkd.boot.config import BootDataConfig, BootTeacherRef
 from vkd.boot.data import clean_captions, read_prompts
 from vkd.boot.schedule import NoiseSchedule
 from vkd.boot.schedule import as_timesteps as _as_timesteps
-from vkd.errors import ConfigError, DataError, UserError
+from vkd.errors import ConfigError, DataError, UserError, first_line
 
 __all__ = [
     "PREDICTION_TYPES",
@@ -300,11 +300,6 @@ def _is_local(source: str) -> bool:
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
-def _first_error_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
 def _load_unet(source: str, local: bool) -> nn.Module:
     if local:
         root = Path(source).expanduser()
@@ -319,14 +314,14 @@ def _load_unet(source: str, local: bool) -> nn.Module:
         try:
             cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as err:
-            raise UserError(f"cannot read {cfg_path}: {_first_error_line(err)}") from None
+            raise UserError(f"cannot read {cfg_path}: {first_line(err)}") from None
         cls_name = cfg.get("_class_name", "UNet2DModel")
         if cls_name not in ("UNet2DModel", "UNetModel"):
             raise UserError(f"{cfg_path}: only UNet2DModel teachers are supported, got {cls_name}")
         try:
             return UNet2DModel.from_pretrained(str(root), subfolder=sub or None)
         except (OSError, ValueError, RuntimeError, KeyError) as err:
-            raise UserError(f"cannot load the UNet from {cfg_path.parent}: {_first_error_line(err)}") from None
+            raise UserError(f"cannot load the UNet from {cfg_path.parent}: {first_line(err)}") from None
     last: BaseException | None = None
     for sub in ("unet", None):
         try:
@@ -334,7 +329,7 @@ def _load_unet(source: str, local: bool) -> nn.Module:
         except (OSError, ValueError) as err:  # hub: not found, offline and not cached, ...
             last = err
     raise UserError(f"cannot load teacher '{source}': not a local directory, and the hub/cache lookup failed "
-                    f"({_first_error_line(last)}); with HF_HUB_OFFLINE=1 it must already be in the HF cache")
+                    f"({first_line(last)}); with HF_HUB_OFFLINE=1 it must already be in the HF cache")
 
 
 def _load_scheduler_config(source: str, local: bool) -> dict[str, Any]:
@@ -347,7 +342,7 @@ def _load_scheduler_config(source: str, local: bool) -> dict[str, Any]:
                 try:
                     data = json.loads(cand.read_text())
                 except (OSError, ValueError) as err:
-                    raise UserError(f"cannot read {cand}: {_first_error_line(err)}") from None
+                    raise UserError(f"cannot read {cand}: {first_line(err)}") from None
                 if not isinstance(data, dict):
                     raise UserError(f"{cand}: expected a JSON object")
                 return data
@@ -358,7 +353,7 @@ def _load_scheduler_config(source: str, local: bool) -> dict[str, Any]:
             return dict(DDPMScheduler.load_config(source, subfolder=sub))
         except (OSError, ValueError) as err:
             last = err
-    raise UserError(f"cannot load the scheduler config of '{source}' ({_first_error_line(last)})")
+    raise UserError(f"cannot load the scheduler config of '{source}' ({first_line(last)})")
 
 
 def _build_scheduler(config: dict[str, Any], where: str) -> tuple[Any, torch.Tensor]:
@@ -375,7 +370,7 @@ def _build_scheduler(config: dict[str, Any], where: str) -> tuple[Any, torch.Ten
     try:
         scheduler = cls.from_config(config)
     except (ValueError, TypeError, NotImplementedError) as err:
-        raise UserError(f"{where}: cannot build {name}: {_first_error_line(err)}") from None
+        raise UserError(f"{where}: cannot build {name}: {first_line(err)}") from None
     acp = getattr(scheduler, "alphas_cumprod", None)
     kind = "flow-matching" if "FlowMatch" in name else "variance-exploding" if "Ve" in name else None
     if kind is not None and not isinstance(acp, torch.Tensor):
@@ -421,7 +416,7 @@ def load_teacher_source(source: str) -> TeacherSource:
             try:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError) as err:
-                raise UserError(f"cannot read {meta_path}: {_first_error_line(err)}") from None
+                raise UserError(f"cannot read {meta_path}: {first_line(err)}") from None
     return TeacherSource(unet=unet, scheduler=scheduler, scheduler_config=dict(sched_cfg),
                          prediction_type=prediction_type, alphas_cumprod=acp, meta=meta, source=source)
 
@@ -579,7 +574,7 @@ def read_model_index(source: str) -> dict[str, Any] | None:
     try:
         index = json.loads(text)
     except ValueError as err:
-        raise UserError(f"{source}/model_index.json is not valid JSON: {_first_error_line(err)}") from None
+        raise UserError(f"{source}/model_index.json is not valid JSON: {first_line(err)}") from None
     if not isinstance(index, dict):
         raise UserError(f"{source}/model_index.json: expected a JSON object")
     return index
@@ -599,7 +594,7 @@ def _load_component(source: str, name: str, cls: Any) -> Any:
     try:
         return cls.from_pretrained(source, subfolder=name)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
-        raise UserError(f"cannot load {name}/ of {source}: {_first_error_line(err)}") from None
+        raise UserError(f"cannot load {name}/ of {source}: {first_line(err)}") from None
 
 
 def _text_width(text_encoder: nn.Module) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vkd.errors import DataError
+from vkd.errors import DataError, first_line
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -59,11 +59,6 @@ class SkipLog:
         first = "; ".join(f"{Path(p).name}: {r}" for p, r in self.skipped[:3])
         more = f" (and {len(self.skipped) - 3} more)" if len(self.skipped) > 3 else ""
         return f"skipped {len(self.skipped)} unreadable file(s): {first}{more}"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -111,7 +106,7 @@ def open_image(path: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS, nam
         raise DataError(f"{path} is not a readable image") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, MemoryError) as err:
         # truncated data, broken headers and chunks (PIL raises all of these depending on the format)
-        raise DataError(f"cannot decode image {path}: {_first_line(err)}") from None
+        raise DataError(f"cannot decode image {path}: {first_line(err)}") from None
 
 
 def image_size(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:

@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from vkd.cache import atomic_write_text, tmp_path
-from vkd.errors import DataError, UserError
+from vkd.errors import DataError, UserError, first_line
 from vkd.feature3dgs.feature_cache import FeatureCache
 
 __all__ = ["FEATURE_EXTENSIONS", "FEATURES_JSON", "FEATURE_LAYOUTS", "feature_stems", "read_feature_file",
@@ -65,11 +65,6 @@ def feature_stems(names: Sequence[str]) -> list[str]:
     if clash:
         raise DataError(f"several images of the scene map to the feature file stem {clash[0]!r}; rename them")
     return stems
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0] if text else type(err).__name__)[:200]
 
 
 def _pick(tensors: dict[str, Any], path: Path, key: str) -> Any:
@@ -114,7 +109,7 @@ def read_feature_file(path: Path, key: str = "") -> Tensor:
     except DataError:
         raise
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as err:
-        raise DataError(f"cannot read feature file {path}: {_first_line(err)}") from None
+        raise DataError(f"cannot read feature file {path}: {first_line(err, 200)}") from None
     if not isinstance(value, Tensor):
         raise DataError(f"feature file {path} holds a {type(value).__name__}, not a tensor")
     if not value.is_floating_point():

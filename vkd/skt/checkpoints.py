@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from vkd.errors import UserError
+from vkd.errors import UserError, first_line
 from vkd.skt.datasets import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from vkd.skt.export import exported_counter_fields, is_exported_file
 from vkd.skt.models import VGG19_HEAD, CSRNet, GridCounter, VGG19Regressor, count_parameters, csrnet_widths
@@ -74,11 +74,6 @@ def _numpy_safe_globals() -> list[Any]:
     return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtype_classes]
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def read_checkpoint(path: str | Path) -> Any:
     """The object in a ``.safetensors`` file or a ``torch.save`` file (zip or legacy pickle), on the CPU.
 
@@ -101,7 +96,7 @@ def read_checkpoint(path: str | Path) -> Any:
             raise UserError(f"cannot read checkpoint {path}: it pickles a '{unsupported.group(1)}' object, and vkd "
                             f"loads checkpoints with weights_only=True; save its state dict alone "
                             f"(torch.save(model.state_dict(), ...))") from None
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {_first_line(err)}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {first_line(err)}") from None
 
 
 def _plain(value: Any) -> Any:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vkd.errors import UserError
+from vkd.errors import UserError, first_line
 from vkd.skt.models import GridCounter
 
 __all__ = [
@@ -100,11 +100,6 @@ def _quiet_torch() -> Iterator[None]:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         yield
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +293,7 @@ def _onnx_session(path: Path, threads: int) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail / InvalidProtobuf / NoSuchFile classes
-        raise UserError(f"cannot load {path} with onnxruntime: {_first_line(err)}") from None
+        raise UserError(f"cannot load {path} with onnxruntime: {first_line(err)}") from None
 
 
 def _load(path: Path, fmt: str, log_para: float | None = None, threads: int = 0) -> dict[str, Any]:
@@ -315,7 +310,7 @@ def _load(path: Path, fmt: str, log_para: float | None = None, threads: int = 0)
             with _quiet_torch():
                 net = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         except Exception as err:
-            raise UserError(f"cannot load TorchScript file {path}: {_first_line(err)}") from None
+            raise UserError(f"cannot load TorchScript file {path}: {first_line(err)}") from None
         meta = _parse_metadata(extra[_EXTRA_NAME] or None, path)
         runtime = "TorchScript"
     fields = dict(meta["counter"])
