@@ -12,7 +12,8 @@ run.
 
 ``--prediction-type`` retrains the embedded teacher as an ε-, v- or x0-prediction model (runs named
 ``digits-<type>``; ``sample`` is the shipped default, run name ``digits``); the student parameterisation
-is the preset's (``auto``: preconditioned for ε and v).
+is the preset's (``auto``: an x0 head for ε and v, with ``loss.time_weight=auto`` lowering the noise-amplified
+steps of ε teachers).
 
 ``--text`` trains the embedded text-to-image teacher (``digits-text-teacher``: UNet2DConditionModel + CLIPTextModel on
 captioned digits, ε-prediction) and distils it from its prompt file alone (``digits-text``); every generator then also

@@ -155,19 +155,22 @@ torch.save(images, sys.argv[3])
 """
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_every_run_exports_a_diffusers_pipeline(tmp_path, prediction_type):
+@pytest.mark.parametrize("prediction_type,parameterization", [
+    ("epsilon", "auto"), ("epsilon", "preconditioned"), ("v_prediction", "preconditioned")])
+def test_every_run_exports_a_diffusers_pipeline(tmp_path, prediction_type, parameterization):
     """``DiffusionPipeline.from_pretrained(RUN/pipeline)`` in a fresh process, without vkd: one step, the
-    same images as ``vkd sample boot`` on the same noise."""
+    same images as ``vkd sample boot`` on the same noise (an x0 head, and the ε/v conversions of the
+    preconditioned head)."""
     import subprocess
     import sys
 
     from vkd.boot.sample import noise_batches
 
     teacher_dir = save_tiny_teacher(tmp_path / "t", prediction_type, num_classes=3)
-    run_boot(_boot_cfg(tmp_path, teacher_dir, "pipe", steps=2))
+    run_boot(_boot_cfg(tmp_path, teacher_dir, "pipe", steps=2, **{"student.parameterization": parameterization}))
     run_dir = tmp_path / "runs" / "boot" / "pipe"
     index = json.loads((run_dir / "pipeline" / "model_index.json").read_text())
+    assert index["prediction_type"] == ("sample" if parameterization == "auto" else prediction_type)
     assert index["_class_name"] == ["pipeline_boot", "BootPipeline"] and (run_dir / "pipeline" / "pipeline_boot.py").is_file()
     sample(run_dir, 5, tmp_path / "s", None, 0, 5)  # vkd sample boot
     _, eps, labels = next(noise_batches(5, 0, (1, 8, 8), 3, 5))

@@ -171,8 +171,8 @@ def x0_teacher_error() -> float:
 
 
 @pytest.mark.parametrize("prediction_type,parameterization", [
-    ("epsilon", "auto"), ("v_prediction", "auto"),  # preconditioned: measured 0.098 (ε), 0.089 (v)
-    ("epsilon", "sample"), ("v_prediction", "sample"),  # an x0 head on an ε/v teacher
+    ("epsilon", "preconditioned"), ("v_prediction", "preconditioned"),  # measured 0.098 (ε), 0.089 (v)
+    ("epsilon", "auto"), ("v_prediction", "auto"),  # auto = sample, an x0 head on an ε/v teacher
 ])
 def test_every_prediction_type_trains_as_well_as_x0(x0_teacher_error, prediction_type, parameterization):
     """ε and v teachers reach the BOOT fixed point within 2× the x0 teacher's error at the same budget."""
@@ -182,6 +182,6 @@ def test_every_prediction_type_trains_as_well_as_x0(x0_teacher_error, prediction
 
 
 def test_teacher_to_x0_head_does_not_train_on_an_epsilon_teacher(x0_teacher_error):
-    """Why ``auto`` preconditions: the unpreconditioned ε head (output weight 0.01…157) stays far off
+    """Why ε students never use the true coefficients: that head (output weight 0.01…157) stays far off
     (measured 0.476, 6× the x0 error), so the comparison above can fail."""
     assert _boot_error("epsilon", "teacher_to_x0") > 3.0 * x0_teacher_error

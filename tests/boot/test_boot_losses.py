@@ -14,7 +14,10 @@ from vkd.boot.losses import (
     boundary_loss,
     ddim_step,
     exact_boundary_target,
+    resolve_time_weight,
     signal_ddim_step,
+    x0_gain,
+    x0_gain_weight,
 )
 from vkd.boot.schedule import NoiseSchedule, ddim_timesteps
 from vkd.boot.student import BootStudent
@@ -105,7 +108,7 @@ def test_losses_gradcheck_float64():
 
 @pytest.mark.parametrize("prediction_type,parameterization", [
     ("epsilon", "teacher_to_x0"), ("v_prediction", "teacher_to_x0"), ("sample", "teacher_to_x0"),
-    ("v_prediction", "auto"), ("sample", "auto")])  # auto = preconditioned for v: its band reaches T
+    ("v_prediction", "preconditioned"), ("sample", "auto")])  # v's preconditioned band reaches T
 def test_boundary_loss_zero_at_initialisation(tmp_path, prediction_type, parameterization):
     teacher = load_diffusers_teacher(str(save_tiny_teacher(tmp_path / "t", prediction_type)), clip_x0=False)
     student = BootStudent.from_teacher(teacher, parameterization)
@@ -157,11 +160,65 @@ def test_time_weight_callable(tmp_path):
     torch.testing.assert_close(doubled, 2 * base)
 
 
+@pytest.mark.parametrize("prediction_type,expected", [
+    ("epsilon", "sample"), ("v_prediction", "sample"), ("sample", "teacher_to_x0")])
+def test_auto_student_is_an_x0_head(tmp_path, prediction_type, expected):
+    """``auto``: an x0 head for ε/v teachers (it beat ``preconditioned`` on the digits benchmark), the identity
+    for x0 teachers; the x0 head's output is the network's output at every t."""
+    teacher = load_diffusers_teacher(str(save_tiny_teacher(tmp_path / "t", prediction_type)), clip_x0=False)
+    student = BootStudent.from_teacher(teacher)
+    assert student.parameterization == expected and student.lambda_range is None
+    eps, t = torch.randn(3, 1, 8, 8), torch.tensor([999.0, 400.0, -1.0], dtype=torch.float64)
+    with torch.no_grad():
+        raw = student.raw(eps, t)
+        want = raw if expected == "sample" else teacher.to_x0(raw, eps, t)
+        torch.testing.assert_close(student(eps, t), want, rtol=0, atol=0)
+
+
+def test_x0_gain_weight_lowers_only_the_noise_amplified_steps_of_an_epsilon_teacher():
+    sched = _schedule()  # DDPM's linear β: σ_T/α_T ≈ 157
+    t = torch.tensor([999.0, 800.0, 500.0, 200.0, 19.0, -1.0], dtype=torch.float64)
+    a, s = sched.alpha_sigma(t.clamp(min=0.0))
+    torch.testing.assert_close(x0_gain(sched, "epsilon", t), s / a)
+    torch.testing.assert_close(x0_gain(sched, "v_prediction", t), s)
+    w_eps = x0_gain_weight(sched, "epsilon", t)
+    torch.testing.assert_close(w_eps, 1.0 / (1.0 + (s / a / torch.exp(torch.tensor(2.0, dtype=torch.float64))) ** 2))
+    assert float(w_eps[0]) < 3e-3 and float(w_eps[3]) > 0.99  # ≈ 1/(1+(157/7.39)²) at T; ≈ 1 once σ/α < 1
+    assert bool((w_eps[1:] >= w_eps[:-1]).all())  # non-decreasing towards the clean end
+    for ptype in ("v_prediction", "sample"):  # gain ≤ 1: the weight stays within 2 % of 1
+        assert float(x0_gain_weight(sched, ptype, t).min()) > 0.98
+    # where k_t = e^λc the weight is 1/2
+    k = x0_gain(sched, "epsilon", torch.tensor([600.0], dtype=torch.float64))
+    torch.testing.assert_close(x0_gain_weight(sched, "epsilon", torch.tensor([600.0], dtype=torch.float64),
+                                              float(torch.log(k))), torch.tensor([0.5], dtype=torch.float64))
+    assert resolve_time_weight("auto", "epsilon") == "inv_x0_gain"
+    assert resolve_time_weight("auto", "v_prediction") == resolve_time_weight("auto", "sample") == "uniform"
+    assert resolve_time_weight("uniform", "epsilon") == "uniform"
+
+
+def test_inv_x0_gain_time_weight_multiplies_the_bootstrap_weights(tmp_path):
+    teacher = load_diffusers_teacher(str(save_tiny_teacher(tmp_path / "t", "epsilon")), clip_x0=False)
+    student = BootStudent.from_teacher(teacher)
+    eps = torch.randn(3, 1, 8, 8)
+    t = torch.tensor([990.0, 500.0, 100.0], dtype=torch.float64)
+    s = t - 20
+    auto = BootLoss(teacher, boundary_weight=0.0, time_weight="auto")
+    assert auto.time_weight == "inv_x0_gain"
+    tg = auto.targets(student, eps, t, s, None)
+    w = bootstrap_weights(tg["delta"], t - s) * x0_gain_weight(teacher.schedule, "epsilon", t, 1.5)
+    got = BootLoss(teacher, boundary_weight=0.0, time_weight="inv_x0_gain", x0_gain_cutoff=1.5)(student, eps, t, s)
+    with torch.no_grad():
+        ref = bootstrap_loss(student(eps, s), tg["target"], w)
+    torch.testing.assert_close(got["bootstrap"], ref)
+    uniform = BootLoss(teacher, boundary_weight=0.0)(student, eps, t, s)["bootstrap"]
+    assert float(got["bootstrap"]) < float(uniform)  # the weights are < 1, most at t = 990
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_preconditioned_student_is_the_teacher_inside_its_band(tmp_path, prediction_type):
     """g(ε, t) = f(ε, t) at step 0 where λ_t ∈ [λ_min, λ_max]; outside, the coefficients are the band's edge."""
     teacher = load_diffusers_teacher(str(save_tiny_teacher(tmp_path / "t", prediction_type)), clip_x0=False)
-    student = BootStudent.from_teacher(teacher)  # auto
+    student = BootStudent.from_teacher(teacher, "preconditioned")
     assert student.parameterization == "preconditioned"
     lo, hi = student.lambda_range
     t = torch.arange(0, 1000, dtype=torch.float64)

@@ -79,10 +79,11 @@ def test_text_guidance_is_folded_against_the_negative_prompt(pipelines):
     torch.testing.assert_close(guided, out_u + 3.0 * (out_c - out_u), rtol=0, atol=1e-5)
 
 
-def test_sd21_v_teacher_gets_the_preconditioned_student_that_shares_the_frozen_text_encoder(pipelines):
+def test_sd21_v_teacher_student_shares_the_frozen_text_encoder(pipelines):
     teacher = _teacher(pipelines, "sd21")
     assert teacher.prediction_type == "v_prediction" and teacher.latent
-    student = BootStudent.from_teacher(teacher)
+    assert BootStudent.from_teacher(teacher).parameterization == "sample"  # auto: an x0 head
+    student = BootStudent.from_teacher(teacher, "preconditioned")  # exact at step 0 inside its band
     assert student.parameterization == "preconditioned"
     assert student.net.prompts is teacher.net.prompts and student.decoder is teacher.decoder  # shared, not copied
     n_unet = sum(p.numel() for p in teacher.net.unet.parameters())

@@ -6,6 +6,7 @@ Every option of the BOOT spec (boot.md §12) is a field of :class:`BootLossConfi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -241,9 +242,10 @@ class BootDataConfig:
 class BootStudentConfig:
     """The one-step student (a copy of the teacher network; vkd.boot.student)."""
 
-    # auto: preconditioned for ε/v teachers, teacher_to_x0 (the identity) for x0 teachers
+    # auto: sample (an x0 head) for ε/v teachers, teacher_to_x0 (the identity) for x0 teachers
     parameterization: Literal["auto", "preconditioned", "teacher_to_x0", "sample"] = "auto"
-    # (λ_min, λ_max) band of the preconditioned output coefficients; null: per prediction type
+    # (λ_min, λ_max) band of the preconditioned output coefficients (parameterization: preconditioned); null: per
+    # prediction type
     # (ε [-1, 0], v [-0.5, inf)); λ = log(σ/α)
     lambda_range: tuple[float, float] | None = None
     gradient_checkpointing: bool = False  # diffusers UNet gradient checkpointing (memory for compute)
@@ -266,18 +268,22 @@ class BootStudentConfig:
             if len(self.lambda_range) != 2 or not self.lambda_range[0] <= self.lambda_range[1]:
                 raise ConfigError(f"student.lambda_range must be [lambda_min, lambda_max] with min <= max, "
                                   f"got {self.lambda_range}")
-            if self.parameterization not in ("auto", "preconditioned"):
-                raise ConfigError("student.lambda_range only applies to parameterization auto|preconditioned")
+            if self.parameterization != "preconditioned":
+                raise ConfigError("student.lambda_range only applies to student.parameterization=preconditioned")
 
 
 @dataclass
 class BootLossConfig:
-    """The BOOT objective (boot.md §3-§8, §12), with the spec's defaults."""
+    """The BOOT objective (boot.md §3-§8, §12), with the spec's defaults (``time_weight=auto`` adds vkd's
+    ``inv_x0_gain`` for ε teachers; ``uniform`` is the spec's)."""
 
     delta: int = 20  # δ in index steps (recommended 10-50)
     delta_lambda: Literal["exact", "first_order"] = "exact"
     weighting: Literal["inv_delta_lambda_sq", "inv_delta_sq", "none"] = "inv_delta_lambda_sq"
-    time_weight: Literal["uniform"] = "uniform"  # the library API also takes a callable w(t)
+    # extra L_BS weight per t: inv_x0_gain = 1/(1 + (k_t/e^λc)²), k_t the gain of the teacher's x0 on an error of
+    # its output (σ/α for ε: 157 at T on DDPM's linear β); auto: inv_x0_gain for ε teachers, uniform otherwise
+    time_weight: Literal["auto", "uniform", "inv_x0_gain"] = "auto"
+    x0_gain_cutoff: float = 2.0  # λc of inv_x0_gain (weight 1/2 where k_t = e^λc)
     boundary_target: Literal["teacher", "exact"] = "teacher"
     boundary_weight: float = 0.1
     clean_endpoint: bool = True
@@ -288,6 +294,8 @@ class BootLossConfig:
             raise ConfigError(f"loss.delta must be >= 1, got {self.delta}")
         if self.boundary_weight < 0:
             raise ConfigError(f"loss.boundary_weight must be >= 0, got {self.boundary_weight}")
+        if not math.isfinite(self.x0_gain_cutoff):
+            raise ConfigError(f"loss.x0_gain_cutoff must be finite, got {self.x0_gain_cutoff}")
 
 
 @dataclass

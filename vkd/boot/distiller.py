@@ -347,7 +347,7 @@ class BootTask(DistillationTask):
                                                           "enable_gradient_checkpointing"):
             self.student.net.unet.enable_gradient_checkpointing()
         self.objective = BootLoss(self.teacher, L.delta_lambda, L.weighting, L.time_weight, L.boundary_target,
-                                  L.boundary_weight)
+                                  L.boundary_weight, L.x0_gain_cutoff)
         if L.delta > self.teacher.schedule.num_train_timesteps - 1:
             raise ConfigError(f"loss.delta={L.delta} must be < num_train_timesteps="
                               f"{self.teacher.schedule.num_train_timesteps}")

@@ -11,12 +11,14 @@ training objective ``L = L_BS + β_BC·L_BC`` (spec boot.md §4-§6, §11):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import nn
 
+from vkd.boot.schedule import NoiseSchedule
 from vkd.boot.teacher import DiffusionTeacher, _bcast
 
 __all__ = [
@@ -24,6 +26,9 @@ __all__ = [
     "signal_ddim_step",
     "exact_boundary_target",
     "bootstrap_weights",
+    "x0_gain",
+    "x0_gain_weight",
+    "resolve_time_weight",
     "bootstrap_loss",
     "boundary_loss",
     "BootstrapLoss",
@@ -107,6 +112,37 @@ def exact_boundary_target(eps: torch.Tensor, alpha_T: torch.Tensor, sigma_T: tor
     return _bcast(alpha_T / (1.0 + sigma_T), eps) * eps
 
 
+def x0_gain(schedule: NoiseSchedule, prediction_type: str, t: torch.Tensor) -> torch.Tensor:
+    """Gain ``k_t = |∂x0/∂out|`` of a teacher's x0 on an error of its raw output: ``σ_t/α_t`` (ε), ``σ_t`` (v),
+    1 (x0), at float timesteps ``t [B]`` (``t < 0``: index 0). ``[B]`` float64."""
+    a, s = schedule.alpha_sigma(t.clamp(min=0.0))
+    if prediction_type == "epsilon":
+        return s / a
+    if prediction_type == "v_prediction":
+        return s
+    return torch.ones_like(a)
+
+
+def x0_gain_weight(schedule: NoiseSchedule, prediction_type: str, t: torch.Tensor, cutoff: float = 2.0
+                   ) -> torch.Tensor:
+    """``w_t = 1 / (1 + (k_t / e^λc)²)`` with ``k_t`` = :func:`x0_gain`, ``λc`` = ``cutoff``. ``[B]`` float64.
+
+    Why: an ε teacher's x0 is ``(x − σ·ε̂)/α``, so near T (k_t ≈ 157 on DDPM's linear β) it carries the
+    error of ε̂ × 157 (clipped to ±1): bootstrap targets there are mostly noise the student cannot fit, while
+    the image hardly depends on them (x_t = α_t·y_t + σ_t·ε sees them × α_t). ``w_t`` lowers those steps,
+    and is ≈ 1 wherever ``k_t ≪ e^λc`` (every t of a v or x0 teacher).
+    """
+    k = x0_gain(schedule, prediction_type, t)
+    return 1.0 / (1.0 + (k / math.exp(cutoff)) ** 2)
+
+
+def resolve_time_weight(time_weight: str, prediction_type: str) -> str:
+    """``auto`` → ``inv_x0_gain`` for ε teachers (their x0 gain reaches σ_T/α_T), ``uniform`` otherwise."""
+    if time_weight == "auto":
+        return "inv_x0_gain" if prediction_type == "epsilon" else "uniform"
+    return time_weight
+
+
 def bootstrap_weights(delta: torch.Tensor, delta_steps: torch.Tensor,
                       weighting: Literal["inv_delta_lambda_sq", "inv_delta_sq", "none"] = "inv_delta_lambda_sq"
                       ) -> torch.Tensor:
@@ -178,7 +214,9 @@ class BootLoss(nn.Module):
         teacher: frozen :class:`DiffusionTeacher` (CFG and clipping inside).
         delta_lambda: ``exact`` | ``first_order`` coefficient Δ.
         weighting: see :func:`bootstrap_weights`.
-        time_weight: ``"uniform"`` or a callable ``w(t [B]) -> [B]`` multiplying the L_BS weights.
+        time_weight: ``"uniform"``, ``"inv_x0_gain"`` (:func:`x0_gain_weight`), ``"auto"``
+            (:func:`resolve_time_weight`) or a callable ``w(t [B]) -> [B]``, multiplying the L_BS weights.
+        x0_gain_cutoff: λc of ``inv_x0_gain``.
         boundary_target: ``teacher`` | ``exact``.
         boundary_weight: β_BC.
 
@@ -193,19 +231,21 @@ class BootLoss(nn.Module):
 
     def __init__(self, teacher: DiffusionTeacher, delta_lambda: str = "exact", weighting: str = "inv_delta_lambda_sq",
                  time_weight: str | Callable[[torch.Tensor], torch.Tensor] = "uniform",
-                 boundary_target: str = "teacher", boundary_weight: float = 0.1):
+                 boundary_target: str = "teacher", boundary_weight: float = 0.1, x0_gain_cutoff: float = 2.0):
         super().__init__()
         if delta_lambda not in ("exact", "first_order"):
             raise ValueError(f"delta_lambda must be 'exact' or 'first_order', got {delta_lambda!r}")
         if boundary_target not in ("teacher", "exact"):
             raise ValueError(f"boundary_target must be 'teacher' or 'exact', got {boundary_target!r}")
-        if not (time_weight == "uniform" or callable(time_weight)):
-            raise ValueError(f"time_weight must be 'uniform' or a callable, got {time_weight!r}")
+        if not (time_weight in ("auto", "uniform", "inv_x0_gain") or callable(time_weight)):
+            raise ValueError(f"time_weight must be 'auto', 'uniform', 'inv_x0_gain' or a callable, got {time_weight!r}")
         self.teacher = teacher
         self.delta_lambda = delta_lambda
         self.bootstrap = BootstrapLoss(weighting)
         self.boundary = BoundaryLoss()
-        self.time_weight = time_weight
+        self.time_weight = time_weight if callable(time_weight) else resolve_time_weight(time_weight,
+                                                                                         teacher.prediction_type)
+        self.x0_gain_cutoff = float(x0_gain_cutoff)
         self.boundary_target = boundary_target
         self.boundary_weight = float(boundary_weight)
 
@@ -257,7 +297,9 @@ class BootLoss(nn.Module):
         g = student.signal(raw, eps2, ts2) if raw is not None else student(eps2, ts2, c2)
         g_s, g_T = g[:B], g[B:]
         w = bootstrap_weights(tg["delta"], (t - s), self.bootstrap.weighting)
-        if self.time_weight != "uniform":
+        if self.time_weight == "inv_x0_gain":
+            w = w * x0_gain_weight(sched, self.teacher.prediction_type, t, self.x0_gain_cutoff).to(w)
+        elif self.time_weight != "uniform":
             w = w * self.time_weight(t).to(w)
         l_bs = bootstrap_loss(g_s, tg["target"], w)
         l_bc = self.boundary(g_T, tg["boundary"])

@@ -9,8 +9,10 @@ The student is a copy of the teacher network; its output goes through the teache
 - ``preconditioned``: ``g = c_skip(t)·ε + c_out(t)·F`` with the teacher's ``to_x0`` coefficients taken at
   a clamped half log-SNR ``λ̃_t = clamp(λ_t, λ_min, λ_max)`` (the c_skip/c_out form of consistency models
   and LCM), so the output weight stays within a factor of 3; exact at step 0 wherever λ_t lies in the band.
-  The default for ε and v teachers (``auto``).
-- ``sample``: the network output is x0 (exact at step 0 only for x0-prediction teachers).
+- ``sample``: the network output is x0 (exact at step 0 only for x0-prediction teachers). The default for ε
+  and v teachers (``auto``): on the digits benchmark it beat ``preconditioned`` (README, BOOT benchmark),
+  because the preconditioned net has to pass ε through itself (``F ≈ (c_skip·ε − y)/c_out``) at every t,
+  and the UNet does that only approximately, while an x0 head outputs the signal alone.
 
 LoRA students (:func:`add_lora`, peft): rank-r adapters on the UNet copy's attention, feed-forward and
 ResNet layers (:data:`LORA_TARGETS`, the LCM-LoRA set); the copied weights stay frozen, so only the
@@ -64,11 +66,11 @@ DEFAULT_LAMBDA_RANGE: dict[str, tuple[float, float]] = {"epsilon": (-1.0, 0.0), 
 
 
 def resolve_parameterization(parameterization: str, prediction_type: str) -> str:
-    """``auto`` → ``preconditioned`` for ε/v teachers and ``teacher_to_x0`` (the identity) for x0 teachers."""
+    """``auto`` → ``sample`` (an x0 head) for ε/v teachers and ``teacher_to_x0`` (the identity) for x0 teachers."""
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {', '.join(PARAMETERIZATIONS)}, got {parameterization!r}")
     if parameterization == "auto":
-        return "preconditioned" if prediction_type in DEFAULT_LAMBDA_RANGE else "teacher_to_x0"
+        return "sample" if prediction_type in DEFAULT_LAMBDA_RANGE else "teacher_to_x0"
     return parameterization
 
 
